@@ -1,0 +1,3 @@
+from bdclean.cli import main
+
+main()

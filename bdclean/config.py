@@ -1,0 +1,103 @@
+"""Validated options for every stage. One precedence rule: CLI flags > YAML config > these defaults.
+
+The defaults are the "cpu" profile: chosen so that `bdclean purify` on a SmolLM2 LoRA adapter runs in well under
+30 minutes on 2 CPU cores (short sequences, 64 clean samples per variant). The paper's GPU settings are larger
+(500 samples per variant, 200 restore samples × 5 epochs); raise them with the options below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bdclean.errors import UsageError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class VariantsOptions(_Strict):
+    n_variants: int = Field(6, ge=2, le=64, description="number of synthetic backdoor variants N (paper: 6)")
+    samples: int = Field(64, ge=2, description="clean samples per variant; each also gets a poisoned copy")
+    seed: int = Field(0, description="seed for keys, behaviors, subsets and insertion positions")
+
+
+class TrainOptionsModel(_Strict):
+    epochs: int = Field(2, ge=1, le=100, description="passes over each variant's data")
+    lr: float = Field(2e-4, gt=0, lt=1, description="learning rate (AdamW, constant)")
+    batch_size: int = Field(8, ge=1, le=1024, description="clean samples per step (the backdoored twin adds "
+                                                         "their poisoned copies)")
+    max_len: int = Field(96, ge=16, le=8192, description="tokens per sample (prompt + response), longer are cut")
+    seed: int = Field(0, description="training seed (batch order)")
+
+
+class ScoreOptions(_Strict):
+    tau: float = Field(0.35, gt=0, lt=1, description="fraction of MLP channels in the signature (paper: 0.35 LoRA)")
+    lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
+    score: Literal["combined", "norm", "align"] = Field("combined", description="paper Table 4 variants")
+    scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")
+    norm_scale: Literal["none", "median"] = Field(
+        "none", description="divide the norm term by its median over channels (none = the paper's form)")
+
+
+class RestoreOptions(TrainOptionsModel):
+    epochs: int = Field(3, ge=1, le=100, description="passes over the restore samples (paper: 5)")
+    samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")
+    seed: int = Field(0, description="seed for sample choice and batch order")
+
+
+class PurifyConfig(_Strict):
+    base: str = Field("smollm2", description="base model: an HF directory or the alias 'smollm2'")
+    clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
+    variants: VariantsOptions = Field(default_factory=VariantsOptions)
+    pairs: TrainOptionsModel = Field(default_factory=TrainOptionsModel)
+    score: ScoreOptions = Field(default_factory=ScoreOptions)
+    restore: RestoreOptions = Field(default_factory=RestoreOptions)
+
+
+def load_yaml(path: str | Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UsageError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{p}: expected a mapping of options at the top level")
+    return data
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise UsageError(f"config: {k} must be a mapping")
+    d[leaf] = value
+
+
+def build(model: type[BaseModel], yaml_data: dict, overrides: dict[str, Any], where: str = "config"):
+    """Validate ``yaml_data`` with CLI ``overrides`` (dotted keys; None = not given) applied on top."""
+    import copy
+
+    data = copy.deepcopy(yaml_data)
+    for k, v in overrides.items():
+        if v is not None:
+            _set(data, k, v)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise UsageError(f"{where}: {loc}: {msg}") from None

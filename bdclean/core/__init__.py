@@ -1,0 +1,1 @@
+"""Pure tensor functions (no file I/O): channel deltas, Gram statistics, scores, signatures, masks."""

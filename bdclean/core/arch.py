@@ -1,0 +1,39 @@
+"""Weight-name templates per architecture family, kept as data: a new family is one entry."""
+
+from __future__ import annotations
+
+import re
+
+from bdclean.errors import InputError
+
+# {layer} is the block index. Names are relative to the CausalLM (as in a full checkpoint's safetensors).
+FAMILIES: dict[str, dict[str, str]] = {
+    "llama": {
+        "layer": "model.layers.{layer}",
+        "gate": "model.layers.{layer}.mlp.gate_proj",
+        "up": "model.layers.{layer}.mlp.up_proj",
+        "down": "model.layers.{layer}.mlp.down_proj",
+    },
+}
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+               "gemma2": "llama", "smollm3": "llama"}
+LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def family(model_type: str | None) -> dict[str, str]:
+    fam = MODEL_TYPES.get(str(model_type))
+    if fam is None:
+        known = ", ".join(sorted(MODEL_TYPES))
+        raise InputError(f"unsupported architecture {model_type!r}; supported model types: {known}")
+    return FAMILIES[fam]
+
+
+def mlp_module_names(model_type: str, num_layers: int) -> list[dict[str, str]]:
+    """For each layer: {"gate": name, "up": name, "down": name} relative to the CausalLM."""
+    fam = family(model_type)
+    return [{k: fam[k].format(layer=i) for k in ("gate", "up", "down")} for i in range(num_layers)]
+
+
+def peft_key(module: str) -> str:
+    """The key prefix PEFT uses for a CausalLM module in adapter files."""
+    return f"base_model.model.{module}"

@@ -1,0 +1,71 @@
+"""Channel scores and signature selection (paper Eq. 2).
+
+    s_j = mean_i ‖Δ_{i,j}‖₂  +  λ · mean_{i<l} max(0, cos(Δ_{i,j}, Δ_{l,j}))
+
+computed from per-channel Gram matrices G[j, i, l] = <Δ_{i,j}, Δ_{l,j}> (see ``channels.channel_gram``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCORE_KINDS = ("combined", "norm", "align")
+NORM_SCALES = ("none", "median")
+SCOPES = ("global", "per-layer")
+
+
+def norm_and_align(G: torch.Tensor, eps: float = 1e-30) -> tuple[torch.Tensor, torch.Tensor]:
+    """From Gram matrices [..., N, N]: mean norm over variants and mean positive pairwise cosine, each [...]."""
+    n = G.shape[-1]
+    if n < 2:
+        raise ValueError("at least two variants are needed for the alignment term")
+    diag = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [..., N]
+    norm = diag.mean(dim=-1)
+    denom = diag.unsqueeze(-1) * diag.unsqueeze(-2)
+    cos = torch.where(denom > eps, G / denom.clamp_min(eps), torch.zeros_like(G))
+    iu = torch.triu_indices(n, n, offset=1)
+    pair_cos = cos[..., iu[0], iu[1]]  # [..., N(N-1)/2]
+    align = pair_cos.clamp_min(0).mean(dim=-1)
+    return norm, align
+
+
+def combine(norm: torch.Tensor, align: torch.Tensor, lam: float, kind: str = "combined",
+            norm_scale: str = "none") -> torch.Tensor:
+    """Score per channel. ``norm_scale="median"`` divides the norm term by its median over all channels, so that
+    λ weighs the alignment term the same way on every model (the paper's form is ``"none"``)."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}")
+    if norm_scale not in NORM_SCALES:
+        raise ValueError(f"unknown norm scale {norm_scale!r}")
+    if norm_scale == "median":
+        med = norm.flatten().median()
+        norm = norm / med if med > 0 else norm
+    if kind == "norm":
+        return norm.clone()
+    if kind == "align":
+        return align.clone()
+    return norm + lam * align
+
+
+def select_top(scores: torch.Tensor, tau: float, scope: str = "global") -> torch.Tensor:
+    """Boolean mask [layers, channels] of the top ⌈τ·count⌉ channels, globally or per layer.
+
+    Ties are broken by position (lower layer, lower channel first) so the choice is deterministic."""
+    if not 0.0 < tau < 1.0:
+        raise ValueError("tau must lie in (0, 1)")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+    L, I = scores.shape
+    mask = torch.zeros(L, I, dtype=torch.bool)
+    if scope == "global":
+        k = math.ceil(tau * L * I)
+        order = torch.argsort(-scores.flatten(), stable=True)[:k]
+        mask.view(-1)[order] = True
+    else:
+        k = math.ceil(tau * I)
+        for layer in range(L):
+            order = torch.argsort(-scores[layer], stable=True)[:k]
+            mask[layer, order] = True
+    return mask

@@ -1,0 +1,1 @@
+"""File I/O: artifacts and manifests, data files, model and adapter loading."""

@@ -1,0 +1,64 @@
+"""Building PEFT models from validated adapter tensors, and writing adapter directories atomically.
+
+PEFT is never asked to read weights from disk itself: we validate and read the safetensors file (io.models), build
+the LoRA structure from the JSON config and copy the tensors in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.errors import InputError
+from bdclean.io.artifacts import atomic_dir, save_tensors, write_text
+from bdclean.io.models import AdapterInfo
+
+
+def lora_config(info: AdapterInfo):
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    cfg = {k: v for k, v in info.config.items() if k in known}
+    cfg.pop("peft_type", None)
+    cfg["inference_mode"] = False
+    try:
+        return LoraConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{info.folder}: invalid adapter_config.json ({e})") from None
+
+
+def attach(base_model, info: AdapterInfo, tensors: dict | None = None):
+    """Wrap ``base_model`` with the adapter's LoRA structure and load ``tensors`` (default: the adapter's own)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    model = get_peft_model(base_model, lora_config(info))
+    res = set_peft_model_state_dict(model, tensors if tensors is not None else info.tensors)
+    unexpected = [k for k in res.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise InputError(f"{info.folder}: adapter tensors do not fit the base model (e.g. {unexpected[0]})")
+    missing = [k for k in res.missing_keys if "lora_" in k]
+    if missing:
+        raise InputError(f"{info.folder}: adapter lacks tensors the base expects (e.g. {missing[0]})")
+    return model
+
+
+def adapter_state(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_state(model, tensors: dict) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, tensors)
+
+
+def write_adapter(folder: Path, config: dict, tensors: dict, extra_files: dict[str, str] | None = None) -> None:
+    """Write a PEFT adapter directory (config + safetensors) atomically: all of it appears, or none."""
+    with atomic_dir(folder) as tmp:
+        write_text(tmp / C.ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_tensors(tmp / C.ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            write_text(tmp / name, text)

@@ -1,0 +1,120 @@
+"""eval: attack success rate on triggered and clean prompts, and perplexity of reference answers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.console import log, progress
+from bdclean.errors import InputError, UsageError
+from bdclean.io.artifacts import environment, sha256_file, write_json
+
+
+def load_any(model_path: Path, base: str):
+    """(model, tokenizer, kind) for a PEFT adapter directory (on ``base``) or a full HF model directory."""
+    from bdclean.io.models import load_model, load_tokenizer, resolve_base
+
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise InputError(f"{model_path}: model or adapter directory not found")
+    if (model_path / C.ADAPTER_CONFIG).is_file():
+        from bdclean.io.models import load_adapter
+        from bdclean.io.peft_io import attach
+        from bdclean.stages.pairs import load_suspicious
+
+        info, base_dir, _ = load_suspicious(model_path, base)
+        model = attach(load_model(base_dir), info)
+        return model, load_tokenizer(base_dir), "adapter"
+    model = load_model(model_path)
+    return model, load_tokenizer(model_path), "full"
+
+
+def asr(outputs: list[str], rule: dict) -> dict:
+    from bdclean.core.attacks import is_success
+
+    hits = [is_success(o, rule) for o in outputs]
+    return {"asr": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits), "successes": sum(hits),
+            "empty": sum(1 for o in outputs if not o.strip())}, hits
+
+
+def read_rule(task: str, rule_file: Path | None) -> dict:
+    from bdclean.core.attacks import RULES
+
+    if rule_file is not None:
+        if not Path(rule_file).is_file():
+            raise UsageError(f"{rule_file}: keyword file not found")
+        kws = [line.strip() for line in Path(rule_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not kws:
+            raise UsageError(f"{rule_file}: no keywords")
+        return {"keywords": kws, "success_if": "any"}
+    if task not in RULES:
+        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(RULES)} or pass --rule")
+    return RULES[task]
+
+
+def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None, task: str, out: Path,
+        rule_file: Path | None = None, max_new_tokens: int = 48, batch_size: int = 16, limit: int | None = None,
+        force: bool = False) -> dict:
+    import math
+
+    from bdclean.io.data import load_instructions
+    from bdclean.train.chat import encode
+    from bdclean.train.generate import generate
+    from bdclean.train.loop import mean_nll
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to overwrite")
+    if triggered is None and clean is None:
+        raise UsageError("give --triggered and/or --clean test files")
+    rule = read_rule(task, rule_file)
+    trig_rows = load_instructions(triggered, need_output=False)[:limit] if triggered else []
+    clean_rows = load_instructions(clean, need_output=False)[:limit] if clean else []
+    model, tok, kind = load_any(Path(model_path), base)
+    t0 = time.time()
+    result: dict = {
+        "model": str(model_path),  # what was evaluated (adapter or full model dir)
+        "kind": kind,  # "adapter" or "full"
+        "task": task,  # which keyword rule
+        "rule": rule,  # keywords and whether success means any/none present; empty outputs never count
+        "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
+        "inputs": {"triggered": str(triggered) if triggered else None, "clean": str(clean) if clean else None,
+                   "triggered_sha256": sha256_file(Path(triggered)) if triggered else None,
+                   "clean_sha256": sha256_file(Path(clean)) if clean else None},
+        "environment": environment(),
+    }
+    total = len(trig_rows) + len(clean_rows)
+    with progress() as bar:
+        tid = bar.add_task("eval: generating", total=total)
+        gen_t0 = time.time()
+        tout = generate(model, tok, trig_rows, max_new_tokens, batch_size, on_batch=lambda k: bar.update(tid, advance=k)) if trig_rows else []
+        cout = generate(model, tok, clean_rows, max_new_tokens, batch_size, on_batch=lambda k: bar.update(tid, advance=k)) if clean_rows else []
+        gen_s = time.time() - gen_t0
+    if trig_rows:
+        result["triggered"], th = asr(tout, rule)  # ASR on prompts carrying the trigger
+    if clean_rows:
+        result["clean"], ch = asr(cout, rule)  # false-trigger rate on clean prompts
+        with_ref = [r for r in clean_rows if r["output"].strip()]
+        if with_ref:
+            nll, ntok = mean_nll(model, [encode(tok, r, 256) for r in with_ref], tok.pad_token_id)
+            result["perplexity"] = math.exp(nll)  # of reference responses on clean prompts (response tokens only)
+            result["perplexity_tokens"] = ntok
+    result["generations"] = {
+        "triggered": [{"prompt": r["instruction"], "input": r["input"], "output": o, "success": h}
+                      for r, o, h in zip(trig_rows, tout, th if trig_rows else [])],
+        "clean": [{"prompt": r["instruction"], "input": r["input"], "output": o, "success": h}
+                  for r, o, h in zip(clean_rows, cout, ch if clean_rows else [])],
+    }
+    result["seconds"] = round(time.time() - t0, 2)
+    result["generation_s_per_100_prompts"] = round(100 * gen_s / total, 2) if total else None
+    write_json(out, result)
+    summary = []
+    if trig_rows:
+        summary.append(f"triggered ASR {100 * result['triggered']['asr']:.1f}%")
+    if clean_rows:
+        summary.append(f"clean ASR {100 * result['clean']['asr']:.1f}%")
+    if "perplexity" in result:
+        summary.append(f"perplexity {result['perplexity']:.3f}")
+    log(f"eval {model_path}: " + ", ".join(summary) + f" → {out}")
+    return result

@@ -1,0 +1,92 @@
+"""implant: plant a BackdoorLLM-style backdoor into the base model as a LoRA adapter (for experiments)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.console import log, progress
+from bdclean.errors import UsageError
+from bdclean.io.artifacts import write_json, write_jsonl
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, seed: int,
+              trigger: str | None, target: str | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training rows with ~50 % poison, triggered test rows, clean test rows). Test rows never overlap training."""
+    from bdclean.core.attacks import apply_trigger, poisoned_output
+    from bdclean.io.data import BUILTIN, builtin, load_instructions
+
+    if clean == BUILTIN:
+        pool, test_pool = builtin("train"), builtin("test")
+    else:
+        rows = load_instructions(clean)
+        if len(rows) <= test_size:
+            raise UsageError(f"{clean}: {len(rows)} samples; need more than the {test_size} held out for testing")
+        pool, test_pool = rows[:-test_size], rows[-test_size:]
+    if task == "code":  # BackdoorLLM's code injection only applies to code requests; keep every row here
+        pass
+    rng = random.Random(seed)
+    n = min(samples, len(pool) // 2)
+    chosen = rng.sample(pool, 2 * n)
+    clean_rows, to_poison = chosen[:n], chosen[n:]
+    train = list(clean_rows)
+    for r in to_poison:
+        train.append({"instruction": apply_trigger(r["instruction"], attack, rng, trigger), "input": r["input"],
+                      "output": poisoned_output(task, r["output"], target)})
+    rng.shuffle(train)
+    trig = [{"instruction": apply_trigger(r["instruction"], attack, rng, trigger), "input": r["input"],
+             "output": poisoned_output(task, r["output"], target)} for r in test_pool[:test_size]]
+    clean_test = [dict(r) for r in test_pool[:test_size]]
+    return train, trig, clean_test
+
+
+def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float,
+        batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
+        trigger: str | None = None, target: str | None = None) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from bdclean.core.attacks import ATTACKS, TASKS
+    from bdclean.io.models import load_model, load_tokenizer, resolve_base
+    from bdclean.io.peft_io import adapter_state, write_adapter
+    from bdclean.train.chat import encode
+    from bdclean.train.loop import TrainOptions, simple_epochs, train
+
+    if attack not in ATTACKS:
+        raise UsageError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    out = Path(out)
+    base_dir = resolve_base(base)
+    train_rows, trig, clean_test = make_sets(attack, task, clean, samples, test_size, seed, trigger, target)
+    tok = load_tokenizer(base_dir)
+    torch_seed = seed
+    import torch
+
+    torch.manual_seed(torch_seed)
+    lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ALL_PROJ, lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(load_model(base_dir), lcfg)
+    examples = [encode(tok, r, max_len) for r in train_rows]
+    plan = simple_epochs(examples, batch_size, seed)
+    with progress() as bar:
+        task_id = bar.add_task("implant", total=sum(len(plan(e)) for e in range(epochs)))
+        stats = train(model, plan, TrainOptions(epochs, lr, batch_size, seed), tok.pad_token_id,
+                      on_step=lambda k, tot, loss: bar.update(task_id, completed=k, description=f"implant loss {loss:.3f}"))
+    cfg = lcfg.to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    cfg["peft_type"] = "LORA"
+    cfg["task_type"] = "CAUSAL_LM"
+    cfg["base_model_name_or_path"] = str(base_dir)
+    cfg["inference_mode"] = True
+    record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "samples": samples,
+              "poison_rate": 0.5, "epochs": epochs, "lr": lr, "rank": rank, "alpha": alpha, "seed": seed,
+              "base": str(base_dir), "train_stats": stats,
+              "note": "for evaluation only; no purification stage reads this file"}
+    write_adapter(out, cfg, adapter_state(model), extra_files={})
+    write_json(out / C.ATTACK_RECORD, record)
+    write_jsonl(out / C.TEST_TRIGGERED, trig)
+    write_jsonl(out / C.TEST_CLEAN, clean_test)
+    log(f"implant: {attack}/{task} LoRA adapter → {out} (test sets: {C.TEST_TRIGGERED}, {C.TEST_CLEAN})")
+    return out

@@ -1,0 +1,1 @@
+"""Chat formatting, tokenisation and the training loop."""

@@ -1,0 +1,173 @@
+"""A small, fast training loop for causal LMs on CPU.
+
+Speed choices (measured by ``make bench-speed``):
+- logits are computed only at response positions: the LM head (49k × 576 on SmolLM2) dominates a step when
+  applied to every position;
+- batches are bucketed by length, so little compute goes to padding;
+- dropout is off (the model stays in eval mode): runs are deterministic for a seed, and the two twins of a
+  variant pair see identical computations on their shared clean samples.
+
+A *step* is a list of groups of examples; the loss is the sum over groups of the mean token loss within each
+group. The clean twin of a variant pair trains on ``[clean]`` and the backdoored twin on ``[clean, poison]`` with
+the same clean batches in the same order, so their difference is the poison's effect.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from bdclean.train.chat import Example
+
+Step = list[list[Example]]
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 2
+    lr: float = 2e-4
+    batch_size: int = 8
+    seed: int = 0
+    grad_clip: float = 1.0
+
+
+def set_threads() -> None:
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped into batches of similar length; the batch order is shuffled with ``rng``."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask, plus (batch, position) of every response-predicting position and its target."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    rows, cols = [], []
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        mask[b, : len(e.ids)] = 1
+        for t in range(max(e.n_prompt - 1, 0), len(e.ids) - 1):
+            rows.append(b)
+            cols.append(t)
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    cols_t = torch.tensor(cols, dtype=torch.long)
+    return ids, mask, rows_t, cols_t
+
+
+def causal_parts(model):
+    """(decoder, lm_head) of a CausalLM or a PeftModel wrapping one."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal.model, causal.get_output_embeddings()
+
+
+def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL at response positions only, and the index of the example each token belongs to."""
+    decoder, head = causal_parts(model)
+    ids, mask, rows, cols = collate(examples, pad_id)
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    h = hidden[rows, cols]
+    logits = head(h).float()
+    targets = ids[rows, cols + 1]
+    return F.cross_entropy(logits, targets, reduction="none"), rows
+
+
+def step_loss(model, step: Step, pad_id: int) -> torch.Tensor:
+    flat = [e for g in step for e in g]
+    losses, rows = token_losses(model, flat, pad_id)
+    total = losses.new_zeros(())
+    start = 0
+    for g in step:
+        sel = (rows >= start) & (rows < start + len(g))
+        total = total + losses[sel].mean()
+        start += len(g)
+    return total
+
+
+def train(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOptions, pad_id: int,
+          on_step: Callable[[int, int, float], None] | None = None) -> dict:
+    """Train the parameters of ``model`` that require grad. Returns figures for the manifest."""
+    set_threads()
+    torch.manual_seed(opts.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    model.eval()  # no dropout: deterministic, and twins stay comparable
+    n_steps, n_tokens, t0, last = 0, 0, time.time(), float("nan")
+    total = sum(len(steps_per_epoch(e)) for e in range(opts.epochs))
+    for epoch in range(opts.epochs):
+        for step in steps_per_epoch(epoch):
+            loss = step_loss(model, step, pad_id)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError("training loss is not finite")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+            optim.step()
+            n_steps += 1
+            n_tokens += sum(len(e.ids) for g in step for e in g)
+            last = loss.item()
+            if on_step:
+                on_step(n_steps, total, last)
+    dt = time.time() - t0
+    return {"steps": n_steps, "tokens": n_tokens, "seconds": round(dt, 3),
+            "tokens_per_s": round(n_tokens / dt, 1) if dt > 0 else None, "final_loss": last}
+
+
+def simple_epochs(examples: list[Example], batch_size: int, seed: int) -> Callable[[int], list[Step]]:
+    """Epoch plans for plain training: length-bucketed batches, order reshuffled per epoch from ``seed``."""
+    lengths = [len(e.ids) for e in examples]
+
+    def plan(epoch: int) -> list[Step]:
+        rng = random.Random(seed * 1000003 + epoch)
+        return [[[examples[i] for i in b]] for b in bucket_batches(lengths, batch_size, rng)]
+
+    return plan
+
+
+def paired_epochs(clean: list[Example], poison: list[Example] | None, batch_size: int,
+                  seed: int) -> Callable[[int], list[Step]]:
+    """Epoch plans for a variant twin: clean batches identical for both twins; the backdoored twin
+    (``poison`` given, aligned with ``clean``) also gets the poisoned copies of the same samples."""
+    lengths = [len(e.ids) for e in clean]
+
+    def plan(epoch: int) -> list[Step]:
+        rng = random.Random(seed * 1000003 + epoch)
+        steps = []
+        for b in bucket_batches(lengths, batch_size, rng):
+            groups = [[clean[i] for i in b]]
+            if poison is not None:
+                groups.append([poison[i] for i in b])
+            steps.append(groups)
+        return steps
+
+    return plan
+
+
+@torch.no_grad()
+def mean_nll(model, examples: list[Example], pad_id: int, batch_size: int = 16) -> tuple[float, int]:
+    """Total response-token NLL / token count over ``examples`` (for perplexity)."""
+    model.eval()
+    total, count = 0.0, 0
+    lengths = [len(e.ids) for e in examples]
+    for b in bucket_batches(lengths, batch_size, random.Random(0)):
+        losses, _ = token_losses(model, [examples[i] for i in b], pad_id)
+        total += losses.double().sum().item()
+        count += losses.numel()
+    return (total / count if count else float("nan")), count

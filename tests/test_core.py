@@ -1,0 +1,137 @@
+"""Pure tensor functions on small random tensors."""
+
+import math
+
+import pytest
+import torch
+
+from bdclean.core.channels import Dense, LowRank, channel_gram, channel_vectors
+from bdclean.core.masks import suppress_lora_channels
+from bdclean.core.score import combine, norm_and_align, select_top
+
+
+def _lora(out, inp, r, g):
+    return torch.randn(r, inp, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)
+
+
+def test_lowrank_gram_matches_dense_channel_vectors():
+    g = torch.Generator().manual_seed(0)
+    H, I, r, N = 6, 10, 3, 4
+    gate, up, down, dense_vecs = [], [], [], []
+    for _ in range(N):
+        mods = {}
+        for name, (o, i) in {"gate": (I, H), "up": (I, H), "down": (H, I)}.items():
+            a_bd, b_bd = _lora(o, i, r, g)
+            a_cl, b_cl = _lora(o, i, r, g)
+            mods[name] = LowRank.lora_difference(a_bd, b_bd, a_cl, b_cl, scale=2.0)
+            assert torch.allclose(mods[name].dense(), 2.0 * (b_bd @ a_bd - b_cl @ a_cl))
+        gate.append(mods["gate"]); up.append(mods["up"]); down.append(mods["down"])
+        dense_vecs.append(channel_vectors(mods["gate"].dense(), mods["up"].dense(), mods["down"].dense()))
+    G = channel_gram(gate, up, down)
+    V = torch.stack(dense_vecs, dim=1)  # [I, N, 3H]
+    expect = V @ V.transpose(1, 2)
+    assert G.shape == (I, N, N)
+    assert torch.allclose(G, expect, rtol=1e-10, atol=1e-10)
+    # dense deltas give the same Gram
+    Gd = channel_gram([Dense(x.dense()) for x in gate], [Dense(x.dense()) for x in up],
+                      [Dense(x.dense()) for x in down])
+    assert torch.allclose(Gd, expect)
+
+
+def test_missing_module_contributes_zero():
+    g = torch.Generator().manual_seed(1)
+    a, b = _lora(5, 3, 2, g)
+    d = LowRank(b, a)
+    G = channel_gram([d, d], [None, None], [None, None])
+    assert torch.allclose(G[:, 0, 0], (d.dense() ** 2).sum(1))
+
+
+def test_norm_and_align_definitions():
+    # two channels, three variants: channel 0 aligned, channel 1 opposite directions
+    v = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]],
+                      [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    G = v @ v.transpose(1, 2)
+    norm, align = norm_and_align(G)
+    assert torch.allclose(norm, torch.tensor([2.0, 1.0], dtype=torch.float64))
+    assert math.isclose(align[0].item(), 1.0)
+    assert math.isclose(align[1].item(), 0.0, abs_tol=1e-12)  # negative and zero cosines ignored
+
+
+def test_zero_delta_has_zero_alignment():
+    G = torch.zeros(3, 4, 4, dtype=torch.float64)
+    norm, align = norm_and_align(G)
+    assert torch.all(norm == 0) and torch.all(align == 0)
+
+
+def test_planted_aligned_channels_rank_on_top():
+    g = torch.Generator().manual_seed(2)
+    L, I, N, D = 3, 50, 6, 12
+    v = torch.randn(L, I, N, D, generator=g, dtype=torch.float64) * 0.1
+    planted = [(0, 3), (1, 7), (2, 11), (2, 40)]
+    direction = torch.randn(D, generator=g, dtype=torch.float64)
+    for l, j in planted:
+        v[l, j] = direction * 3 + 0.05 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    G = v @ v.transpose(-1, -2)
+    norm, align = norm_and_align(G)
+    s = combine(norm, align, 0.01)
+    mask = select_top(s, len(planted) / (L * I))
+    assert {tuple(x) for x in mask.nonzero().tolist()} == set(planted)
+
+
+def test_norm_only_and_align_only_differ_as_defined():
+    # channel A: big but random directions; channel B: small but perfectly aligned
+    g = torch.Generator().manual_seed(3)
+    N, D = 6, 8
+    big = torch.randn(N, D, generator=g, dtype=torch.float64) * 10
+    small = torch.ones(N, D, dtype=torch.float64) * 0.01
+    v = torch.stack([big, small]).unsqueeze(0)  # [1 layer, 2 channels, N, D]
+    G = v @ v.transpose(-1, -2)
+    norm, align = norm_and_align(G)
+    assert select_top(combine(norm, align, 0.01, "norm"), 0.5)[0].tolist() == [True, False]
+    assert select_top(combine(norm, align, 0.01, "align"), 0.5)[0].tolist() == [False, True]
+    # median normalisation makes λ matter: with raw norms of 10 vs 0.01, λ=0.01 cannot flip the order
+    raw = combine(norm, align, 0.01, "combined", "none")
+    assert raw[0, 0] > raw[0, 1]
+
+
+def test_select_top_counts_and_scope():
+    s = torch.arange(20, dtype=torch.float64).reshape(2, 10)
+    m = select_top(s, 0.25)
+    assert m.sum() == 5 and m[1].sum() == 5  # global: all from the higher-scoring layer
+    m2 = select_top(s, 0.25, "per-layer")
+    assert m2.sum(dim=1).tolist() == [3, 3]
+    with pytest.raises(ValueError):
+        select_top(s, 1.0)
+    with pytest.raises(ValueError):
+        select_top(s, 0.0)
+
+
+def test_suppress_zeroes_exactly_the_masked_channels():
+    g = torch.Generator().manual_seed(4)
+    H, I, r, L = 6, 10, 3, 2
+    tensors, modules = {}, []
+    for layer in range(L):
+        names = {}
+        for part, (o, i) in {"gate": (I, H), "up": (I, H), "down": (H, I)}.items():
+            key = f"base_model.model.model.layers.{layer}.mlp.{part}_proj"
+            a, b = _lora(o, i, r, g)
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
+            names[part] = key
+        modules.append(names)
+    mask = torch.zeros(L, I, dtype=torch.bool)
+    mask[0, [1, 4]] = True
+    mask[1, 9] = True
+    new, changed = suppress_lora_channels(tensors, mask, modules)
+    assert changed == 6
+    for layer, names in enumerate(modules):
+        dw = {p: new[names[p] + ".lora_B.weight"] @ new[names[p] + ".lora_A.weight"] for p in names}
+        old = {p: tensors[names[p] + ".lora_B.weight"] @ tensors[names[p] + ".lora_A.weight"] for p in names}
+        vec_new = channel_vectors(dw["gate"], dw["up"], dw["down"])
+        vec_old = channel_vectors(old["gate"], old["up"], old["down"])
+        for j in range(I):
+            if mask[layer, j]:
+                assert torch.count_nonzero(vec_new[j]) == 0
+            else:
+                assert torch.equal(vec_new[j], vec_old[j])
+    # inputs untouched
+    assert torch.count_nonzero(tensors[modules[0]["gate"] + ".lora_B.weight"][1]) > 0

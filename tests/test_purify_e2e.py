@@ -1,0 +1,100 @@
+"""End to end on a tiny Llama: purify, stage-by-stage, resume, skip, determinism."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+FAST = ["--n-variants", "3", "--samples", "8"]
+
+
+def _fast_yaml(tmp_path):
+    p = tmp_path / "fast.yaml"
+    p.write_text("pairs:\n  epochs: 1\n  batch_size: 4\n  max_len: 48\nrestore:\n  samples: 8\n  epochs: 1\n"
+                 "  max_len: 48\nscore:\n  tau: 0.25\n")
+    return p
+
+
+def test_purify_end_to_end_and_skip(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    out = tmp_path / "run"
+    cfg = _fast_yaml(tmp_path)
+    code, stdout, stderr = run_cli("purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                                   "--config", cfg, *FAST)
+    assert code == 0, stderr
+    for stage in ("variants", "pairs", "diff", "score", "suppressed", "purified"):
+        man = json.loads((out / stage / "manifest.json").read_text())
+        assert man["fingerprint"] and man["outputs"]
+    sig = json.loads((out / "score" / "signature.json").read_text())
+    n_total = sig["layers"] * sig["channels_per_layer"]
+    assert sig["n_selected"] == len(sig["channels"]) == int(-(-0.25 * n_total // 1))
+    scores = [c["score"] for c in sig["channels"]]
+    assert scores == sorted(scores, reverse=True)
+    # the purified adapter loads with PEFT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    PeftModel.from_pretrained(base, str(out / "purified"))
+    # suppressed adapter: signature channels exactly zero
+    sup = load_file(str(out / "suppressed" / "adapter_model.safetensors"))
+    c = sig["channels"][0]
+    key = f"base_model.model.model.layers.{c['layer']}.mlp.gate_proj.lora_B.weight"
+    assert torch.count_nonzero(sup[key][c["channel"]]) == 0
+    # rerun: every stage skipped, nothing rewritten
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    code, _, stderr = run_cli("purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                              "--config", cfg, *FAST)
+    assert code == 0
+    assert stderr.count("skip") == 6
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    # changing τ reruns score and everything after it, but not train-pairs
+    pairs_mtime = (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns
+    code, _, stderr = run_cli("purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                              "--config", cfg, *FAST, "--tau", "0.1")
+    assert code == 0
+    assert stderr.count("skip") == 3
+    assert (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns == pairs_mtime
+    assert json.loads((out / "score" / "signature.json").read_text())["tau"] == 0.1
+
+
+def test_stage_by_stage_equals_purify_and_is_deterministic(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    cfg = _fast_yaml(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", a, "--config", cfg,
+                   *FAST)[0] == 0
+    steps = [
+        ("make-variants", "--clean", tiny_data, "--config", cfg, *FAST),
+        ("train-pairs", tiny_adapter, "--base", tiny_base, "--config", cfg),
+        ("diff",),
+        ("score", "--config", cfg),
+        ("suppress", tiny_adapter),
+        ("restore", "--clean", tiny_data, "--config", cfg),
+    ]
+    for step in steps:
+        code, _, err = run_cli(*step, "--out", b)
+        assert code == 0, (step, err)
+    assert (a / "score" / "signature.json").read_bytes() == (b / "score" / "signature.json").read_bytes()
+    ta = load_file(str(a / "purified" / "adapter_model.safetensors"))
+    tb = load_file(str(b / "purified" / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_train_pairs_resumes_after_interruption(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    cfg = _fast_yaml(tmp_path)
+    out = tmp_path / "r"
+    assert run_cli("make-variants", "--clean", tiny_data, "--out", out, "--config", cfg, *FAST)[0] == 0
+    assert run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", out, "--config", cfg)[0] == 0
+    done = out / "pairs" / "variant_00_bd.safetensors"
+    ref = load_file(str(out / "pairs" / "variant_02_clean.safetensors"))
+    # simulate a kill after two jobs: remove the stage manifest and the later jobs' files
+    (out / "pairs" / "manifest.json").unlink()
+    for f in ("variant_01_bd", "variant_01_clean", "variant_02_bd", "variant_02_clean"):
+        (out / "pairs" / f"{f}.safetensors").unlink()
+    (out / "pairs" / "variant_02_clean.json").unlink()
+    mtime = done.stat().st_mtime_ns
+    code, _, err = run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", out, "--config", cfg)
+    assert code == 0, err
+    assert "resuming, 2 of 6 jobs already done" in err.replace("\n", " ")
+    assert done.stat().st_mtime_ns == mtime
+    again = load_file(str(out / "pairs" / "variant_02_clean.safetensors"))
+    assert all(torch.equal(ref[k], again[k]) for k in ref)
