@@ -276,6 +276,23 @@ def eval_cmd(
     typer.echo(json.dumps(summary))
 
 
+@app.command("report")
+@guarded
+def report_cmd(
+    run: Path = typer.Argument(..., help="a run folder (from purify)"),
+    before: Optional[Path] = typer.Option(None, "--before", help="eval JSON of the suspicious model"),
+    after: Optional[Path] = typer.Option(None, "--after", help="eval JSON of the purified model"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing report"),
+):
+    """Write report.md and PNG figures: signature heatmap, score distribution, before/after bars.
+
+    Example: bdclean report runs/x --before runs/x/eval_before.json --after runs/x/eval_after.json
+    """
+    from bdclean.stages import report
+
+    report.run(run, before, after, force)
+
+
 def main() -> None:
     try:
         app()

@@ -17,6 +17,10 @@ def data_hash(clean: str) -> str:
         from bdclean.io.data import BUILTIN_FILE
 
         return "builtin:" + sha256_file(Path(str(resources.files("bdclean.data").joinpath(BUILTIN_FILE))))
+    from bdclean.errors import InputError
+
+    if not Path(clean).is_file():
+        raise InputError(f"{clean}: data file not found")
     return sha256_file(Path(clean))
 
 

@@ -86,10 +86,10 @@ def plan_variants(n: int, seed: int) -> list[dict]:
 
 def run(clean: str, out: Path, opts: VariantsOptions, force: bool = False) -> Path:
     folder = Path(out) / C.STAGE_DIRS["make-variants"]
+    pool = load_instructions(clean)  # validate before anything else
     man = Manifest("make-variants", {**opts.model_dump(), "clean": str(clean)}, {"clean": data_hash(clean)})
     if up_to_date(folder, man.fingerprint, "make-variants", force):
         return folder
-    pool = load_instructions(clean)
     if len(pool) < opts.samples:
         raise UsageError(f"{clean}: {len(pool)} samples, fewer than --samples {opts.samples} per variant")
     rng = random.Random(opts.seed + 7919)

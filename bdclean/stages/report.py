@@ -1,0 +1,104 @@
+"""report: report.md + PNG figures for a run folder (signature heatmap, score distribution, before/after bars)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.console import log
+from bdclean.errors import UsageError
+from bdclean.io.artifacts import atomic_path, write_text
+
+
+def _savefig(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def run(run_dir: Path, before: Path | None = None, after: Path | None = None, force: bool = False) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("report needs matplotlib: pip install matplotlib") from None
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    out = run_dir / C.REPORT_FILE
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to overwrite")
+    sfolder = run_dir / C.STAGE_DIRS["score"]
+    if not (sfolder / C.SCORES).is_file():
+        raise UsageError(f"{run_dir}: no score/{C.SCORES}; run `bdclean score` (or purify) first")
+    sc = load_file(str(sfolder / C.SCORES))
+    sig = json.loads((sfolder / C.SIGNATURE).read_text())
+    score, mask = sc["score"].float(), sc["mask"].bool()
+    lines = [f"# bdclean report: {run_dir}", ""]
+
+    # 1. heatmap layer × channel
+    fig, ax = plt.subplots(figsize=(11, 4))
+    im = ax.imshow(torch.log10(score.clamp_min(1e-12)).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ys, xs = mask.nonzero(as_tuple=True)
+    ax.scatter(xs.numpy(), ys.numpy(), s=0.3, c="red", marker="s", alpha=0.5)
+    ax.set_xlabel("MLP channel")
+    ax.set_ylabel("layer")
+    ax.set_title(f"channel score (log10); red = signature ({sig['n_selected']} channels, τ={sig['tau']})")
+    fig.colorbar(im, ax=ax)
+    _savefig(fig, run_dir / "signature_heatmap.png")
+    plt.close(fig)
+
+    # 2. score distribution with τ cut
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    flat = score.flatten()
+    cut = float(flat[mask.flatten()].min()) if mask.any() else float(flat.max())
+    ax.hist(flat.numpy(), bins=100, color="steelblue")
+    ax.axvline(cut, color="red", linestyle="--", label=f"τ cut ({sig['tau']:.0%} of channels above)")
+    ax.set_xlabel(f"score ({sig['score']}, λ={sig['lambda']})")
+    ax.set_ylabel("channels")
+    ax.legend()
+    _savefig(fig, run_dir / "score_distribution.png")
+    plt.close(fig)
+
+    per_layer = mask.sum(dim=1).tolist()
+    top_layers = sorted(range(len(per_layer)), key=lambda l: -per_layer[l])[:5]
+    lines += [
+        "## Signature",
+        f"- {sig['n_selected']} of {sig['layers'] * sig['channels_per_layer']} MLP channels (τ = {sig['tau']}, "
+        f"{sig['scope']}, score = {sig['score']}, λ = {sig['lambda']}, N = {sig['n_variants']} variants)",
+        f"- layers holding most of it: " + ", ".join(f"{l} ({per_layer[l]})" for l in top_layers),
+        "",
+        "![signature heatmap](signature_heatmap.png)",
+        "",
+        "![score distribution](score_distribution.png)",
+        "",
+    ]
+
+    # 3. before / after
+    before = before or run_dir / "eval_before.json"
+    after = after or run_dir / "eval_after.json"
+    if Path(before).is_file() and Path(after).is_file():
+        b, a = json.loads(Path(before).read_text()), json.loads(Path(after).read_text())
+        rows = [("triggered ASR %", 100 * b["triggered"]["asr"], 100 * a["triggered"]["asr"]),
+                ("clean ASR %", 100 * b["clean"]["asr"], 100 * a["clean"]["asr"]),
+                ("perplexity", b.get("perplexity", float("nan")), a.get("perplexity", float("nan")))]
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+        for ax, (name, x, y) in zip(axes, rows):
+            ax.bar(["before", "after"], [x, y], color=["#c0392b", "#27ae60"])
+            ax.set_title(name)
+            for k, v in enumerate([x, y]):
+                ax.text(k, v, f"{v:.1f}", ha="center", va="bottom")
+        fig.suptitle("purification: before vs after")
+        _savefig(fig, run_dir / "before_after.png")
+        plt.close(fig)
+        lines += ["## Before / after", "", "| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {n} | {x:.2f} | {y:.2f} |" for n, x, y in rows]
+        lines += ["", "![before/after](before_after.png)", ""]
+    else:
+        lines += ["(no eval_before.json / eval_after.json found: run `bdclean eval` to add before/after figures)", ""]
+    write_text(out, "\n".join(lines) + "\n")
+    log(f"report → {out}")
+    return out
