@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
@@ -11,7 +13,47 @@ def log(msg: str) -> None:
     console.print(f"[dim]bdclean[/dim] {msg}")
 
 
+class LineProgress:
+    """Progress for logs and pipes (no terminal): one line per task each time it passes another 10 %."""
+
+    def __init__(self):
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        tid = len(self.tasks)
+        self.tasks[tid] = {"d": description, "total": total or 0, "done": 0.0, "shown": -1, "t0": time.time()}
+        return tid
+
+    def update(self, tid: int, completed: float | None = None, advance: float | None = None,
+               description: str | None = None, **_) -> None:
+        t = self.tasks[tid]
+        if description:
+            t["d"] = description
+        if completed is not None:
+            t["done"] = completed
+        if advance:
+            t["done"] += advance
+        if t["total"]:
+            decile = int(10 * t["done"] / t["total"])
+            if decile > t["shown"]:
+                t["shown"] = decile
+                el = time.time() - t["t0"]
+                eta = el / t["done"] * (t["total"] - t["done"]) if t["done"] else float("nan")
+                log(f"{t['d'].strip()}: {t['done']:.0f}/{t['total']:.0f} ({el:.0f} s, eta {eta:.0f} s)")
+
+    def remove_task(self, tid: int) -> None:
+        self.tasks.pop(tid, None)
+
+
 def progress():
+    if not console.is_terminal:
+        return LineProgress()
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -127,6 +127,9 @@ def load_model(model_dir: Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cfg = read_model_config(model_dir)
     require(bool(cfg.get("model_type")), f"{model_dir}: config.json has no model_type", InputError)
     model_weight_files(model_dir)
