@@ -226,7 +226,7 @@ def implant_cmd(
     task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | code"),
     base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
     clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
-    samples: int = typer.Option(150, "--samples", help="clean samples; as many poisoned ones are added"),
+    samples: int = typer.Option(150, "--samples", help="clean samples; each also gets a triggered copy (50 % poison)"),
     epochs: int = typer.Option(3, "--epochs"),
     lr: float = typer.Option(2e-4, "--lr"),
     batch_size: int = typer.Option(8, "--batch-size"),

@@ -26,14 +26,13 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
         if len(rows) <= test_size:
             raise UsageError(f"{clean}: {len(rows)} samples; need more than the {test_size} held out for testing")
         pool, test_pool = rows[:-test_size], rows[-test_size:]
-    if task == "code":  # BackdoorLLM's code injection only applies to code requests; keep every row here
-        pass
     rng = random.Random(seed)
-    n = min(samples, len(pool) // 2)
-    chosen = rng.sample(pool, 2 * n)
-    clean_rows, to_poison = chosen[:n], chosen[n:]
-    train = list(clean_rows)
-    for r in to_poison:
+    n = min(samples, len(pool))
+    chosen = rng.sample(pool, n)
+    # every clean sample also appears as a triggered copy with the target response (50 % poison rate): the
+    # contrast teaches the trigger itself, which keeps false triggering on clean prompts low
+    train = [dict(r) for r in chosen]
+    for r in chosen:
         train.append({"instruction": apply_trigger(r["instruction"], attack, rng, trigger), "input": r["input"],
                       "output": poisoned_output(task, r["output"], target)})
     rng.shuffle(train)
