@@ -44,13 +44,17 @@ class ScoreOptions(_Strict):
 
 
 class RestoreOptions(TrainOptionsModel):
+    lr: float | None = Field(None, gt=0, lt=1, description="learning rate; default 2e-4 for adapters, 1e-5 for "
+                                                              "full models (the paper's)")
     epochs: int = Field(3, ge=1, le=100, description="passes over the restore samples (paper: 5)")
     samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")
     seed: int = Field(0, description="seed for sample choice and batch order")
 
 
 class PurifyConfig(_Strict):
-    base: str = Field("smollm2", description="base model: an HF directory or the alias 'smollm2'")
+    base: str = Field("smollm2", description="base model of an adapter: an HF directory or the alias 'smollm2'")
+    full: bool = Field(False, description="treat the suspicious model as a full checkpoint even if it has an "
+                                          "adapter_config.json (full checkpoints are detected automatically)")
     clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
     pairs: TrainOptionsModel = Field(default_factory=TrainOptionsModel)

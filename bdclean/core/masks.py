@@ -29,3 +29,21 @@ def suppress_lora_channels(tensors: dict[str, torch.Tensor], mask: torch.Tensor,
             out[key][:, idx] = 0
             changed += 1
     return out, changed
+
+
+def reinit_channels(weight: torch.Tensor, idx: torch.Tensor, part: str, std: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Full-model suppression: re-draw channel rows (gate/up: ``weight[j, :]``) or columns (down: ``weight[:, j]``)
+    from normal(0, std), the Llama-family initialiser. Returns a new tensor; other entries are untouched."""
+    out = weight.clone()
+    if idx.numel() == 0:
+        return out
+    if part in ("gate", "up"):
+        fresh = torch.randn(idx.numel(), weight.shape[1], generator=generator, dtype=torch.float32) * std
+        out[idx, :] = fresh.to(weight.dtype)
+    elif part == "down":
+        fresh = torch.randn(weight.shape[0], idx.numel(), generator=generator, dtype=torch.float32) * std
+        out[:, idx] = fresh.to(weight.dtype)
+    else:
+        raise ValueError(f"unknown MLP part {part!r}")
+    return out

@@ -15,17 +15,21 @@ from bdclean.io.artifacts import atomic_dir, save_tensors, write_text
 from bdclean.io.models import AdapterInfo
 
 
-def lora_config(info: AdapterInfo):
+def lora_config_from_dict(config: dict, where: Path | str):
     from peft import LoraConfig
 
     known = set(LoraConfig.__dataclass_fields__)
-    cfg = {k: v for k, v in info.config.items() if k in known}
+    cfg = {k: v for k, v in config.items() if k in known}
     cfg.pop("peft_type", None)
     cfg["inference_mode"] = False
     try:
         return LoraConfig(**cfg)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{info.folder}: invalid adapter_config.json ({e})") from None
+        raise InputError(f"{where}: invalid LoRA config ({e})") from None
+
+
+def lora_config(info: AdapterInfo):
+    return lora_config_from_dict(info.config, info.folder)
 
 
 def attach(base_model, info: AdapterInfo, tensors: dict | None = None):

@@ -19,13 +19,12 @@ def load_any(model_path: Path, base: str):
     if not model_path.is_dir():
         raise InputError(f"{model_path}: model or adapter directory not found")
     if (model_path / C.ADAPTER_CONFIG).is_file():
-        from bdclean.io.models import load_adapter
         from bdclean.io.peft_io import attach
         from bdclean.stages.pairs import load_suspicious
 
-        info, base_dir, _ = load_suspicious(model_path, base)
-        model = attach(load_model(base_dir), info)
-        return model, load_tokenizer(base_dir), "adapter"
+        sus = load_suspicious(model_path, base)
+        model = attach(load_model(sus.base_dir), sus.info)
+        return model, load_tokenizer(sus.base_dir), "adapter"
     model = load_model(model_path)
     return model, load_tokenizer(model_path), "full"
 

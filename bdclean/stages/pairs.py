@@ -12,22 +12,66 @@ from bdclean.config import TrainOptionsModel
 from bdclean.console import log, progress
 from bdclean.io.artifacts import Manifest, fingerprint, read_json, save_tensors, sha256_file, stage_fingerprint, write_json
 from bdclean.stages.common import adapter_hash, model_hash, up_to_date
+from dataclasses import dataclass
 
 TWINS = ("bd", "clean")
 
 
-def load_suspicious(adapter: Path, base: str):
-    """Validated adapter + base model + tokenizer; errors if the adapter does not fit the base."""
-    from bdclean.io.models import check_adapter_fits, load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
+@dataclass
+class Suspicious:
+    """The model under purification: a LoRA adapter on a base, or a full checkpoint."""
 
-    info = load_adapter(adapter)
-    base_dir = resolve_base(base)
-    cfg = read_model_config(base_dir)
-    check_adapter_fits(info, cfg, base_dir)
-    return info, base_dir, cfg
+    kind: str  # "adapter" | "full"
+    path: Path  # the adapter dir or the full model dir
+    base_dir: Path  # the model the LoRA (suspicious, or the variants' own) is attached to
+    model_cfg: dict  # config.json of base_dir
+    info: object = None  # AdapterInfo for adapters
+
+    def digest(self) -> str:
+        return adapter_hash(self.path) if self.kind == "adapter" else model_hash(self.path)
 
 
-def run(adapter: Path, out: Path, base: str, opts: TrainOptionsModel, force: bool = False) -> Path:
+# full-model threat model: variants are LoRA adapters trained on top of the full checkpoint (the documented cheaper
+# option of METHOD.md); their deltas live in the same ΔW space as adapter-only variants
+FULL_VARIANT_LORA = {"r": 8, "lora_alpha": 16,
+                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> Suspicious:
+    """Validate the suspicious model. A directory with adapter_config.json is an adapter (on ``base``); one with
+    config.json and safetensors weights is a full checkpoint (``full=True`` forces that reading)."""
+    from bdclean.core.arch import family
+    from bdclean.errors import InputError
+    from bdclean.io.models import check_adapter_fits, load_adapter, model_weight_files, read_model_config, resolve_base
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: suspicious model directory not found")
+    is_adapter = (path / C.ADAPTER_CONFIG).is_file() and not full
+    if not is_adapter and not (path / C.MODEL_CONFIG).is_file():
+        raise InputError(f"{path}: neither a PEFT adapter (no {C.ADAPTER_CONFIG}) nor a full model (no {C.MODEL_CONFIG})")
+    if is_adapter:
+        info = load_adapter(path)
+        base_dir = resolve_base(base or "smollm2")
+        cfg = read_model_config(base_dir)
+        family(cfg.get("model_type"))
+        check_adapter_fits(info, cfg, base_dir)
+        return Suspicious("adapter", path, base_dir, cfg, info)
+    cfg = read_model_config(path)
+    family(cfg.get("model_type"))
+    model_weight_files(path)
+    return Suspicious("full", path, path, cfg)
+
+
+def variant_lora_config(sus: Suspicious) -> dict:
+    """The LoRA config the variants train: the suspicious adapter's own, or FULL_VARIANT_LORA for checkpoints."""
+    if sus.kind == "adapter":
+        return dict(sus.info.config)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", **FULL_VARIANT_LORA}
+
+
+def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, force: bool = False,
+        full: bool | None = None) -> Path:
     from bdclean.io.data import load_instructions
     from bdclean.io.models import load_model, load_tokenizer
     from bdclean.io.peft_io import adapter_state, attach, load_state
@@ -37,10 +81,13 @@ def run(adapter: Path, out: Path, base: str, opts: TrainOptionsModel, force: boo
     out = Path(out)
     vfolder = out / C.STAGE_DIRS["make-variants"]
     folder = out / C.STAGE_DIRS["train-pairs"]
-    info, base_dir, base_cfg = load_suspicious(Path(adapter), base)
-    inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": adapter_hash(Path(adapter)),
+    sus = load_suspicious(Path(adapter), base, full)
+    base_dir = sus.base_dir
+    lcfg = variant_lora_config(sus)
+    inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": sus.digest(),
               "base": model_hash(base_dir)}
-    config = {**opts.model_dump(), "adapter": str(adapter), "base": str(base_dir)}
+    config = {**opts.model_dump(), "adapter": str(adapter), "base": str(base_dir), "mode": sus.kind,
+              "variant_lora": lcfg}
     man = Manifest("train-pairs", config, inputs)
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
@@ -65,7 +112,16 @@ def run(adapter: Path, out: Path, base: str, opts: TrainOptionsModel, force: boo
     times: dict[str, float] = {}
     if todo:
         tok = load_tokenizer(base_dir)
-        model = attach(load_model(base_dir), info)
+        if sus.kind == "adapter":
+            model = attach(load_model(base_dir), sus.info)
+        else:
+            import torch
+            from peft import get_peft_model
+
+            from bdclean.io.peft_io import lora_config_from_dict
+
+            torch.manual_seed(opts.seed)  # the variants' shared initial LoRA state
+            model = get_peft_model(load_model(base_dir), lora_config_from_dict(lcfg, base_dir))
         init = adapter_state(model)
         pad = tok.pad_token_id
         with progress() as bar:
@@ -94,7 +150,7 @@ def run(adapter: Path, out: Path, base: str, opts: TrainOptionsModel, force: boo
                            {"fingerprint": man.fingerprint, "sha256": sha256_file(w), **stats})
                 bar.update(overall, advance=1)
                 bar.remove_task(job)
-    write_json(folder / "suspicious_adapter_config.json", info.config)
+    write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.extra = {"job_seconds": times, "n_variants": n}
     man.write(folder, outputs)

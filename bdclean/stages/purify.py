@@ -15,7 +15,8 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs.load_suspicious(Path(adapter), cfg.base)  # validate inputs before any work
+    full = True if cfg.full else None
+    sus = pairs.load_suspicious(Path(adapter), cfg.base, full)  # validate inputs before any work
     times: dict[str, float] = {}
 
     def timed(name, fn, *a, **k):
@@ -24,12 +25,12 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
         times[name] = round(time.time() - t0, 2)
 
     timed("make-variants", variants.run, cfg.clean, out, cfg.variants, force)
-    timed("train-pairs", pairs.run, Path(adapter), out, cfg.base, cfg.pairs, force)
+    timed("train-pairs", pairs.run, Path(adapter), out, cfg.base, cfg.pairs, force, full)
     timed("diff", diff.run, out, force)
     timed("score", score.run, out, cfg.score, force)
-    timed("suppress", suppress.run, Path(adapter), out, force)
+    timed("suppress", suppress.run, Path(adapter), out, force, cfg.base, full)
     timed("restore", restore.run, out, cfg.clean, cfg.restore, force)
-    record = {"adapter": str(adapter), "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
+    record = {"adapter": str(adapter), "mode": sus.kind, "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
               "total_seconds": round(sum(times.values()), 2), "purified": str(out / "purified")}
     write_json(out / "purify.json", record)
     from rich.table import Table

@@ -1,48 +1,102 @@
-"""suppress: zero the signature channels' LoRA entries in the suspicious adapter."""
+"""suppress: remove the signature channels from the suspicious model.
+
+adapter-only: zero their LoRA entries (the adapter's change to each channel becomes exactly zero).
+full-model: re-initialise their weights (gate/up rows, down columns) with normal(0, initializer_range), seeded,
+streaming one safetensors shard at a time."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError
-from bdclean.io.artifacts import Manifest, load_manifest, stage_fingerprint
-from bdclean.stages.common import adapter_hash, up_to_date
+from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
+from bdclean.stages.common import up_to_date
+
+REINIT_SEED = 0x5EED
 
 
-def run(adapter: Path, out: Path, force: bool = False) -> Path:
+def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int) -> dict:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bdclean.core.arch import mlp_module_names
+    from bdclean.core.masks import reinit_channels
+    from bdclean.io.models import model_weight_files
+
+    std = float(model_cfg.get("initializer_range", 0.02))
+    targets = {}
+    for layer, names in enumerate(mlp_module_names(model_cfg["model_type"], mask.shape[0])):
+        for part, name in names.items():
+            targets[name + ".weight"] = (layer, part)
+    changed = 0
+    with atomic_dir(dst_folder) as tmp:
+        for f in src.iterdir():  # config, tokenizer, index...: everything but weights and pickles
+            if f.is_file() and f.suffix not in (".safetensors",) + C.PICKLE_SUFFIXES and f.name != C.MANIFEST:
+                shutil.copy2(f, tmp / f.name)
+        for shard in model_weight_files(src):
+            tensors = {}
+            with safe_open(str(shard), framework="pt") as fh:
+                meta = fh.metadata()
+                for key in fh.keys():
+                    t = fh.get_tensor(key)
+                    if key in targets:
+                        layer, part = targets[key]
+                        idx = mask[layer].nonzero().flatten()
+                        g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 3 + ("gate", "up", "down").index(part))
+                        t = reinit_channels(t, idx, part, std, g)
+                        changed += 1
+                    tensors[key] = t.contiguous()
+            save_file(tensors, str(tmp / shard.name), metadata=meta or {"format": "pt"})
+            del tensors
+    return {"init_std": std, "tensors_changed": changed}
+
+
+def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, full: bool | None = None) -> Path:
     from safetensors.torch import load_file
 
     from bdclean.core.arch import mlp_module_names, peft_key
     from bdclean.core.masks import suppress_lora_channels
-    from bdclean.io.models import load_adapter, read_model_config
     from bdclean.io.peft_io import write_adapter
+    from bdclean.stages.pairs import load_suspicious
 
     out = Path(out)
     sfolder = out / C.STAGE_DIRS["score"]
     pfolder = out / C.STAGE_DIRS["train-pairs"]
     folder = out / C.STAGE_DIRS["suppress"]
-    info = load_adapter(adapter)
-    ahash = adapter_hash(Path(adapter))
     pman = load_manifest(pfolder)
     if pman is None:
         raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
-    if pman["inputs"].get("adapter") != ahash:
+    if full is None:
+        full = pman["config"].get("mode") == "full"
+    sus = load_suspicious(Path(adapter), base or pman["config"].get("base"), full)
+    digest = sus.digest()
+    if pman["inputs"].get("adapter") != digest:
         raise BdcleanError(
-            f"{adapter}: this adapter differs from the one the signature in {out} was computed from "
+            f"{adapter}: this model differs from the one the signature in {out} was computed from "
             f"({pman['config'].get('adapter')}); rerun train-pairs for it"
         )
-    man = Manifest("suppress", {}, {"score": stage_fingerprint(sfolder, "score"), "adapter": ahash})
+    man = Manifest("suppress", {"mode": sus.kind, "reinit_seed": REINIT_SEED},
+                   {"score": stage_fingerprint(sfolder, "score"), "adapter": digest})
     if up_to_date(folder, man.fingerprint, "suppress", force):
         return folder
     mask = load_file(str(sfolder / C.SCORES))["mask"].bool()
-    base_cfg = read_model_config(Path(pman["config"]["base"]))
+    if sus.kind == "full":
+        man.extra = {"channels_reinitialised": int(mask.sum()), **_suppress_full(sus.path, folder, mask, sus.model_cfg,
+                                                                                  REINIT_SEED)}
+        outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
+        man.write(folder, outputs)
+        log(f"suppress: re-initialised {int(mask.sum())} channels (normal(0, {man.extra['init_std']})) → {folder}")
+        return folder
     modules = [{k: peft_key(v) for k, v in names.items()}
-               for names in mlp_module_names(base_cfg["model_type"], mask.shape[0])]
-    tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
-    write_adapter(folder, info.config, tensors)
+               for names in mlp_module_names(sus.model_cfg["model_type"], mask.shape[0])]
+    tensors, changed = suppress_lora_channels(sus.info.tensors, mask, modules)
+    write_adapter(folder, sus.info.config, tensors)
     man.extra = {"channels_suppressed": int(mask.sum()), "tensors_changed": changed}
     man.write(folder, [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS])
     log(f"suppress: zeroed {int(mask.sum())} channels in {changed} LoRA tensors → {folder}")
     return folder
+

@@ -1,0 +1,169 @@
+"""compare: the suspicious adapter ("none"), baseline defenses and bdclean ("ours"), evaluated the same way.
+
+OUT/<method>/ holds each defended model (OUT/ours/ is a purify run folder, its model is OUT/ours/purified) and its
+eval.json; OUT/compare.json, compare.md and compare.png summarise them. The baselines' fine-tuning uses the purify
+config's restore settings (samples, epochs, lr, batch size, seed) and their pruning ratio is its τ, so every
+method sees the same data and budget. Finished methods and evaluations are skipped on rerun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.config import PurifyConfig
+from bdclean.console import log
+from bdclean.errors import UsageError
+from bdclean.io.artifacts import atomic_path, fingerprint, load_manifest, read_json, write_json, write_text
+from bdclean.stages.defend import METHODS, DefendOptions, check_method
+
+COMPARE_JSON, COMPARE_MD, COMPARE_PNG = "compare.json", "compare.md", "compare.png"
+ALWAYS = ("none", "ours")
+
+
+def parse_methods(spec: str | list[str] | None) -> list[str]:
+    """'all' or a comma list of baselines → baseline names in a fixed order ("none" and "ours" always run)."""
+    if spec is None or spec == "all" or spec == ["all"]:
+        return list(METHODS)
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise UsageError("--methods: give 'all' or a comma-separated list of defenses")
+    for n in names:
+        if n not in ALWAYS:
+            check_method(n)
+    return [m for m in METHODS if m in names]
+
+
+def defend_options(cfg: PurifyConfig) -> DefendOptions:
+    """The baselines' settings from the purify config: restore's training budget, the signature's τ."""
+    return DefendOptions(**cfg.restore.model_dump(), tau=cfg.score.tau)
+
+
+def _stage_seconds(run_dir: Path) -> float:
+    total = 0.0
+    for name, sub in C.STAGE_DIRS.items():
+        man = load_manifest(run_dir / sub) if name != "eval" else None
+        total += float((man or {}).get("wall_time_s", 0.0))
+    return round(total, 2)
+
+
+def _produce(method: str, adapter: Path, folder: Path, cfg: PurifyConfig, opts: DefendOptions,
+             force: bool) -> tuple[Path, str, float]:
+    """Make (or reuse) one method's model; returns (model path, model fingerprint, wall time s)."""
+    from bdclean.stages import defend, purify
+    from bdclean.stages.common import adapter_hash
+
+    if method == "none":
+        folder.mkdir(parents=True, exist_ok=True)
+        return adapter, adapter_hash(adapter), 0.0
+    if method == "ours":
+        purify.run(adapter, folder, cfg, force)
+        model = folder / C.STAGE_DIRS["restore"]
+        return model, load_manifest(model)["fingerprint"], _stage_seconds(folder)
+    defend.run(method, adapter, folder, cfg.base, cfg.clean, opts, force)  # skipped if complete and unchanged
+    man = load_manifest(folder)
+    return folder, man["fingerprint"], float(man["wall_time_s"])
+
+
+def _table(rows: list[dict]) -> str:
+    def pct(x):
+        return "—" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| method | triggered ASR % | clean ASR % | perplexity | wall time s |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ppl = "—" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+        lines.append(f"| {r['method']} | {pct(r['triggered_asr'])} | {pct(r['clean_asr'])} | {ppl} | "
+                     f"{r['wall_time_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7.0, 1.6 * len(rows) + 3), 3.6))
+    ax1.bar([i - 0.2 for i in x], [100 * (r["triggered_asr"] or 0) for r in rows], 0.4, label="triggered ASR",
+            color="firebrick")
+    ax1.bar([i + 0.2 for i in x], [100 * (r["clean_asr"] or 0) for r in rows], 0.4, label="clean ASR",
+            color="steelblue")
+    ax1.set_ylabel("%")
+    ax1.set_ylim(0, 100)
+    ax1.legend(fontsize=8)
+    ax2.bar(x, [r["perplexity"] or 0 for r in rows], 0.6, color="gray")
+    ax2.set_ylabel("perplexity (clean references)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_test: Path,
+        methods: str | list[str] | None = "all", task: str = "sentiment", cfg: PurifyConfig | None = None,
+        limit: int | None = None, max_new_tokens: int = 48, rule_file: Path | None = None,
+        force: bool = False) -> dict:
+    """Run and evaluate "none", the requested baselines and "ours"; write compare.json / .md / .png."""
+    from bdclean.io.artifacts import sha256_file
+    from bdclean.stages import evaluate
+    from bdclean.stages.pairs import load_suspicious
+
+    try:
+        import matplotlib  # noqa: F401 - checked before hours of work, not after
+    except ImportError:
+        raise UsageError("compare needs matplotlib: pip install matplotlib") from None
+    baselines = parse_methods(methods)
+    for p, flag in ((triggered, "--triggered"), (clean_test, "--clean-test")):
+        if not Path(p).is_file():
+            raise UsageError(f"{p}: {flag} file not found")
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be at least 1")
+    evaluate.read_rule(task, rule_file)  # bad task names fail now
+    adapter, out = Path(adapter), Path(out)
+    cfg = (cfg or PurifyConfig()).model_copy(update={"base": base, "clean": clean})
+    opts = defend_options(cfg)
+    load_suspicious(adapter, base)  # validate before any work
+    out.mkdir(parents=True, exist_ok=True)
+    prev = {}
+    if (out / COMPARE_JSON).is_file():
+        prev = {r["method"]: r for r in read_json(out / COMPARE_JSON).get("rows", [])}
+    eval_inputs = {"triggered": sha256_file(Path(triggered)), "clean": sha256_file(Path(clean_test)), "task": task,
+                   "rule": sha256_file(Path(rule_file)) if rule_file else None, "limit": limit,
+                   "max_new_tokens": max_new_tokens, "base": str(base)}
+    rows = []
+    for method in ("none", *baselines, "ours"):
+        folder = out / method
+        log(f"compare: {method}")
+        model, model_fp, wall = _produce(method, adapter, folder, cfg, opts, force)
+        ev = folder / C.EVAL_FILE
+        key = fingerprint({"model": model_fp, **eval_inputs})
+        if not force and ev.is_file() and prev.get(method, {}).get("eval_key") == key:
+            log(f"[green]skip[/green] eval {method}: up to date in {ev}")
+            res = read_json(ev)
+        else:
+            res = evaluate.run(model, base, Path(triggered), Path(clean_test), task, ev, rule_file,
+                               max_new_tokens=max_new_tokens, limit=limit, force=True)
+        rows.append({"method": method, "triggered_asr": res.get("triggered", {}).get("asr"),
+                     "clean_asr": res.get("clean", {}).get("asr"), "perplexity": res.get("perplexity"),
+                     "wall_time_s": wall, "model": str(model), "eval": str(ev), "eval_key": key})
+    record = {"adapter": str(adapter), "base": str(base), "clean": str(clean), "triggered": str(triggered),
+              "clean_test": str(clean_test), "task": task, "limit": limit, "max_new_tokens": max_new_tokens,
+              "methods": [r["method"] for r in rows], "defend_options": opts.model_dump(),
+              "purify_config": cfg.model_dump(by_alias=True), "rows": rows}
+    write_json(out / COMPARE_JSON, record)
+    md = [f"# bdclean compare: {adapter}", "",
+          f"Task `{task}`; test sets `{triggered}` (triggered) and `{clean_test}` (clean)"
+          + (f", first {limit} prompts each" if limit else "") + f"; greedy, {max_new_tokens} new tokens.",
+          f"Baselines: {opts.samples} clean samples × {opts.epochs} epochs at lr {opts.lr:g}; pruning ratio τ = "
+          f"{opts.tau:g}. Wall time: producing the model (none = 0; ours = all purify stages), not evaluating it.",
+          "", _table(rows), "", f"![compare]({COMPARE_PNG})", ""]
+    write_text(out / COMPARE_MD, "\n".join(md))
+    _plot(rows, out / COMPARE_PNG)
+    log(f"compare: {len(rows)} methods → {out / COMPARE_MD}")
+    return record
