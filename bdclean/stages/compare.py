@@ -37,7 +37,11 @@ def parse_methods(spec: str | list[str] | None) -> list[str]:
 
 def defend_options(cfg: PurifyConfig) -> DefendOptions:
     """The baselines' settings from the purify config: restore's training budget, the signature's τ."""
-    return DefendOptions(**cfg.restore.model_dump(), tau=cfg.score.tau)
+    from bdclean.stages.restore import DEFAULT_LR
+
+    train = cfg.restore.model_dump()
+    train["lr"] = train["lr"] or DEFAULT_LR["adapter"]  # restore's own default for adapters
+    return DefendOptions(**train, tau=cfg.score.tau)
 
 
 def _stage_seconds(run_dir: Path) -> float:
@@ -128,7 +132,9 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
     adapter, out = Path(adapter), Path(out)
     cfg = (cfg or PurifyConfig()).model_copy(update={"base": base, "clean": clean})
     opts = defend_options(cfg)
-    load_suspicious(adapter, base)  # validate before any work
+    sus = load_suspicious(adapter, base)  # validate before any work
+    if sus.kind != "adapter" or cfg.full:
+        raise UsageError(f"{adapter}: compare runs the adapter-only baselines; give a PEFT LoRA adapter")
     out.mkdir(parents=True, exist_ok=True)
     prev = {}
     if (out / COMPARE_JSON).is_file():

@@ -42,6 +42,8 @@ _TRAIN_FIELDS = tuple(RestoreOptions.model_fields)
 class DefendOptions(RestoreOptions):
     """RestoreOptions (samples, epochs, lr, batch_size, max_len, seed) plus the baselines' own settings."""
 
+    lr: float = Field(2e-4, gt=0, lt=1, description="learning rate of the fine-tuning baselines (restore's, "
+                                                     "adapter-only; the CROW paper used 1e-3)")
     tau: float = Field(0.35, gt=0, lt=1, description="fraction of MLP channels pruned (prune, fine-prune)")
     crow_alpha: float = Field(5.5, ge=0, description="weight of CROW's consistency loss")
     crow_eps: float = Field(0.1, ge=0, description="FGSM step on the input embeddings (CROW)")
@@ -147,6 +149,7 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
     mask = random_mask(len(modules), int(base_cfg["intermediate_size"]), opts.tau, opts.seed)
     tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
     # finetune_adapter reads an adapter directory: the pruned adapter goes to a scratch folder beside OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.pruned.", dir=out.parent))
     try:
         write_adapter(scratch / "adapter", info.config, tensors)
@@ -241,7 +244,10 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
     opts = opts or DefendOptions()
     adapter, out = Path(adapter), Path(out)
     _check_out(out, adapter)
-    info, base_dir, base_cfg = load_suspicious(adapter, base)
+    sus = load_suspicious(adapter, base)
+    require(sus.kind == "adapter", f"{adapter}: not a PEFT LoRA adapter; the baseline defenses implement the "
+                                   "adapter-only threat model")
+    info, base_dir, base_cfg = sus.info, sus.base_dir, sus.model_cfg
     uses_data = "samples" in USES[method]
     config = {"method": method, "adapter": str(adapter), "base": str(base_dir),
               **opts.model_dump(include=set(USES[method]))}
