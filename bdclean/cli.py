@@ -94,13 +94,14 @@ def make_variants(
 @app.command("train-pairs")
 @guarded
 def train_pairs(
-    adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
     out: Path = OUT,
     base: Optional[str] = BASE,
     epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs per twin (default 2)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="clean samples per step (default 8)"),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
+    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -110,9 +111,9 @@ def train_pairs(
     """
     from bdclean.stages import pairs
 
-    cfg = _purify_config(config, {"base": base, "pairs.epochs": epochs, "pairs.lr": lr,
+    cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
                                   "pairs.batch_size": batch_size, "pairs.max_len": max_len})
-    pairs.run(adapter, out, cfg.base, cfg.pairs, force)
+    pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None)
 
 
 @app.command("diff")
@@ -154,8 +155,9 @@ def score_cmd(
 @app.command("suppress")
 @guarded
 def suppress_cmd(
-    adapter: Path = typer.Argument(..., help="the suspicious adapter the signature was computed for"),
+    adapter: Path = typer.Argument(..., help="the suspicious adapter (or full model) the signature was computed for"),
     out: Path = OUT,
+    base: Optional[str] = BASE,
     force: bool = FORCE,
 ):
     """Zero the signature channels' LoRA entries (lora_B rows of gate/up, lora_A columns of down).
@@ -164,7 +166,7 @@ def suppress_cmd(
     """
     from bdclean.stages import suppress
 
-    suppress.run(adapter, out, force)
+    suppress.run(adapter, out, force, base)
 
 
 @app.command("restore")
@@ -192,7 +194,7 @@ def restore_cmd(
 @app.command("purify")
 @guarded
 def purify_cmd(
-    adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
     out: Path = OUT,
     clean: Optional[str] = CLEAN,
     base: Optional[str] = BASE,
@@ -201,6 +203,7 @@ def purify_cmd(
     tau: Optional[float] = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.35)"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
+    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -210,7 +213,7 @@ def purify_cmd(
     """
     from bdclean.stages import purify
 
-    ov = {"clean": clean, "base": base, "variants.n_variants": n_variants, "variants.samples": samples,
+    ov = {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
           "score.tau": tau, "score.lambda": lam}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
@@ -228,7 +231,7 @@ def implant_cmd(
     clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
     samples: int = typer.Option(150, "--samples", help="clean samples; each also gets a triggered copy (50 % poison)"),
     epochs: int = typer.Option(3, "--epochs"),
-    lr: float = typer.Option(2e-4, "--lr"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 2e-4 (LoRA) or 5e-5 (--full)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_len: int = typer.Option(96, "--max-len"),
     rank: int = typer.Option(8, "--rank"),
@@ -237,6 +240,7 @@ def implant_cmd(
     trigger: Optional[str] = typer.Option(None, "--trigger", help="custom trigger text"),
     target: Optional[str] = typer.Option(None, "--target", help="custom target response"),
     seed: int = typer.Option(0, "--seed"),
+    full: bool = typer.Option(False, "--full", help="full fine-tune: write a full HF model dir, not an adapter"),
 ):
     """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
 
@@ -245,7 +249,7 @@ def implant_cmd(
     from bdclean.stages import implant
 
     implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
-                test_size, trigger, target)
+                test_size, trigger, target, full)
 
 
 @app.command("eval")

@@ -8,7 +8,7 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.console import log, progress
 from bdclean.errors import UsageError
-from bdclean.io.artifacts import write_json, write_jsonl
+from bdclean.io.artifacts import atomic_dir, write_json, write_jsonl
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,9 +42,9 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
     return train, trig, clean_test
 
 
-def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float,
+def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float | None,
         batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
-        trigger: str | None = None, target: str | None = None) -> Path:
+        trigger: str | None = None, target: str | None = None, full: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from bdclean.core.attacks import ATTACKS, TASKS
@@ -65,27 +65,39 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
     import torch
 
     torch.manual_seed(torch_seed)
-    lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ALL_PROJ, lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(load_model(base_dir), lcfg)
+    lr = lr if lr is not None else (5e-5 if full else 2e-4)
+    if full:
+        model = load_model(base_dir)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ALL_PROJ, lora_dropout=0.0, task_type="CAUSAL_LM")
+        model = get_peft_model(load_model(base_dir), lcfg)
     examples = [encode(tok, r, max_len) for r in train_rows]
     plan = simple_epochs(examples, batch_size, seed)
     with progress() as bar:
         task_id = bar.add_task("implant", total=sum(len(plan(e)) for e in range(epochs)))
         stats = train(model, plan, TrainOptions(epochs, lr, batch_size, seed), tok.pad_token_id,
                       on_step=lambda k, tot, loss: bar.update(task_id, completed=k, description=f"implant loss {loss:.3f}"))
-    cfg = lcfg.to_dict()
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    cfg["peft_type"] = "LORA"
-    cfg["task_type"] = "CAUSAL_LM"
-    cfg["base_model_name_or_path"] = str(base_dir)
-    cfg["inference_mode"] = True
     record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "samples": samples,
-              "poison_rate": 0.5, "epochs": epochs, "lr": lr, "rank": rank, "alpha": alpha, "seed": seed,
+              "poison_rate": 0.5, "epochs": epochs, "lr": lr, "mode": "full" if full else "adapter",
+              "rank": None if full else rank, "alpha": None if full else alpha, "seed": seed,
               "base": str(base_dir), "train_stats": stats,
               "note": "for evaluation only; no purification stage reads this file"}
-    write_adapter(out, cfg, adapter_state(model), extra_files={})
+    if full:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+    else:
+        cfg = lcfg.to_dict()
+        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+        cfg["peft_type"] = "LORA"
+        cfg["task_type"] = "CAUSAL_LM"
+        cfg["base_model_name_or_path"] = str(base_dir)
+        cfg["inference_mode"] = True
+        write_adapter(out, cfg, adapter_state(model))
     write_json(out / C.ATTACK_RECORD, record)
     write_jsonl(out / C.TEST_TRIGGERED, trig)
     write_jsonl(out / C.TEST_CLEAN, clean_test)
-    log(f"implant: {attack}/{task} LoRA adapter → {out} (test sets: {C.TEST_TRIGGERED}, {C.TEST_CLEAN})")
+    log(f"implant: {attack}/{task} {'full model' if full else 'LoRA adapter'} → {out} (test sets: {C.TEST_TRIGGERED}, {C.TEST_CLEAN})")
     return out

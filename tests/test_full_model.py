@@ -1,0 +1,52 @@
+"""Full-model threat model on a tiny Llama: implant --full, purify, re-initialisation touches only the signature."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+
+def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
+    sus = tmp_path / "sus_full"
+    code, _, err = run_cli("implant", "--full", "--base", tiny_base, "--clean", tiny_data, "--samples", "12",
+                           "--epochs", "2", "--test-size", "6", "--max-len", "48", "--out", sus)
+    assert code == 0, err
+    assert (sus / "config.json").is_file() and not (sus / "adapter_config.json").exists()
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pairs: {epochs: 1, max_len: 48}\nrestore: {samples: 6, epochs: 1, max_len: 48}\n"
+                   "score: {tau: 0.1}\n")
+    code, _, err = run_cli("purify", sus, "--clean", tiny_data, "--out", out, "--config", cfg, "-n", "2",
+                           "--samples", "6")
+    assert code == 0, err
+    assert json.loads((out / "purify.json").read_text())["mode"] == "full"
+    mask = load_file(str(out / "score" / "scores.safetensors"))["mask"].bool()
+    before = load_file(str(sus / "model.safetensors"))
+    after = load_file(str(out / "suppressed" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    std = json.loads((sus / "config.json").read_text()).get("initializer_range", 0.02)
+    for key, b in before.items():
+        a = after[key]
+        if ".mlp." not in key:
+            assert torch.equal(a, b), key
+            continue
+        layer = int(key.split("layers.")[1].split(".")[0])
+        idx = mask[layer].nonzero().flatten()
+        keep = torch.ones(mask.shape[1], dtype=torch.bool)
+        keep[idx] = False
+        if "down_proj" in key:
+            assert torch.equal(a[:, keep], b[:, keep])
+            changed = a[:, idx]
+        else:
+            assert torch.equal(a[keep], b[keep])
+            changed = a[idx]
+        if idx.numel():
+            assert not torch.equal(changed, b[:, idx] if "down_proj" in key else b[idx])
+            assert abs(changed.std().item() - std) < 0.5 * std  # drawn from normal(0, initializer_range)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "purified"))
+    assert model.config.num_hidden_layers == 2
+    assert (out / "purified" / "tokenizer_config.json").is_file()
+    man = json.loads((out / "purified" / "manifest.json").read_text())
+    assert man["config"]["lr"] == 1e-5 and man["config"]["mode"] == "full"
