@@ -137,6 +137,7 @@ def score_cmd(
     score: Optional[str] = typer.Option(None, "--score", help="combined | norm | align (default combined)"),
     per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help="top τ in each layer, or overall"),
     norm_scale: Optional[str] = typer.Option(None, "--norm-scale", help="none (paper) | median"),
+    heads: Optional[float] = typer.Option(None, "--heads", help="attention units to add: count, or fraction < 1"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -148,7 +149,7 @@ def score_cmd(
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
     cfg = _purify_config(config, {"score.tau": tau, "score.lambda": lam, "score.score": score, "score.scope": scope,
-                                  "score.norm_scale": norm_scale})
+                                  "score.norm_scale": norm_scale, "score.heads": heads})
     score_stage.run(out, cfg.score, force)
 
 
@@ -202,6 +203,7 @@ def purify_cmd(
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
     tau: Optional[float] = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.35)"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
+    heads: Optional[float] = typer.Option(None, "--heads", help="attention units to add: count, or fraction < 1"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
@@ -214,7 +216,7 @@ def purify_cmd(
     from bdclean.stages import purify
 
     ov = {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
-          "score.tau": tau, "score.lambda": lam}
+          "score.tau": tau, "score.lambda": lam, "score.heads": heads}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)

@@ -41,6 +41,9 @@ class ScoreOptions(_Strict):
     scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")
     norm_scale: Literal["none", "median"] = Field(
         "none", description="divide the norm term by its median over channels (none = the paper's form)")
+    heads: float = Field(0, ge=0, description="attention units to add to the signature: a count (≥ 1) or a "
+                                              "fraction of all units (< 1); 0 = MLP channels only. A unit is one kv "
+                                              "head with its query heads (GQA)")
 
 
 class RestoreOptions(TrainOptionsModel):

@@ -135,3 +135,48 @@ def test_suppress_zeroes_exactly_the_masked_channels():
                 assert torch.equal(vec_new[j], vec_old[j])
     # inputs untouched
     assert torch.count_nonzero(tensors[modules[0]["gate"] + ".lora_B.weight"][1]) > 0
+
+
+def test_head_gram_matches_dense_units_under_gqa():
+    from bdclean.core.channels import head_gram, head_slices
+
+    g = torch.Generator().manual_seed(5)
+    n_q, n_kv, d, H, N = 4, 2, 3, 12, 3
+    mods = {p: [] for p in "qkvo"}
+    for _ in range(N):
+        for p, (o, i) in {"q": (n_q * d, H), "k": (n_kv * d, H), "v": (n_kv * d, H), "o": (H, n_q * d)}.items():
+            a, b = _lora(o, i, 2, g)
+            mods[p].append(LowRank(b, a))
+    G = head_gram(mods["q"], mods["k"], mods["v"], mods["o"], n_q, n_kv, d)
+    for unit in range(n_kv):
+        sl = head_slices(unit, n_q, n_kv, d)
+        vecs = [torch.cat([mods["q"][i].dense()[sl["q"]].flatten(), mods["k"][i].dense()[sl["k"]].flatten(),
+                           mods["v"][i].dense()[sl["v"]].flatten(), mods["o"][i].dense()[:, sl["o"]].flatten()])
+                for i in range(N)]
+        V = torch.stack(vecs)
+        assert torch.allclose(G[unit], V @ V.T)
+
+
+def test_suppress_heads_zeroes_only_the_unit():
+    from bdclean.core.channels import head_slices
+    from bdclean.core.masks import suppress_lora_heads
+
+    g = torch.Generator().manual_seed(6)
+    n_q, n_kv, d, H = 4, 2, 3, 12
+    tensors, names = {}, {}
+    for p, (o, i) in {"q": (n_q * d, H), "k": (n_kv * d, H), "v": (n_kv * d, H), "o": (H, n_q * d)}.items():
+        key = f"m.{p}"
+        tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = _lora(o, i, 2, g)
+        names[p] = key
+    new, changed = suppress_lora_heads(tensors, [(0, 1)], [names], n_q, n_kv, d)
+    assert changed == 4
+    sl = head_slices(1, n_q, n_kv, d)
+    for p in "qkv":
+        dw = new[f"m.{p}.lora_B.weight"] @ new[f"m.{p}.lora_A.weight"]
+        old = tensors[f"m.{p}.lora_B.weight"] @ tensors[f"m.{p}.lora_A.weight"]
+        assert torch.count_nonzero(dw[sl[p]]) == 0
+        keep = torch.ones(dw.shape[0], dtype=torch.bool)
+        keep[sl[p]] = False
+        assert torch.equal(dw[keep], old[keep])
+    dwo = new["m.o.lora_B.weight"] @ new["m.o.lora_A.weight"]
+    assert torch.count_nonzero(dwo[:, sl["o"]]) == 0

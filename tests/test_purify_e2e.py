@@ -98,3 +98,26 @@ def test_train_pairs_resumes_after_interruption(tiny_base, tiny_adapter, tiny_da
     assert done.stat().st_mtime_ns == mtime
     again = load_file(str(out / "pairs" / "variant_02_clean.safetensors"))
     assert all(torch.equal(ref[k], again[k]) for k in ref)
+
+
+def test_heads_scope_and_score_variants_rerun_without_training(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    cfg = _fast_yaml(tmp_path)
+    out = tmp_path / "h"
+    assert run_cli("purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out, "--config", cfg,
+                   *FAST, "--heads", "2")[0] == 0
+    sig = json.loads((out / "score" / "signature.json").read_text())
+    assert len(sig["heads"]) == 2 and sig["heads"][0]["query_heads"] == [2 * sig["heads"][0]["kv_head"],
+                                                                        2 * sig["heads"][0]["kv_head"] + 1]
+    sup = load_file(str(out / "suppressed" / "adapter_model.safetensors"))
+    h = sig["heads"][0]
+    key = f"base_model.model.model.layers.{h['layer']}.self_attn.k_proj.lora_B.weight"
+    hd = 8  # tiny model: hidden 32 / 4 heads
+    assert torch.count_nonzero(sup[key][h["kv_head"] * hd:(h["kv_head"] + 1) * hd]) == 0
+    pairs_mtime = (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns
+    for variant in (["--score", "norm"], ["--score", "align"], ["--per-layer"], ["--norm-scale", "median"]):
+        code, _, err = run_cli("score", "--out", out, "--config", cfg, *variant)
+        assert code == 0, err
+        assert json.loads((out / "score" / "signature.json").read_text())["n_selected"] > 0
+    assert (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns == pairs_mtime
+    code, _, err = run_cli("score", "--out", out, "--heads", "999")
+    assert code == 2 and "attention units" in err

@@ -109,3 +109,38 @@ def channel_gram(gate: list[Delta | None], up: list[Delta | None], down: list[De
 def channel_vectors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Explicit channel vectors [channels, 2·hidden + hidden] from dense ΔW of gate, up [I, H] and down [H, I]."""
     return torch.cat([gate, up, down.T], dim=1)
+
+
+def _block_sum(v: torch.Tensor, size: int) -> torch.Tensor:
+    return v.reshape(-1, size).sum(dim=1)
+
+
+def head_gram(q: list[Delta | None], k: list[Delta | None], v: list[Delta | None], o: list[Delta | None],
+              n_q: int, n_kv: int, head_dim: int) -> torch.Tensor:
+    """Per-unit Gram matrices [n_kv, N, N] for attention units under grouped-query attention.
+
+    Unit g (one per kv head) is: the q_proj rows of its n_q/n_kv query heads, the k_proj and v_proj rows of kv head
+    g, and the o_proj columns of those query heads — everything that only that kv group reads or writes. Without
+    GQA (n_q == n_kv) a unit is one ordinary head.
+    """
+    n = len(q)
+    group = n_q // n_kv
+    G = torch.zeros(n_kv, n, n, dtype=torch.float64)
+    for i in range(n):
+        for l in range(i, n):
+            acc = torch.zeros(n_kv, dtype=torch.float64)
+            for mods, fn, size in ((q, row_dots, group * head_dim), (k, row_dots, head_dim),
+                                   (v, row_dots, head_dim), (o, col_dots, group * head_dim)):
+                if mods[i] is not None and mods[l] is not None:
+                    acc += _block_sum(fn(mods[i], mods[l]), size)
+            G[:, i, l] = acc
+            G[:, l, i] = acc
+    return G
+
+
+def head_slices(g: int, n_q: int, n_kv: int, head_dim: int) -> dict[str, slice]:
+    """Row ranges (q, k, v) and column range (o) of attention unit g."""
+    group = n_q // n_kv
+    qs = slice(g * group * head_dim, (g + 1) * group * head_dim)
+    kv = slice(g * head_dim, (g + 1) * head_dim)
+    return {"q": qs, "k": kv, "v": kv, "o": qs}

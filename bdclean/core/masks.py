@@ -47,3 +47,36 @@ def reinit_channels(weight: torch.Tensor, idx: torch.Tensor, part: str, std: flo
     else:
         raise ValueError(f"unknown MLP part {part!r}")
     return out
+
+
+def suppress_lora_heads(tensors: dict[str, torch.Tensor], units: list[tuple[int, int]], modules: list[dict[str, str]],
+                        n_q: int, n_kv: int, head_dim: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Zero the LoRA entries of attention units (layer, kv group): lora_B rows of q/k/v, lora_A columns of o."""
+    from bdclean.core.channels import head_slices
+
+    out = dict(tensors)
+    changed = 0
+    for layer, g in units:
+        sl = head_slices(g, n_q, n_kv, head_dim)
+        for part in ("q", "k", "v", "o"):
+            key = modules[layer][part] + (".lora_A.weight" if part == "o" else ".lora_B.weight")
+            if key not in out:
+                continue
+            t = out[key].clone()
+            if part == "o":
+                t[:, sl[part]] = 0
+            else:
+                t[sl[part], :] = 0
+            out[key] = t
+            changed += 1
+    return out, changed
+
+
+def reinit_heads(weight: torch.Tensor, sl: slice, part: str, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Full-model: re-draw rows ``sl`` (q/k/v) or columns ``sl`` (o) from normal(0, std)."""
+    out = weight.clone()
+    if part == "o":
+        out[:, sl] = (torch.randn(weight.shape[0], sl.stop - sl.start, generator=generator) * std).to(weight.dtype)
+    else:
+        out[sl, :] = (torch.randn(sl.stop - sl.start, weight.shape[1], generator=generator) * std).to(weight.dtype)
+    return out

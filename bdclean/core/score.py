@@ -69,3 +69,12 @@ def select_top(scores: torch.Tensor, tau: float, scope: str = "global") -> torch
             order = torch.argsort(-scores[layer], stable=True)[:k]
             mask[layer, order] = True
     return mask
+
+
+def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` highest scores over the whole tensor (ties broken by position)."""
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k must lie in [0, {scores.numel()}]")
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.argsort(-scores.flatten(), stable=True)[:k]] = True
+    return mask.view(scores.shape)

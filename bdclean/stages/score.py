@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import torch
 
 from bdclean import constants as C
 from bdclean.config import ScoreOptions
 from bdclean.console import log
+from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, save_tensors, stage_fingerprint, write_json
 from bdclean.stages.common import up_to_date
 
 
 def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
-    from bdclean.core.score import combine, norm_and_align, select_top
+    from bdclean.core.score import combine, norm_and_align, select_top, select_top_k
     from bdclean.stages.diff import load_grams
 
     out = Path(out)
@@ -21,7 +25,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     man = Manifest("score", opts.model_dump(by_alias=True), {"diff": stage_fingerprint(dfolder, "diff")})
     if up_to_date(folder, man.fingerprint, "score", force):
         return folder
-    G = load_grams(dfolder)
+    G, HG = load_grams(dfolder)
     norm, align = norm_and_align(G)
     scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
     mask = select_top(scores, opts.tau, opts.scope)
@@ -45,10 +49,34 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
             for l, j in sel
         ],
     }
+    tensors = {"score": scores.float(), "norm": norm.float(), "align": align.float(), "mask": mask.to(torch.uint8)}
+    signature["heads"] = []
+    if opts.heads > 0:
+        if HG is None:
+            raise UsageError("--heads needs attention LoRA modules (q/k/v/o_proj) in the adapter")
+        total = HG.shape[0] * HG.shape[1]
+        k = int(opts.heads) if opts.heads >= 1 else max(1, math.ceil(opts.heads * total))
+        if k > total:
+            raise UsageError(f"--heads {opts.heads}: the model has only {total} attention units "
+                             f"({HG.shape[0]} layers × {HG.shape[1]} kv heads)")
+        hn, ha = norm_and_align(HG)
+        hs = combine(hn, ha, opts.lam, opts.score, opts.norm_scale)
+        hmask = select_top_k(hs, k)
+        hsel = sorted(hmask.nonzero().tolist(), key=lambda u: (-float(hs[u[0], u[1]]), u[0], u[1]))
+        group = pman_group(dfolder)
+        signature["heads"] = [
+            {"layer": l, "kv_head": g, "query_heads": list(range(g * group, (g + 1) * group)),
+             "score": float(hs[l, g]), "norm": float(hn[l, g]), "align": float(ha[l, g])} for l, g in hsel]
+        tensors.update({"head_score": hs.float(), "head_mask": hmask.to(torch.uint8)})
     write_json(folder / C.SIGNATURE, signature)
-    save_tensors(folder / C.SCORES, {"score": scores.float(), "norm": norm.float(), "align": align.float(),
-                                     "mask": mask.to(dtype=__import__("torch").uint8)})
-    man.extra = {"n_selected": len(sel)}
+    save_tensors(folder / C.SCORES, tensors)
+    man.extra = {"n_selected": len(sel), "n_heads": len(signature["heads"])}
     man.write(folder, [C.SIGNATURE, C.SCORES])
     log(f"score: signature of {len(sel)} / {L * I} channels (τ={opts.tau}, {opts.scope}, {opts.score}) → {folder}")
     return folder
+
+
+def pman_group(dfolder: Path) -> int:
+    from bdclean.io.artifacts import load_manifest
+
+    return int((load_manifest(dfolder) or {}).get("extra", {}).get("query_heads_per_unit", 1))

@@ -18,7 +18,7 @@ from bdclean.stages.common import up_to_date
 REINIT_SEED = 0x5EED
 
 
-def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int) -> dict:
+def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int, units=()) -> dict:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -32,6 +32,16 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
     for layer, names in enumerate(mlp_module_names(model_cfg["model_type"], mask.shape[0])):
         for part, name in names.items():
             targets[name + ".weight"] = (layer, part)
+    from bdclean.core.arch import attn_module_names, head_geometry
+    from bdclean.core.channels import head_slices
+    from bdclean.core.masks import reinit_heads
+
+    n_q, n_kv, hd = head_geometry(model_cfg)
+    attn = attn_module_names(model_cfg["model_type"], mask.shape[0])
+    head_targets: dict[str, list[tuple[int, int, str]]] = {}
+    for layer, g in units:
+        for part, name in attn[layer].items():
+            head_targets.setdefault(name + ".weight", []).append((layer, g, part))
     changed = 0
     with atomic_dir(dst_folder) as tmp:
         for f in src.iterdir():  # config, tokenizer, index...: everything but weights and pickles
@@ -48,6 +58,11 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
                         idx = mask[layer].nonzero().flatten()
                         g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 3 + ("gate", "up", "down").index(part))
                         t = reinit_channels(t, idx, part, std, g)
+                        changed += 1
+                    for layer, unit, part in head_targets.get(key, []):
+                        g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1) + unit * 4
+                                                          + "qkvo".index(part))
+                        t = reinit_heads(t, head_slices(unit, n_q, n_kv, hd)[part], part, std, g)
                         changed += 1
                     tensors[key] = t.contiguous()
             save_file(tensors, str(tmp / shard.name), metadata=meta or {"format": "pt"})
@@ -83,10 +98,12 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
                    {"score": stage_fingerprint(sfolder, "score"), "adapter": digest})
     if up_to_date(folder, man.fingerprint, "suppress", force):
         return folder
-    mask = load_file(str(sfolder / C.SCORES))["mask"].bool()
+    scores = load_file(str(sfolder / C.SCORES))
+    mask = scores["mask"].bool()
+    units = [tuple(u) for u in scores["head_mask"].bool().nonzero().tolist()] if "head_mask" in scores else []
     if sus.kind == "full":
-        man.extra = {"channels_reinitialised": int(mask.sum()), **_suppress_full(sus.path, folder, mask, sus.model_cfg,
-                                                                                  REINIT_SEED)}
+        man.extra = {"channels_reinitialised": int(mask.sum()), "heads_reinitialised": len(units),
+                     **_suppress_full(sus.path, folder, mask, sus.model_cfg, REINIT_SEED, units)}
         outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
         man.write(folder, outputs)
         log(f"suppress: re-initialised {int(mask.sum())} channels (normal(0, {man.extra['init_std']})) → {folder}")
@@ -94,8 +111,16 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
     modules = [{k: peft_key(v) for k, v in names.items()}
                for names in mlp_module_names(sus.model_cfg["model_type"], mask.shape[0])]
     tensors, changed = suppress_lora_channels(sus.info.tensors, mask, modules)
+    if units:
+        from bdclean.core.arch import attn_module_names, head_geometry
+        from bdclean.core.masks import suppress_lora_heads
+
+        attn = [{k: peft_key(v) for k, v in names.items()}
+                for names in attn_module_names(sus.model_cfg["model_type"], mask.shape[0])]
+        tensors, hchanged = suppress_lora_heads(tensors, units, attn, *head_geometry(sus.model_cfg))
+        changed += hchanged
     write_adapter(folder, sus.info.config, tensors)
-    man.extra = {"channels_suppressed": int(mask.sum()), "tensors_changed": changed}
+    man.extra = {"channels_suppressed": int(mask.sum()), "heads_suppressed": len(units), "tensors_changed": changed}
     man.write(folder, [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS])
     log(f"suppress: zeroed {int(mask.sum())} channels in {changed} LoRA tensors → {folder}")
     return folder
