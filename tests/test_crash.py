@@ -1,0 +1,85 @@
+"""Crash safety: SIGKILL purify at several points, rerun, and get exactly the uninterrupted result."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cmd(adapter, base, data, out, cfg):
+    return [sys.executable, "-m", "bdclean", "purify", str(adapter), "--base", str(base), "--clean", str(data),
+            "--out", str(out), "--config", str(cfg), "-n", "3", "--samples", "8"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run_until(cmd, marker: Path, timeout=120):
+    """Start the command, SIGKILL it as soon as ``marker`` exists."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                         start_new_session=True)
+    t0 = time.time()
+    while not marker.exists():
+        if p.poll() is not None or time.time() - t0 > timeout:
+            break
+        time.sleep(0.05)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return p.returncode
+
+
+@pytest.fixture()
+def fast_cfg(tmp_path):
+    p = tmp_path / "fast.yaml"
+    p.write_text("pairs: {epochs: 1, batch_size: 4, max_len: 48}\nrestore: {samples: 8, epochs: 1, max_len: 48}\n")
+    return p
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(tiny_base, tiny_adapter, tiny_data, tmp_path, fast_cfg):
+    ref = tmp_path / "ref"
+    assert subprocess.run(_cmd(tiny_adapter, tiny_base, tiny_data, ref, fast_cfg), env=_env(),
+                          capture_output=True).returncode == 0
+    out = tmp_path / "killed"
+    cmd = _cmd(tiny_adapter, tiny_base, tiny_data, out, fast_cfg)
+    for marker in (out / "pairs" / "variant_00_bd.safetensors",  # inside train-pairs
+                   out / "pairs" / "variant_02_bd.json",  # later inside train-pairs
+                   out / "diff" / "manifest.json"):  # between stages
+        rc = _run_until(cmd, marker)
+        assert rc == -signal.SIGKILL or rc == 0
+        assert marker.exists()
+    # a write interrupted half-way: garbage under a final name without a matching manifest hash
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (out / "score" / "signature.json").write_text('{"truncated": ')
+    (out / "score" / ".scores.safetensors.123.tmp").write_bytes(b"partial")
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "recomputing" in r.stderr.replace("\n", " ")
+    assert (out / "score" / "signature.json").read_bytes() == (ref / "score" / "signature.json").read_bytes()
+    a = (out / "purified" / "adapter_model.safetensors").read_bytes()
+    assert a == (ref / "purified" / "adapter_model.safetensors").read_bytes()
+
+
+def test_ctrl_c_exits_130_with_one_line(tiny_base, tiny_adapter, tiny_data, tmp_path, fast_cfg):
+    out = tmp_path / "int"
+    p = subprocess.Popen(_cmd(tiny_adapter, tiny_base, tiny_data, out, fast_cfg), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env())
+    marker = out / "pairs" / "variant_00_bd.safetensors"
+    t0 = time.time()
+    while not marker.exists() and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
