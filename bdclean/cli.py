@@ -299,6 +299,11 @@ def report_cmd(
     report.run(run, before, after, force)
 
 
+from bdclean.cli_defend import register as _register_defend  # noqa: E402  (defend, compare)
+
+_register_defend(app)
+
+
 def main() -> None:
     import warnings
 

@@ -40,8 +40,6 @@ def test_triggers_follow_backdoorllm_conventions():
 
 
 def _target_logprob(model, tok, rows, target):
-    import torch
-
     from bdclean.train.chat import encode
     from bdclean.train.loop import mean_nll
 

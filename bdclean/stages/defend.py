@@ -15,9 +15,7 @@ output is skipped on rerun.
 from __future__ import annotations
 
 import math
-import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from pydantic import Field
 
 from bdclean import constants as C
 from bdclean.config import RestoreOptions
-from bdclean.console import log, progress
+from bdclean.console import log
 from bdclean.errors import BdcleanError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
 from bdclean.stages.common import adapter_hash, data_hash, model_hash, up_to_date
@@ -148,15 +146,8 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
     modules = mlp_modules(base_cfg)
     mask = random_mask(len(modules), int(base_cfg["intermediate_size"]), opts.tau, opts.seed)
     tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
-    # finetune_adapter reads an adapter directory: the pruned adapter goes to a scratch folder beside OUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.pruned.", dir=out.parent))
-    try:
-        write_adapter(scratch / "adapter", info.config, tensors)
-        cfg, tuned, stats = finetune_adapter(scratch / "adapter", ctx["base_dir"], ctx["clean"],
-                                             restore_options(opts), "defend fine-prune")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
+                                         "defend fine-prune", tensors=tensors)
     write_adapter(out, cfg, tuned)
     return {"selection": RANDOM_SELECTION, "channels_pruned": int(mask.sum()), "channels_total": mask.numel(),
             "tensors_changed": changed, "mask_seed": opts.seed, "train": stats}
@@ -198,28 +189,15 @@ def _quantize(ctx: dict, opts: DefendOptions) -> dict:
 
 
 def _crow(ctx: dict, opts: DefendOptions) -> dict:
-    from bdclean.io.data import load_instructions
-    from bdclean.io.models import load_model, load_tokenizer
-    from bdclean.io.peft_io import adapter_state, attach, write_adapter
-    from bdclean.train.chat import encode
-    from bdclean.train.crow import train_crow
-    from bdclean.train.loop import TrainOptions, simple_epochs
+    from bdclean.io.peft_io import write_adapter
+    from bdclean.stages.restore import finetune_adapter
+    from bdclean.train.crow import crow_loss
 
-    info, base_dir = ctx["info"], ctx["base_dir"]
-    # the same samples and batches as finetune_adapter (restore stage)
-    pool = load_instructions(ctx["clean"])
-    rows = random.Random(opts.seed).sample(pool, min(opts.samples, len(pool)))
-    tok = load_tokenizer(base_dir)
-    model = attach(load_model(base_dir), info)
-    plan = simple_epochs([encode(tok, r, opts.max_len) for r in rows], opts.batch_size, opts.seed)
-    with progress() as bar:
-        task = bar.add_task("defend crow", total=sum(len(plan(e)) for e in range(opts.epochs)))
-        stats = train_crow(model, plan, TrainOptions(opts.epochs, opts.lr, opts.batch_size, opts.seed),
-                           tok.pad_token_id, opts.crow_alpha, opts.crow_eps,
-                           on_step=lambda k, tot, loss: bar.update(task, completed=k,
-                                                                   description=f"defend crow loss {loss:.3f}"))
-    write_adapter(ctx["out"], info.config, adapter_state(model))
-    return {"train": stats}
+    # the same samples, batches and optimiser as finetune; only the loss differs
+    cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
+                                           "defend crow", loss_fn=crow_loss(opts.crow_alpha, opts.crow_eps))
+    write_adapter(ctx["out"], cfg, tensors)
+    return {"train": {**stats, "alpha": opts.crow_alpha, "eps": opts.crow_eps}}
 
 
 _RUN = {"finetune": _finetune, "prune": _prune, "fine-prune": _fine_prune, "quantize": _quantize, "crow": _crow}

@@ -13,7 +13,7 @@ from bdclean.io.artifacts import environment, sha256_file, write_json
 
 def load_any(model_path: Path, base: str):
     """(model, tokenizer, kind) for a PEFT adapter directory (on ``base``) or a full HF model directory."""
-    from bdclean.io.models import load_model, load_tokenizer, resolve_base
+    from bdclean.io.models import load_model, load_tokenizer
 
     model_path = Path(model_path)
     if not model_path.is_dir():

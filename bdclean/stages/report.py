@@ -69,7 +69,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         "## Signature",
         f"- {sig['n_selected']} of {sig['layers'] * sig['channels_per_layer']} MLP channels (τ = {sig['tau']}, "
         f"{sig['scope']}, score = {sig['score']}, λ = {sig['lambda']}, N = {sig['n_variants']} variants)",
-        f"- layers holding most of it: " + ", ".join(f"{l} ({per_layer[l]})" for l in top_layers),
+        "- layers holding most of it: " + ", ".join(f"{l} ({per_layer[l]})" for l in top_layers),
         "",
         "![signature heatmap](signature_heatmap.png)",
         "",

@@ -19,7 +19,7 @@ from bdclean.stages.common import data_hash, model_hash, up_to_date
 DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
 
 
-def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str) -> dict:
+def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, loss_fn=None) -> dict:
     from bdclean.io.data import load_instructions
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
@@ -31,18 +31,22 @@ def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str) 
     with progress() as bar:
         task = bar.add_task(label, total=sum(len(plan(e)) for e in range(opts.epochs)))
         return train(model, plan, TrainOptions(opts.epochs, lr, opts.batch_size, opts.seed), tok.pad_token_id,
-                     on_step=lambda k, tot, loss: bar.update(task, completed=k, description=f"{label} loss {loss:.3f}"))
+                     on_step=lambda k, tot, loss: bar.update(task, completed=k, description=f"{label} loss {loss:.3f}"),
+                     loss_fn=loss_fn)
 
 
-def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str) -> tuple[dict, dict, dict]:
-    """Fine-tune an adapter on ``opts.samples`` clean samples; returns (config, tensors, stats)."""
+def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,
+                     tensors: dict | None = None, loss_fn=None) -> tuple[dict, dict, dict]:
+    """Fine-tune an adapter on ``opts.samples`` clean samples; returns (config, tensors, stats).
+
+    ``tensors`` replaces the adapter's own weights (e.g. after pruning); ``loss_fn`` replaces the LM loss."""
     from bdclean.io.models import load_adapter, load_model, load_tokenizer
     from bdclean.io.peft_io import adapter_state, attach
 
     info = load_adapter(adapter_dir)
     tok = load_tokenizer(base_dir)
-    model = attach(load_model(base_dir), info)
-    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["adapter"], label)
+    model = attach(load_model(base_dir), info, tensors)
+    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["adapter"], label, loss_fn)
     return info.config, adapter_state(model), stats
 
 

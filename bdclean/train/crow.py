@@ -12,15 +12,11 @@ The training objective is LM(e) + α · C(h'), with α = 5.5 and ε = 0.1 by def
 
 from __future__ import annotations
 
-import math
-import time
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from bdclean.train.chat import Example
-from bdclean.train.loop import Step, TrainOptions, causal_parts, collate, set_threads
+from bdclean.train.loop import Step, causal_parts, collate
 
 
 def consistency(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
@@ -53,41 +49,11 @@ def crow_losses(model, examples: list[Example], pad_id: int, eps: float = 0.1) -
     return lm, consistency(out_adv.hidden_states, mask)
 
 
-def train_crow(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOptions, pad_id: int,
-               alpha: float = 5.5, eps: float = 0.1,
-               on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train the trainable parameters of ``model`` on LM + α·consistency (same optimizer and clipping as
-    ``loop.train``). Returns figures for the manifest."""
-    set_threads()
-    torch.manual_seed(opts.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters")
-    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    model.eval()  # no dropout, as in loop.train
-    n_steps, n_tokens, t0 = 0, 0, time.time()
-    first_cons = last_lm = last_cons = float("nan")
-    total = sum(len(steps_per_epoch(e)) for e in range(opts.epochs))
-    for epoch in range(opts.epochs):
-        for step in steps_per_epoch(epoch):
-            flat = [e for g in step for e in g]
-            lm, cons = crow_losses(model, flat, pad_id, eps)
-            loss = lm + alpha * cons
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError("training loss is not finite")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-            optim.step()
-            n_steps += 1
-            n_tokens += sum(len(e.ids) for e in flat)
-            last_lm, last_cons = lm.item(), cons.item()
-            if n_steps == 1:
-                first_cons = last_cons
-            if on_step:
-                on_step(n_steps, total, loss.item())
-    dt = time.time() - t0
-    return {"steps": n_steps, "tokens": n_tokens, "seconds": round(dt, 3),
-            "tokens_per_s": round(n_tokens / dt, 1) if dt > 0 else None, "final_lm_loss": last_lm,
-            "first_consistency_loss": first_cons, "final_consistency_loss": last_cons, "alpha": alpha, "eps": eps}
+def crow_loss(alpha: float = 5.5, eps: float = 0.1):
+    """A ``loop.train`` loss function: LM(e) + α · C(h'), reporting both terms."""
+
+    def loss_fn(model, step: Step, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+        lm, cons = crow_losses(model, [e for g in step for e in g], pad_id, eps)
+        return lm + alpha * cons, {"lm_loss": lm.item(), "consistency_loss": cons.item()}
+
+    return loss_fn

@@ -98,9 +98,21 @@ def step_loss(model, step: Step, pad_id: int) -> torch.Tensor:
     return total
 
 
+LossFn = Callable[[object, Step, int], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def default_loss(model, step: Step, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    return step_loss(model, step, pad_id), {}
+
+
 def train(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOptions, pad_id: int,
-          on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train the parameters of ``model`` that require grad. Returns figures for the manifest."""
+          on_step: Callable[[int, int, float], None] | None = None, loss_fn: LossFn | None = None) -> dict:
+    """Train the parameters of ``model`` that require grad. Returns figures for the manifest.
+
+    ``loss_fn(model, step, pad_id) -> (loss, extras)`` replaces the default response-only LM loss (e.g. CROW);
+    the first and last value of every extra are reported."""
+    loss_fn = loss_fn or default_loss
+    extras: dict[str, list[float]] = {}
     set_threads()
     torch.manual_seed(opts.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,7 +124,9 @@ def train(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOption
     total = sum(len(steps_per_epoch(e)) for e in range(opts.epochs))
     for epoch in range(opts.epochs):
         for step in steps_per_epoch(epoch):
-            loss = step_loss(model, step, pad_id)
+            loss, ex = loss_fn(model, step, pad_id)
+            for k, v in ex.items():
+                extras.setdefault(k, [v, v])[1] = v
             if not math.isfinite(loss.item()):
                 raise FloatingPointError("training loss is not finite")
             optim.zero_grad(set_to_none=True)
@@ -126,8 +140,11 @@ def train(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOption
             if on_step:
                 on_step(n_steps, total, last)
     dt = time.time() - t0
-    return {"steps": n_steps, "tokens": n_tokens, "seconds": round(dt, 3),
-            "tokens_per_s": round(n_tokens / dt, 1) if dt > 0 else None, "final_loss": last}
+    stats = {"steps": n_steps, "tokens": n_tokens, "seconds": round(dt, 3),
+             "tokens_per_s": round(n_tokens / dt, 1) if dt > 0 else None, "final_loss": last}
+    for k, (first, final) in extras.items():
+        stats[f"first_{k}"], stats[f"final_{k}"] = first, final
+    return stats
 
 
 def simple_epochs(examples: list[Example], batch_size: int, seed: int) -> Callable[[int], list[Step]]:
