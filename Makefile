@@ -4,12 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-all demo demo-quick bench clean-data help
+.PHONY: setup test demo demo-quick bench bench-quick bench-speed clean-data help
 
 help:
 	@echo "make demo       implant a BadNets backdoor into SmolLM2, purify it, show before/after (~40 min, 2 CPUs)"
 	@echo "make demo-quick smaller demo (fewer variants and test prompts)"
 	@echo "make test       set up .venv and run the test suite (tiny models + a SmolLM2 smoke test)"
+	@echo "make bench      the attack x task grid with every defense (hours; resumable per cell)"
+	@echo "make bench-quick  the two BadNets cells;  make bench-speed  training-loop throughput vs a bare loop"
 
 $(BIN)/bdclean: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,3 +34,12 @@ demo-quick: setup
 
 clean-data: setup
 	$(BIN)/python scripts/make_clean_data.py
+
+bench: setup
+	$(BIN)/python bench/grid.py
+
+bench-quick: setup
+	$(BIN)/python bench/grid.py --quick
+
+bench-speed: setup
+	$(BIN)/python bench/speed.py
