@@ -132,7 +132,11 @@ def diff_cmd(out: Path = OUT, force: bool = FORCE):
 @guarded
 def score_cmd(
     out: Path = OUT,
-    tau: Optional[float] = typer.Option(None, "--tau", help="fraction of MLP channels in the signature (default 0.35)"),
+    tau: Optional[str] = typer.Option(None, "--tau", help="fraction of MLP channels in the signature (default 0.35), "
+                                      "or 'auto' (self-validation on held-out synthetic variants)"),
+    target_asr: Optional[float] = typer.Option(None, "--target-asr", help="--tau auto: held-out ASR to reach (0.1)"),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase",
+                                                     help="--tau auto: allowed perplexity increase (0.1 = 10 %)"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the alignment term (default 0.01)"),
     score: Optional[str] = typer.Option(None, "--score", help="combined | norm | align (default combined)"),
     per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help="top τ in each layer, or overall"),
@@ -148,7 +152,8 @@ def score_cmd(
     from bdclean.stages import score as score_stage
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
-    cfg = _purify_config(config, {"score.tau": tau, "score.lambda": lam, "score.score": score, "score.scope": scope,
+    cfg = _purify_config(config, {"score.tau": tau, "score.target_asr": target_asr,
+                                  "score.max_ppl_increase": max_ppl_increase, "score.lambda": lam, "score.score": score, "score.scope": scope,
                                   "score.norm_scale": norm_scale, "score.heads": heads})
     score_stage.run(out, cfg.score, force)
 
@@ -201,7 +206,7 @@ def purify_cmd(
     base: Optional[str] = BASE,
     n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
-    tau: Optional[float] = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.35)"),
+    tau: Optional[str] = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.35) or 'auto'"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
     heads: Optional[float] = typer.Option(None, "--heads", help="attention units to add: count, or fraction < 1"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bdclean.errors import UsageError
 
@@ -35,15 +35,39 @@ class TrainOptionsModel(_Strict):
 
 
 class ScoreOptions(_Strict):
-    tau: float = Field(0.35, gt=0, lt=1, description="fraction of MLP channels in the signature (paper: 0.35 LoRA)")
+    tau: float | Literal["auto"] = Field(
+        0.35, description="fraction of MLP channels in the signature (paper: 0.35 LoRA), or 'auto' to choose it by "
+                          "self-validation on held-out synthetic variants")
     lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
     score: Literal["combined", "norm", "align"] = Field("combined", description="paper Table 4 variants")
     scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")
     norm_scale: Literal["none", "median"] = Field(
         "none", description="divide the norm term by its median over channels (none = the paper's form)")
+    tau_grid: list[float] = Field([0.05, 0.1, 0.2, 0.35, 0.5], min_length=1,
+                                  description="candidate τ values for --tau auto")
+    target_asr: float = Field(0.1, ge=0, le=1, description="--tau auto: held-out synthetic ASR to reach")
+    max_ppl_increase: float = Field(0.1, ge=0, description="--tau auto: allowed relative perplexity increase")
+    holdout: int = Field(2, ge=1, description="--tau auto: variants held out in turn")
+    selection_prompts: int = Field(16, ge=1, description="--tau auto: triggered prompts per held-out variant")
+    selection_restore_samples: int = Field(32, ge=1, description="--tau auto: samples of each mini restore")
     heads: float = Field(0, ge=0, description="attention units to add to the signature: a count (≥ 1) or a "
                                               "fraction of all units (< 1); 0 = MLP channels only. A unit is one kv "
                                               "head with its query heads (GQA)")
+
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_range(cls, v):
+        if v != "auto" and not 0 < v < 1:
+            raise ValueError("tau must lie in (0, 1) or be 'auto'")
+        return v
+
+    @field_validator("tau_grid")
+    @classmethod
+    def _grid_range(cls, v):
+        if any(not 0 < t < 1 for t in v):
+            raise ValueError("every tau_grid value must lie in (0, 1)")
+        return v
 
 
 class RestoreOptions(TrainOptionsModel):

@@ -35,6 +35,7 @@ JOB_RECORD = "variant_{i:02d}_{twin}.json"
 GRAM_FILE = "channel_gram.safetensors"  # per layer: [channels, N, N] Gram matrices of channel deltas
 SIGNATURE = "signature.json"
 SCORES = "scores.safetensors"
+TAU_SELECTION = "tau_selection.json"  # --tau auto: every measurement behind the choice
 
 # implant
 ATTACK_RECORD = "attack.json"  # kept beside the implanted model for evaluation only

@@ -28,12 +28,22 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     G, HG = load_grams(dfolder)
     norm, align = norm_and_align(G)
     scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
-    mask = select_top(scores, opts.tau, opts.scope)
+    outputs = [C.SIGNATURE, C.SCORES]
+    tau = opts.tau
+    if tau == "auto":
+        from bdclean.stages import tau_auto
+
+        selection = tau_auto.select(out, opts, G)
+        tau = selection["tau"]
+        write_json(folder / C.TAU_SELECTION, selection)
+        outputs.append(C.TAU_SELECTION)
+    mask = select_top(scores, tau, opts.scope)
     L, I = scores.shape
     sel = mask.nonzero().tolist()
     sel.sort(key=lambda li: (-float(scores[li[0], li[1]]), li[0], li[1]))
     signature = {
-        "tau": opts.tau,  # fraction of MLP channels suppressed
+        "tau": tau,  # fraction of MLP channels suppressed
+        "tau_selection": "auto" if opts.tau == "auto" else "fixed",  # auto: see tau_selection.json
         "lambda": opts.lam,  # weight of the alignment term
         "n_variants": int(G.shape[-1]),
         "scope": opts.scope,  # "global" (top τ of all channels) or "per-layer"
@@ -71,8 +81,8 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     write_json(folder / C.SIGNATURE, signature)
     save_tensors(folder / C.SCORES, tensors)
     man.extra = {"n_selected": len(sel), "n_heads": len(signature["heads"])}
-    man.write(folder, [C.SIGNATURE, C.SCORES])
-    log(f"score: signature of {len(sel)} / {L * I} channels (τ={opts.tau}, {opts.scope}, {opts.score}) → {folder}")
+    man.write(folder, outputs)
+    log(f"score: signature of {len(sel)} / {L * I} channels (τ={tau}, {opts.scope}, {opts.score}) → {folder}")
     return folder
 
 
