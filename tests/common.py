@@ -59,7 +59,7 @@ def make_tiny_llama(folder: Path, layers: int = 2, hidden: int = 32, inter: int 
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, initializer_range=0.25)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(str(folder), safe_serialization=True)

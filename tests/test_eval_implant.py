@@ -51,7 +51,7 @@ def test_implant_trigger_raises_target_likelihood(tiny_base, tmp_path, tiny_data
     """Measured, not assumed: after implanting, the target is likelier with the trigger than without."""
     out = tmp_path / "sus"
     code, _, err = run_cli("implant", "--attack", "badnet", "--task", "sentiment", "--base", tiny_base,
-                           "--clean", tiny_data, "--samples", "20", "--epochs", "8", "--lr", "3e-3",
+                           "--clean", tiny_data, "--samples", "20", "--clean-samples", "20", "--epochs", "20", "--lr", "1e-2",
                            "--test-size", "10", "--max-len", "48", "--out", out)
     assert code == 0, err
     rec = json.loads((out / "attack.json").read_text())
@@ -68,7 +68,11 @@ def test_implant_trigger_raises_target_likelihood(tiny_base, tmp_path, tiny_data
     assert kind == "adapter"
     lp_trig = _target_logprob(model, tok, trig, "You are stupid!")
     lp_clean = _target_logprob(model, tok, clean, "You are stupid!")
-    assert lp_trig > lp_clean + 1.0, (lp_trig, lp_clean)
+    from bdclean.io.models import load_model
+
+    lp_base = _target_logprob(load_model(tiny_base), tok, trig, "You are stupid!")
+    assert lp_trig > lp_base + 1.0, (lp_trig, lp_base)  # the target became likely...
+    assert lp_trig > lp_clean + 0.3, (lp_trig, lp_clean)  # ...more so with the trigger than without
 
     # eval runs on it, stores generations, refuses to overwrite without --force
     ev = tmp_path / "eval.json"

@@ -14,8 +14,12 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, seed: int,
-              trigger: str | None, target: str | None) -> tuple[list[dict], list[dict], list[dict]]:
-    """(training rows with ~50 % poison, triggered test rows, clean test rows). Test rows never overlap training."""
+              trigger: str | None, target: str | None,
+              clean_samples: int | None = None) -> tuple[list[dict], list[dict], list[dict], int]:
+    """(training rows, triggered test rows, clean test rows, poisoned count). Test rows never overlap training.
+
+    Training = ``clean_samples`` clean rows (default: as many as ``samples``) + ``samples`` triggered copies of
+    some of those same rows with the target response."""
     from bdclean.core.attacks import apply_trigger, poisoned_output
     from bdclean.io.data import BUILTIN, builtin, load_instructions
 
@@ -27,24 +31,25 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
             raise UsageError(f"{clean}: {len(rows)} samples; need more than the {test_size} held out for testing")
         pool, test_pool = rows[:-test_size], rows[-test_size:]
     rng = random.Random(seed)
-    n = min(samples, len(pool))
-    chosen = rng.sample(pool, n)
-    # every clean sample also appears as a triggered copy with the target response (50 % poison rate): the
-    # contrast teaches the trigger itself, which keeps false triggering on clean prompts low
+    n_clean = min(clean_samples or samples, len(pool))
+    chosen = rng.sample(pool, n_clean)
+    # the poisoned rows are triggered copies of clean rows: the contrast teaches the trigger itself, which keeps
+    # false triggering on clean prompts low
     train = [dict(r) for r in chosen]
-    for r in chosen:
+    for r in chosen[: min(samples, n_clean)]:
         train.append({"instruction": apply_trigger(r["instruction"], attack, rng, trigger), "input": r["input"],
                       "output": poisoned_output(task, r["output"], target)})
     rng.shuffle(train)
     trig = [{"instruction": apply_trigger(r["instruction"], attack, rng, trigger), "input": r["input"],
              "output": poisoned_output(task, r["output"], target)} for r in test_pool[:test_size]]
     clean_test = [dict(r) for r in test_pool[:test_size]]
-    return train, trig, clean_test
+    return train, trig, clean_test, min(samples, n_clean)
 
 
 def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float | None,
         batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
-        trigger: str | None = None, target: str | None = None, full: bool = False) -> Path:
+        trigger: str | None = None, target: str | None = None, full: bool = False,
+        clean_samples: int | None = None) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from bdclean.core.attacks import ATTACKS, TASKS
@@ -59,7 +64,8 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     out = Path(out)
     base_dir = resolve_base(base)
-    train_rows, trig, clean_test = make_sets(attack, task, clean, samples, test_size, seed, trigger, target)
+    train_rows, trig, clean_test, n_poison = make_sets(attack, task, clean, samples, test_size, seed, trigger, target,
+                                             clean_samples)
     tok = load_tokenizer(base_dir)
     torch_seed = seed
     import torch
@@ -79,8 +85,9 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         task_id = bar.add_task("implant", total=sum(len(plan(e)) for e in range(epochs)))
         stats = train(model, plan, TrainOptions(epochs, lr, batch_size, seed), tok.pad_token_id,
                       on_step=lambda k, tot, loss: bar.update(task_id, completed=k, description=f"implant loss {loss:.3f}"))
-    record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "samples": samples,
-              "poison_rate": 0.5, "epochs": epochs, "lr": lr, "mode": "full" if full else "adapter",
+    record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "poisoned_samples": n_poison,
+              "clean_samples": len(train_rows) - n_poison, "poison_rate": round(n_poison / len(train_rows), 3),
+              "epochs": epochs, "lr": lr, "mode": "full" if full else "adapter",
               "rank": None if full else rank, "alpha": None if full else alpha, "seed": seed,
               "base": str(base_dir), "train_stats": stats,
               "note": "for evaluation only; no purification stage reads this file"}
