@@ -148,3 +148,181 @@ def test_eval_unknown_task(run_cli, tmp_path, tiny_adapter, tiny_base, tiny_data
 
 def test_implant_unknown_attack(run_cli, tmp_path, tiny_base):
     _check(run_cli("implant", "--attack", "zzz", "--base", tiny_base, "--out", tmp_path / "x"), 2, "unknown attack")
+
+
+# ---------------------------------------------------------------- table-driven: more bad inputs
+# Each case: (name, setup(tmp, adapter, base, data) -> argv, expected exit code, text the one line must contain)
+
+
+def _adapter_copy(tmp, adapter):
+    return _copy_adapter(adapter, tmp / "a")
+
+
+def _edit_cfg(tmp, adapter, **changes):
+    a = _adapter_copy(tmp, adapter)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    return a
+
+
+def _edit_tensors(tmp, adapter, fn):
+    a = _adapter_copy(tmp, adapter)
+    w = a / "adapter_model.safetensors"
+    t = load_file(str(w))
+    fn(t)
+    save_file(t, str(w))
+    return a
+
+
+def _tp(a, base, tmp):
+    return ["train-pairs", a, "--base", base, "--out", tmp / "run"]
+
+
+def _inf(t):
+    k = next(iter(t))
+    t[k][0, 0] = float("inf")
+
+
+def _rank_mismatch(t):
+    k = next(k for k in t if k.endswith("lora_A.weight"))
+    t[k] = t[k][:-1].contiguous()
+
+
+def _int_tensor(t):
+    k = next(iter(t))
+    t[k] = t[k].to(dtype=__import__("torch").int32)
+
+
+def _extra_layer(t):
+    k = next(k for k in t if "layers.0." in k and k.endswith("lora_A.weight"))
+    t[k.replace("layers.0.", "layers.7.")] = t[k].clone()
+    kb = k.replace("lora_A", "lora_B")
+    t[kb.replace("layers.0.", "layers.7.")] = t[kb].clone()
+
+
+def _huge_header(tmp, adapter):
+    import struct
+
+    a = _adapter_copy(tmp, adapter)
+    (a / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 2**60) + b"{}")
+    return a
+
+
+def _data(tmp, text, name="d.jsonl"):
+    p = tmp / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def _full_copy(tmp, base):
+    b = tmp / "full"
+    shutil.copytree(base, b)
+    return b
+
+
+def _sharded_missing(tmp, base):
+    b = _full_copy(tmp, base)
+    (b / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors",
+                                        "model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    (b / "model.safetensors").rename(b / "model-00001-of-00002.safetensors")
+    return b
+
+
+def _bin_only(tmp, base):
+    b = _full_copy(tmp, base)
+    (b / "model.safetensors").unlink()
+    (b / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return b
+
+
+CASES = [
+    ("inf weights", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _inf), b, tmp), 2, "NaN or Inf"),
+    ("invalid adapter_config json", lambda tmp, a, b, d: _tp(
+        (lambda x: ((x / "adapter_config.json").write_text("{oops"), x)[1])(_adapter_copy(tmp, a)), b, tmp),
+     2, "not valid JSON"),
+    ("not a LoRA adapter", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, peft_type="PREFIX_TUNING"), b, tmp), 2,
+     "is not LORA"),
+    ("use_dora in config", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, use_dora=True), b, tmp), 2, "DoRA"),
+    ("lora rank mismatch", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _rank_mismatch), b, tmp), 2,
+     "do not fit"),
+    ("integer tensor", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _int_tensor), b, tmp), 2,
+     "not floating point"),
+    ("layer beyond the base", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _extra_layer), b, tmp), 2,
+     "names layer 7"),
+    ("header claiming exabytes", lambda tmp, a, b, d: _tp(_huge_header(tmp, a), b, tmp), 2,
+     "corrupted or truncated"),
+    ("adapter dir missing", lambda tmp, a, b, d: _tp(tmp / "nope", b, tmp), 2, "not found"),
+    ("base dir missing", lambda tmp, a, b, d: ["train-pairs", a, "--base", tmp / "nobase", "--out", tmp], 2,
+     "base model directory not found"),
+    ("invalid yaml", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
+                                           _data(tmp, "score: [unclosed", "c.yaml")], 2, "invalid YAML"),
+    ("yaml not a mapping", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
+                                                 _data(tmp, "- 1\n- 2\n", "c.yaml")], 2, "mapping"),
+    ("yaml config missing", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
+                                                  tmp / "none.yaml"], 2, "config file not found"),
+    ("output field a number", lambda tmp, a, b, d: ["make-variants", "--clean",
+                                                    _data(tmp, '{"instruction": "x", "output": 5}\n'), "--out", tmp],
+     2, "'output' must be a string"),
+    ("empty output", lambda tmp, a, b, d: ["make-variants", "--clean",
+                                           _data(tmp, '{"instruction": "x", "output": "  "}\n'), "--out", tmp],
+     2, "line 1: missing or empty 'output'"),
+    ("not utf-8", lambda tmp, a, b, d: ["make-variants", "--clean", _data(tmp, b"\xff\xfe\x00bad"), "--out", tmp],
+     2, "not UTF-8"),
+    ("more samples than data", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp,
+                                                     "--samples", "5000"], 2, "fewer than --samples"),
+    ("negative lambda", lambda tmp, a, b, d: ["score", "--out", tmp, "--lambda", "-1"], 2, "score.lambda"),
+    ("unknown score kind", lambda tmp, a, b, d: ["score", "--out", tmp, "--score", "magic"], 2, "score.score"),
+    ("tau grid out of range", lambda tmp, a, b, d: ["score", "--out", tmp, "--config",
+                                                    _data(tmp, "score: {tau_grid: [0.2, 1.5]}", "c.yaml")], 2,
+     "tau_grid"),
+    ("output under a file", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out",
+                                                  _data(tmp, "x", "afile") / "sub", "--samples", "8"], 1, "afile"),
+    ("full model: missing shard", lambda tmp, a, b, d: ["train-pairs", _sharded_missing(tmp, b), "--out",
+                                                        tmp / "r"], 2, "missing shard"),
+    ("full model: .bin weights", lambda tmp, a, b, d: ["train-pairs", _bin_only(tmp, b), "--out", tmp / "r"], 2,
+     "pickle"),
+    ("neither adapter nor model", lambda tmp, a, b, d: ["train-pairs", (tmp / "empty").mkdir() or tmp / "empty",
+                                                        "--out", tmp / "r"], 2, "neither a PEFT adapter"),
+    ("eval file without instruction", lambda tmp, a, b, d: ["eval", a, "--base", b, "--triggered",
+                                                            _data(tmp, '{"input": "x"}\n'), "--out", tmp / "e.json"],
+     2, "instruction"),
+    ("eval without test sets", lambda tmp, a, b, d: ["eval", a, "--base", b, "--out", tmp / "e.json"], 2,
+     "--triggered"),
+    ("implant unknown task", lambda tmp, a, b, d: ["implant", "--task", "zzz", "--base", b, "--out", tmp / "x"], 2,
+     "unknown task"),
+    ("defend unknown method", lambda tmp, a, b, d: ["defend", "magic", a, "--base", b, "--out", tmp / "x"], 2,
+     "magic"),
+    ("report without a run", lambda tmp, a, b, d: ["report", tmp / "norun"], 2, "run `bdclean score`"),
+]
+
+
+@pytest.mark.parametrize("name,setup,code,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_table(name, setup, code, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli):
+    argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    before = {p for p in tmp_path.rglob("*")}
+    _check(run_cli(*argv), code, needle)
+    leftovers = [p for p in tmp_path.rglob("*") if p not in before and (p.suffix == ".tmp" or p.name.endswith(".tmp"))]
+    assert not leftovers
+
+
+def test_full_disk_leaves_no_partial_output(tmp_path, tiny_data, run_cli, monkeypatch):
+    """ENOSPC while writing: one line, exit 1, and nothing half-written under a final name."""
+    import errno
+
+    import bdclean.io.artifacts as art
+
+    real = art.os.replace
+
+    def no_space(src, dst):
+        if str(dst).endswith(".jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(art.os, "replace", no_space)
+    _check(run_cli("make-variants", "--clean", tiny_data, "--out", tmp_path / "r", "--samples", "8"), 1,
+           "No space left")
+    folder = tmp_path / "r" / "variants"
+    assert not (folder / "manifest.json").exists()
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
