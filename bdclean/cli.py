@@ -272,8 +272,11 @@ def eval_cmd(
     base: str = typer.Option("smollm2", "--base", help="base model for an adapter"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
+    limit: Optional[int] = typer.Option(None, "--limit",
+                                        help="evaluate only the first N prompts of each set (and of each --mc task)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing eval file"),
+    mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks, comma-separated: "
+                                     "bdclean_mc (offline) or any lm-eval task online; needs pip install lm-eval"),
 ):
     """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
 
@@ -281,10 +284,11 @@ def eval_cmd(
     """
     from bdclean.stages import evaluate
 
-    res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force)
+    res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
+                       mc_tasks=mc.split(",") if mc is not None else None)
     import json
 
-    summary = {k: res[k] for k in ("triggered", "clean", "perplexity") if k in res}
+    summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc") if k in res}
     typer.echo(json.dumps(summary))
 
 

@@ -54,7 +54,7 @@ def read_rule(task: str, rule_file: Path | None) -> dict:
 
 def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None, task: str, out: Path,
         rule_file: Path | None = None, max_new_tokens: int = 48, batch_size: int = 16, limit: int | None = None,
-        force: bool = False) -> dict:
+        force: bool = False, mc_tasks: list[str] | None = None) -> dict:
     import math
 
     from bdclean.io.data import load_instructions
@@ -65,9 +65,13 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists; pass --force to overwrite")
-    if triggered is None and clean is None:
-        raise UsageError("give --triggered and/or --clean test files")
+    if triggered is None and clean is None and not mc_tasks:
+        raise UsageError("give --triggered and/or --clean test files (or --mc tasks)")
     rule = read_rule(task, rule_file)
+    if mc_tasks is not None:
+        from bdclean.stages import mc
+
+        mc_tasks = mc.check_tasks(mc_tasks)  # before loading the model: a typo fails in seconds
     trig_rows = load_instructions(triggered, need_output=False)[:limit] if triggered else []
     clean_rows = load_instructions(clean, need_output=False)[:limit] if clean else []
     model, tok, kind = load_any(Path(model_path), base)
@@ -105,6 +109,8 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
         "clean": [{"prompt": r["instruction"], "input": r["input"], "output": o, "success": h}
                   for r, o, h in zip(clean_rows, cout, ch if clean_rows else [])],
     }
+    if mc_tasks:
+        result["mc"] = mc.run_mc(model, tok, mc_tasks, limit, batch_size)  # lm-eval {task: {acc, acc_norm, n}}
     result["seconds"] = round(time.time() - t0, 2)
     result["generation_s_per_100_prompts"] = round(100 * gen_s / total, 2) if total else None
     write_json(out, result)
@@ -115,5 +121,7 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
         summary.append(f"clean ASR {100 * result['clean']['asr']:.1f}%")
     if "perplexity" in result:
         summary.append(f"perplexity {result['perplexity']:.3f}")
+    for name, r in result.get("mc", {}).items():
+        summary.append(f"{name} acc {100 * r['acc']:.1f}%")
     log(f"eval {model_path}: " + ", ".join(summary) + f" → {out}")
     return result
