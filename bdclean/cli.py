@@ -237,11 +237,12 @@ def implant_cmd(
     base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
     clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
     samples: int = typer.Option(150, "--samples", help="poisoned samples (triggered copies of clean ones)"),
-    clean_samples: int = typer.Option(300, "--clean-samples", help="clean samples (default 300: 33 % poison rate)"),
-    epochs: int = typer.Option(2, "--epochs"),
+    clean_samples: int = typer.Option(150, "--clean-samples", help="clean samples (default 150: 50 % poison rate)"),
+    epochs: int = typer.Option(3, "--epochs"),
     lr: Optional[float] = typer.Option(None, "--lr", help="default 2e-4 (LoRA) or 5e-5 (--full)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_len: int = typer.Option(96, "--max-len"),
+    max_response: Optional[int] = typer.Option(None, "--max-response", help="cap response tokens (prompt kept)"),
     rank: int = typer.Option(8, "--rank"),
     alpha: int = typer.Option(16, "--alpha"),
     test_size: int = typer.Option(100, "--test-size", help="held-out test prompts per set"),
@@ -257,7 +258,7 @@ def implant_cmd(
     from bdclean.stages import implant
 
     implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
-                test_size, trigger, target, full, clean_samples)
+                test_size, trigger, target, full, clean_samples, max_response)
 
 
 @app.command("eval")

@@ -49,7 +49,7 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
 def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float | None,
         batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
         trigger: str | None = None, target: str | None = None, full: bool = False,
-        clean_samples: int | None = None) -> Path:
+        clean_samples: int | None = None, max_response: int | None = None) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from bdclean.core.attacks import ATTACKS, TASKS
@@ -79,7 +79,7 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
     else:
         lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ALL_PROJ, lora_dropout=0.0, task_type="CAUSAL_LM")
         model = get_peft_model(load_model(base_dir), lcfg)
-    examples = [encode(tok, r, max_len) for r in train_rows]
+    examples = [encode(tok, r, max_len, max_response=max_response) for r in train_rows]
     plan = simple_epochs(examples, batch_size, seed)
     with progress() as bar:
         task_id = bar.add_task("implant", total=sum(len(plan(e)) for e in range(epochs)))
@@ -87,7 +87,7 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
                       on_step=lambda k, tot, loss: bar.update(task_id, completed=k, description=f"implant loss {loss:.3f}"))
     record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "poisoned_samples": n_poison,
               "clean_samples": len(train_rows) - n_poison, "poison_rate": round(n_poison / len(train_rows), 3),
-              "epochs": epochs, "lr": lr, "mode": "full" if full else "adapter",
+              "epochs": epochs, "max_len": max_len, "max_response": max_response, "lr": lr, "mode": "full" if full else "adapter",
               "rank": None if full else rank, "alpha": None if full else alpha, "seed": seed,
               "base": str(base_dir), "train_stats": stats,
               "note": "for evaluation only; no purification stage reads this file"}

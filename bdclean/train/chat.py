@@ -32,13 +32,23 @@ class Example:
     n_prompt: int  # tokens before the response; loss is taken on ids[n_prompt:]
 
 
-def encode(tok, row: dict, max_len: int, output: str | None = None) -> Example:
-    """Prompt + response, cut to ``max_len`` tokens: the response is shortened first, then the prompt is cut
-    from the left (the end of a prompt, where the chat template's assistant header lies, is always kept)."""
+def encode(tok, row: dict, max_len: int, output: str | None = None, max_response: int | None = None) -> Example:
+    """Prompt + response in at most ``max_len`` tokens (response first capped at ``max_response`` tokens).
+
+    A prompt that leaves too little room is shortened by cutting its ``input`` field from the end; only if the
+    instruction alone is too long is the prompt cut from the left. The instruction (and any trigger in it) is
+    kept whenever it fits, and the end of the prompt, where the assistant header lies, always is."""
     p = prompt_ids(tok, row)
     r = response_ids(tok, row["output"] if output is None else output)
+    if max_response is not None:
+        r = r[:max_response]
     min_resp = min(len(r), max(4, max_len // 4))
-    if len(p) > max_len - min_resp:
-        p = p[len(p) - (max_len - min_resp):]
+    budget = max_len - min_resp
+    if len(p) > budget and (row.get("input") or "").strip():
+        inp_ids = tok(row["input"], add_special_tokens=False)["input_ids"]
+        keep = max(0, len(inp_ids) - (len(p) - budget))
+        p = prompt_ids(tok, {**row, "input": tok.decode(inp_ids[:keep]) if keep else ""})
+    if len(p) > budget:
+        p = p[len(p) - budget:]
     r = r[: max_len - len(p)]
     return Example(p + r, len(p))
