@@ -34,31 +34,47 @@ class TrainOptionsModel(_Strict):
     seed: int = Field(0, description="training seed (batch order)")
 
 
+# Defaults by threat model. Adapter-only: on SmolLM2 with a BadNets LoRA on all seven projections, zeroing the
+# signature (no restore) left triggered ASR at 60 % for τ 0.35, 26 % for 0.5, 4 % for 0.65, 14 % for 0.35 + 35 % of
+# attention units and 2 % for 0.5 + 35 % of attention units (RESULTS.md, scripts/diagnose.py).
+DEFAULT_TAU = {"adapter": 0.5, "full": 0.05}
+DEFAULT_HEADS = {"adapter": 0.35, "full": 0.0}
+
+
 class ScoreOptions(_Strict):
-    tau: float | Literal["auto"] = Field(
-        0.35, description="fraction of MLP channels in the signature (paper: 0.35 LoRA), or 'auto' to choose it by "
-                          "self-validation on held-out synthetic variants")
+    tau: float | Literal["auto"] | None = Field(
+        None, description="fraction of MLP channels in the signature, or 'auto' to choose it by self-validation on "
+                          "held-out synthetic variants; default 0.5 for adapters (measured on SmolLM2, where the "
+                          "paper's 0.35 left the backdoor at 38 %), 0.05 for full models (paper: 3-8 %)")
     lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
     score: Literal["combined", "norm", "align"] = Field("combined", description="paper Table 4 variants")
     scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")
     norm_scale: Literal["none", "median"] = Field(
         "none", description="divide the norm term by its median over channels (none = the paper's form)")
-    tau_grid: list[float] = Field([0.05, 0.1, 0.2, 0.35, 0.5], min_length=1,
+    tau_grid: list[float] = Field([0.05, 0.1, 0.2, 0.35, 0.5, 0.65], min_length=1,
                                   description="candidate τ values for --tau auto")
     target_asr: float = Field(0.1, ge=0, le=1, description="--tau auto: held-out synthetic ASR to reach")
     max_ppl_increase: float = Field(0.1, ge=0, description="--tau auto: allowed relative perplexity increase")
     holdout: int = Field(2, ge=1, description="--tau auto: variants held out in turn")
     selection_prompts: int = Field(16, ge=1, description="--tau auto: triggered prompts per held-out variant")
     selection_restore_samples: int = Field(32, ge=1, description="--tau auto: samples of each mini restore")
-    heads: float = Field(0, ge=0, description="attention units to add to the signature: a count (≥ 1) or a "
-                                              "fraction of all units (< 1); 0 = MLP channels only. A unit is one kv "
-                                              "head with its query heads (GQA)")
+    heads: float | None = Field(None, ge=0, description="attention units to add to the signature: a count (≥ 1) "
+                                "or a fraction of all units (< 1); 0 = MLP channels only. A unit is one kv head with "
+                                "its query heads (GQA). Default 0.35 for adapters whose LoRA covers attention, else 0")
+
+    def resolved(self, mode: str, has_attention: bool) -> "ScoreOptions":
+        """These options with the mode's defaults filled in (what the score manifest records)."""
+        tau = DEFAULT_TAU[mode] if self.tau is None else self.tau
+        heads = self.heads
+        if heads is None:
+            heads = DEFAULT_HEADS[mode] if has_attention else 0.0
+        return self.model_copy(update={"tau": tau, "heads": heads})
 
 
     @field_validator("tau")
     @classmethod
     def _tau_range(cls, v):
-        if v != "auto" and not 0 < v < 1:
+        if v is not None and v != "auto" and not 0 < v < 1:
             raise ValueError("tau must lie in (0, 1) or be 'auto'")
         return v
 

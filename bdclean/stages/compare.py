@@ -37,11 +37,13 @@ def parse_methods(spec: str | list[str] | None) -> list[str]:
 
 def defend_options(cfg: PurifyConfig) -> DefendOptions:
     """The baselines' settings from the purify config: restore's training budget, the signature's τ."""
+    from bdclean.config import DEFAULT_TAU
     from bdclean.stages.restore import DEFAULT_LR
 
     train = cfg.restore.model_dump()
     train["lr"] = train["lr"] or DEFAULT_LR["adapter"]  # restore's own default for adapters
-    return DefendOptions(**train, tau=cfg.score.tau)
+    tau = cfg.score.tau if isinstance(cfg.score.tau, float) else DEFAULT_TAU["adapter"]
+    return DefendOptions(**train, tau=tau)
 
 
 def _stage_seconds(run_dir: Path) -> float:

@@ -22,6 +22,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     out = Path(out)
     dfolder = out / C.STAGE_DIRS["diff"]
     folder = out / C.STAGE_DIRS["score"]
+    opts = resolve_defaults(out, opts)
     man = Manifest("score", opts.model_dump(by_alias=True), {"diff": stage_fingerprint(dfolder, "diff")})
     if up_to_date(folder, man.fingerprint, "score", force):
         return folder
@@ -84,6 +85,18 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     man.write(folder, outputs)
     log(f"score: signature of {len(sel)} / {L * I} channels (τ={tau}, {opts.scope}, {opts.score}) → {folder}")
     return folder
+
+
+def resolve_defaults(out: Path, opts: ScoreOptions) -> ScoreOptions:
+    """Fill τ and heads defaults from the threat model (train-pairs manifest) and whether the adapter's LoRA
+    covers attention (diff manifest)."""
+    from bdclean.io.artifacts import load_manifest
+
+    pman = load_manifest(Path(out) / C.STAGE_DIRS["train-pairs"]) or {}
+    dman = load_manifest(Path(out) / C.STAGE_DIRS["diff"]) or {}
+    mode = pman.get("config", {}).get("mode", "adapter")
+    has_attention = bool(dman.get("extra", {}).get("attention_units"))
+    return opts.resolved("full" if mode == "full" else "adapter", has_attention)
 
 
 def pman_group(dfolder: Path) -> int:

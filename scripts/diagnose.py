@@ -1,0 +1,116 @@
+"""Where does a planted backdoor live? Quick ASR of masked copies of a suspicious adapter (no restore).
+
+    .venv/bin/python scripts/diagnose.py RUN_DIR [--n 50]
+
+RUN_DIR is a demo/purify run folder with suspicious/ (an implant, with its test sets) and score/scores.safetensors.
+For each mask — the signature, all MLP LoRA, all attention LoRA, an "oracle" top-τ by the suspicious adapter's own
+channel norms, signature + attention — it zeroes the LoRA entries in memory and measures triggered and clean ASR on
+the first N test prompts (greedy, 8 new tokens, enough for the BackdoorLLM targets). Prints one JSON line per mask
+and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground truth) and is for experiments only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--masks", default="none,signature,mlp,attn,oracle,signature+attn")
+    args = ap.parse_args()
+
+    import torch
+    from safetensors.torch import load_file
+
+    from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
+    from bdclean.core.attacks import RULES, is_success
+    from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
+    from bdclean.io.data import load_instructions
+    from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
+    from bdclean.io.peft_io import attach, load_state
+    from bdclean.train.generate import generate
+
+    sus_dir = args.run / "suspicious"
+    record = json.loads((sus_dir / "attack.json").read_text())
+    info = load_adapter(sus_dir)
+    base = resolve_base("smollm2")
+    cfg = read_model_config(base)
+    L = cfg["num_hidden_layers"]
+    tok = load_tokenizer(base)
+    model = attach(load_model(base), info)
+    trig = load_instructions(sus_dir / "test_triggered.jsonl")[: args.n]
+    clean = load_instructions(sus_dir / "test_clean.jsonl")[: args.n]
+    rule = RULES[record["task"]]
+    mlp = [{k: peft_key(v) for k, v in d.items()} for d in mlp_module_names(cfg["model_type"], L)]
+    attn = [{k: peft_key(v) for k, v in d.items()} for d in attn_module_names(cfg["model_type"], L)]
+    scores = load_file(str(args.run / "score" / "scores.safetensors"))
+    sig = scores["mask"].bool()
+    units = [tuple(u) for u in scores["head_mask"].bool().nonzero().tolist()] if "head_mask" in scores else []
+    T = info.tensors
+
+    def own_norms() -> torch.Tensor:
+        """Per-channel norm of the suspicious adapter's own ΔW (gate row, up row, down column)."""
+        rows = []
+        for names in mlp:
+            n = 0
+            for part in ("gate", "up"):
+                d = T[names[part] + ".lora_B.weight"].double() @ T[names[part] + ".lora_A.weight"].double()
+                n = n + (d ** 2).sum(1)
+            d = T[names["down"] + ".lora_B.weight"].double() @ T[names["down"] + ".lora_A.weight"].double()
+            rows.append((n + (d ** 2).sum(0)).sqrt())
+        return torch.stack(rows)
+
+    def top_mask(s: torch.Tensor, k: int) -> torch.Tensor:
+        m = torch.zeros(s.numel(), dtype=torch.bool)
+        m[s.flatten().topk(k).indices] = True
+        return m.view_as(s)
+
+    def zero_attn(t: dict) -> dict:
+        t = dict(t)
+        for names in attn:
+            for part in names:
+                key = names[part] + ".lora_B.weight"
+                if key in t:
+                    t[key] = torch.zeros_like(t[key])
+        return t
+
+    masks = {
+        "none": lambda: T,
+        "signature": lambda: suppress_lora_heads(suppress_lora_channels(T, sig, mlp)[0], units, attn,
+                                                 *head_geometry(cfg))[0],
+        "mlp": lambda: suppress_lora_channels(T, torch.ones_like(sig), mlp)[0],
+        "attn": lambda: zero_attn(T),
+        "oracle": lambda: suppress_lora_channels(T, top_mask(own_norms(), int(sig.sum())), mlp)[0],
+        "random": lambda: suppress_lora_channels(
+            T, (torch.rand(sig.shape, generator=torch.Generator().manual_seed(0)) < sig.float().mean()), mlp)[0],
+        "signature+attn": lambda: zero_attn(suppress_lora_channels(T, sig, mlp)[0]),
+    }
+    out = args.run / "diagnose.jsonl"
+    for name in args.masks.split(","):
+        t0 = time.time()
+        tensors = masks[name]()
+        load_state(model, tensors)
+        if name == "oracle":
+            overlap = (top_mask(own_norms(), int(sig.sum())) & sig).sum().item() / sig.sum().item()
+        else:
+            overlap = None
+        to = generate(model, tok, trig, max_new_tokens=8)
+        co = generate(model, tok, clean, max_new_tokens=8)
+        res = {"mask": name, "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
+               "clean_asr": sum(is_success(o, rule) for o in co) / len(co), "n": args.n,
+               "signature_overlap": overlap, "tau": float(sig.float().mean()), "heads": len(units), "seconds": round(time.time() - t0, 1)}
+        print(json.dumps(res), flush=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
