@@ -121,3 +121,12 @@ def test_heads_scope_and_score_variants_rerun_without_training(tiny_base, tiny_a
     assert (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns == pairs_mtime
     code, _, err = run_cli("score", "--out", out, "--heads", "999")
     assert code == 2 and "attention units" in err
+    # defaults without a config: adapter-only → τ 0.5 of MLP channels + 35 % of attention units, recorded resolved
+    code, _, err = run_cli("score", "--out", out)
+    assert code == 0, err
+    sig = json.loads((out / "score" / "signature.json").read_text())
+    units = sig["layers"] * 2  # tiny model: 2 kv heads per layer
+    assert sig["tau"] == 0.5 and sig["n_selected"] == sig["layers"] * sig["channels_per_layer"] // 2
+    assert len(sig["heads"]) == -(-0.35 * units // 1)
+    man = json.loads((out / "score" / "manifest.json").read_text())
+    assert man["config"]["tau"] == 0.5 and man["config"]["heads"] == 0.35

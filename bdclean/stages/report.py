@@ -70,6 +70,9 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         f"- {sig['n_selected']} of {sig['layers'] * sig['channels_per_layer']} MLP channels (τ = {sig['tau']}, "
         f"{sig['scope']}, score = {sig['score']}, λ = {sig['lambda']}, N = {sig['n_variants']} variants)",
         "- layers holding most of it: " + ", ".join(f"{l} ({per_layer[l]})" for l in top_layers),
+        f"- attention units (kv head + its query heads): {len(sig.get('heads', []))}"
+        + (" — " + ", ".join(f"L{h['layer']}/kv{h['kv_head']}" for h in sig['heads'][:8])
+           + (" …" if len(sig['heads']) > 8 else "") if sig.get("heads") else ""),
         "",
         "![signature heatmap](signature_heatmap.png)",
         "",
