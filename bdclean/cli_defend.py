@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         samples: int = typer.Option(100, "--samples", help="clean samples for fine-tuning (as restore)"),
         epochs: int = typer.Option(3, "--epochs", help="fine-tuning epochs (as restore)"),
         lr: float = typer.Option(2e-4, "--lr", help="learning rate (as restore; the CROW paper used 1e-3)"),
-        tau: float = typer.Option(0.35, "--tau", help="fraction of MLP channels pruned (prune, fine-prune)"),
+        tau: float = typer.Option(0.5, "--tau", help="fraction of MLP channels pruned (prune, fine-prune; "
+                                  "default: purify's adapter τ)"),
         seed: int = typer.Option(0, "--seed", help="seed for samples, batch order and random pruning"),
         batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
         max_len: int = typer.Option(96, "--max-len", help="tokens per sample"),
@@ -37,7 +38,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
 
-        Example: bdclean defend prune suspicious_adapter/ --out runs/prune --tau 0.35
+        Example: bdclean defend prune suspicious_adapter/ --out runs/prune --tau 0.5
         """
         from bdclean.config import build
         from bdclean.stages import defend
@@ -67,6 +68,8 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="purify YAML config; its restore "
                                               "section and τ also set the baselines' budget"),
         max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+        mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks for every method, "
+                                         "comma-separated (bdclean_mc = the shipped offline task)"),
         force: bool = typer.Option(False, "--force", help="recompute every method and evaluation"),
     ):
         """Evaluate the suspicious adapter, each baseline and bdclean; writes compare.md / .json / .png.
@@ -78,8 +81,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = build(PurifyConfig, load_yaml(config), {"base": base, "clean": clean}, where=str(config or "options"))
         rec = compare.run(suspicious, out, cfg.base, cfg.clean, triggered, clean_test, methods, task, cfg, limit,
-                          max_new_tokens, force=force)
+                          max_new_tokens, force=force, mc_tasks=mc.split(",") if mc else None)
         import json
 
-        keys = ("triggered_asr", "clean_asr", "perplexity", "wall_time_s")
+        keys = ("triggered_asr", "clean_asr", "perplexity", "mc_acc", "wall_time_s")
         typer.echo(json.dumps({r["method"]: {k: r[k] for k in keys} for r in rec["rows"]}))

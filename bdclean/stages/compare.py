@@ -76,11 +76,13 @@ def _table(rows: list[dict]) -> str:
     def pct(x):
         return "—" if x is None else f"{100 * x:.1f}"
 
-    lines = ["| method | triggered ASR % | clean ASR % | perplexity | wall time s |", "|---|---:|---:|---:|---:|"]
+    mc = any(r.get("mc_acc") is not None for r in rows)
+    lines = ["| method | triggered ASR % | clean ASR % | perplexity |" + (" MC accuracy % |" if mc else "")
+             + " wall time s |", "|---|---:|---:|---:|" + ("---:|" if mc else "") + "---:|"]
     for r in rows:
         ppl = "—" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
         lines.append(f"| {r['method']} | {pct(r['triggered_asr'])} | {pct(r['clean_asr'])} | {ppl} | "
-                     f"{r['wall_time_s']:.1f} |")
+                     + (f"{pct(r.get('mc_acc'))} | " if mc else "") + f"{r['wall_time_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -114,8 +116,10 @@ def _plot(rows: list[dict], path: Path) -> None:
 def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_test: Path,
         methods: str | list[str] | None = "all", task: str = "sentiment", cfg: PurifyConfig | None = None,
         limit: int | None = None, max_new_tokens: int = 48, rule_file: Path | None = None,
-        force: bool = False) -> dict:
-    """Run and evaluate "none", the requested baselines and "ours"; write compare.json / .md / .png."""
+        force: bool = False, mc_tasks: list[str] | None = None) -> dict:
+    """Run and evaluate "none", the requested baselines and "ours"; write compare.json / .md / .png.
+
+    ``mc_tasks``: lm-eval multiple-choice tasks evaluated for every method (MC accuracy = mean acc over them)."""
     from bdclean.io.artifacts import sha256_file
     from bdclean.stages import evaluate
     from bdclean.stages.pairs import load_suspicious
@@ -131,6 +135,10 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1")
     evaluate.read_rule(task, rule_file)  # bad task names fail now
+    if mc_tasks:
+        from bdclean.stages import mc
+
+        mc_tasks = mc.check_tasks(mc_tasks)
     adapter, out = Path(adapter), Path(out)
     cfg = (cfg or PurifyConfig()).model_copy(update={"base": base, "clean": clean})
     opts = defend_options(cfg)
@@ -143,7 +151,7 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
         prev = {r["method"]: r for r in read_json(out / COMPARE_JSON).get("rows", [])}
     eval_inputs = {"triggered": sha256_file(Path(triggered)), "clean": sha256_file(Path(clean_test)), "task": task,
                    "rule": sha256_file(Path(rule_file)) if rule_file else None, "limit": limit,
-                   "max_new_tokens": max_new_tokens, "base": str(base)}
+                   "max_new_tokens": max_new_tokens, "base": str(base), "mc": sorted(mc_tasks or [])}
     rows = []
     for method in ("none", *baselines, "ours"):
         folder = out / method
@@ -154,11 +162,14 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
         if not force and ev.is_file() and prev.get(method, {}).get("eval_key") == key:
             log(f"[green]skip[/green] eval {method}: up to date in {ev}")
             res = read_json(ev)
+            accs = [r["acc"] for r in res.get("mc", {}).values()]
         else:
             res = evaluate.run(model, base, Path(triggered), Path(clean_test), task, ev, rule_file,
-                               max_new_tokens=max_new_tokens, limit=limit, force=True)
+                               max_new_tokens=max_new_tokens, limit=limit, force=True, mc_tasks=mc_tasks or None)
+        accs = [r["acc"] for r in res.get("mc", {}).values()]
         rows.append({"method": method, "triggered_asr": res.get("triggered", {}).get("asr"),
                      "clean_asr": res.get("clean", {}).get("asr"), "perplexity": res.get("perplexity"),
+                     "mc_acc": sum(accs) / len(accs) if accs else None,
                      "wall_time_s": wall, "model": str(model), "eval": str(ev), "eval_key": key})
     record = {"adapter": str(adapter), "base": str(base), "clean": str(clean), "triggered": str(triggered),
               "clean_test": str(clean_test), "task": task, "limit": limit, "max_new_tokens": max_new_tokens,
