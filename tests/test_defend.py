@@ -99,7 +99,7 @@ def test_training_defenses_change_the_adapter(cli, tiny_base, tiny_adapter, tiny
     assert man["extra"]["train"]["steps"] == 2 and man["wall_time_s"] > 0
     if method == "fine-prune":
         assert man["extra"]["selection"] == "random (adapter-only, as in the paper)"
-        assert man["extra"]["channels_pruned"] == math.ceil(0.35 * 2 * 48)
+        assert man["extra"]["channels_pruned"] == math.ceil(0.5 * 2 * 48)
     if method == "crow":
         assert man["extra"]["train"]["final_consistency_loss"] > 0 and man["extra"]["train"]["alpha"] == 5.5
     orig = load_file(str(tiny_adapter / "adapter_model.safetensors"))
