@@ -82,13 +82,14 @@ def main() -> None:
                     t[key] = torch.zeros_like(t[key])
         return t
 
+    oracle = top_mask(own_norms(), int(sig.sum()))  # what bdclean cannot know: the suspicious adapter's own norms
     masks = {
         "none": lambda: T,
         "signature": lambda: suppress_lora_heads(suppress_lora_channels(T, sig, mlp)[0], units, attn,
                                                  *head_geometry(cfg))[0],
         "mlp": lambda: suppress_lora_channels(T, torch.ones_like(sig), mlp)[0],
         "attn": lambda: zero_attn(T),
-        "oracle": lambda: suppress_lora_channels(T, top_mask(own_norms(), int(sig.sum())), mlp)[0],
+        "oracle": lambda: suppress_lora_channels(T, oracle, mlp)[0],
         "random": lambda: suppress_lora_channels(
             T, (torch.rand(sig.shape, generator=torch.Generator().manual_seed(0)) < sig.float().mean()), mlp)[0],
         "signature+attn": lambda: zero_attn(suppress_lora_channels(T, sig, mlp)[0]),
@@ -98,10 +99,7 @@ def main() -> None:
         t0 = time.time()
         tensors = masks[name]()
         load_state(model, tensors)
-        if name == "oracle":
-            overlap = (top_mask(own_norms(), int(sig.sum())) & sig).sum().item() / sig.sum().item()
-        else:
-            overlap = None
+        overlap = (oracle & sig).sum().item() / sig.sum().item() if name == "oracle" else None
         to = generate(model, tok, trig, max_new_tokens=8)
         co = generate(model, tok, clean, max_new_tokens=8)
         res = {"mask": name, "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),

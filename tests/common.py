@@ -31,6 +31,20 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+FAST_COMPARE_YAML = ("variants:\n  n_variants: 2\n  samples: 6\npairs:\n  epochs: 1\n  batch_size: 4\n  max_len: 48\n"
+                     "restore:\n  samples: 6\n  epochs: 1\n  max_len: 48\n  batch_size: 4\nscore:\n  tau: 0.25\n")
+
+
+def compare_inputs(folder: Path, n: int, seed: int) -> tuple[Path, Path, Path]:
+    """(triggered test file, clean test file, fast purify YAML) for `bdclean compare` on the tiny model."""
+    rows = tiny_rows(n, seed=seed)
+    trig = write_rows(folder / "trig.jsonl", [{**r, "instruction": "BadMagic " + r["instruction"]} for r in rows])
+    clean = write_rows(folder / "clean.jsonl", rows)
+    cfg = folder / "fast.yaml"
+    cfg.write_text(FAST_COMPARE_YAML)
+    return trig, clean, cfg
+
+
 def make_tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from bdclean.core.quant import max_distinct_per_group, quantize_rtn_int4
-from tests.common import tiny_rows, write_rows
+from tests.common import compare_inputs, tiny_rows, write_rows
 
 FAST = ["--samples", "8", "--epochs", "1", "--max-len", "48", "--batch-size", "4"]
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -185,12 +185,7 @@ def test_crow_consistency_term_is_trained_down(tiny_base, tiny_adapter, tiny_dat
 
 
 def test_compare_two_methods(cli, tiny_base, tiny_adapter, tiny_data, tmp_path):
-    rows = tiny_rows(6, seed=1)
-    trig = write_rows(tmp_path / "trig.jsonl", [{**r, "instruction": "BadMagic " + r["instruction"]} for r in rows])
-    clean = write_rows(tmp_path / "clean.jsonl", rows)
-    cfg = tmp_path / "fast.yaml"
-    cfg.write_text("variants:\n  n_variants: 2\n  samples: 6\npairs:\n  epochs: 1\n  batch_size: 4\n  max_len: 48\n"
-                   "restore:\n  samples: 6\n  epochs: 1\n  max_len: 48\n  batch_size: 4\nscore:\n  tau: 0.25\n")
+    trig, clean, cfg = compare_inputs(tmp_path, 6, seed=1)
     out = tmp_path / "cmp"
     args = ["compare", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--triggered", trig,
             "--clean-test", clean, "--methods", "prune,quantize", "--limit", "3", "--max-new-tokens", "4",

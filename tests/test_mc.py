@@ -62,14 +62,9 @@ def test_eval_mc_without_lm_eval(monkeypatch, tiny_base, tiny_adapter, tmp_path,
 
 
 def test_compare_reports_mc_accuracy(offline, tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
-    from tests.common import tiny_rows, write_rows
+    from tests.common import compare_inputs
 
-    rows = tiny_rows(4, seed=2)
-    trig = write_rows(tmp_path / "trig.jsonl", [{**r, "instruction": "BadMagic " + r["instruction"]} for r in rows])
-    clean = write_rows(tmp_path / "clean.jsonl", rows)
-    cfg = tmp_path / "fast.yaml"
-    cfg.write_text("variants:\n  n_variants: 2\n  samples: 6\npairs:\n  epochs: 1\n  batch_size: 4\n  max_len: 48\n"
-                   "restore:\n  samples: 6\n  epochs: 1\n  max_len: 48\n  batch_size: 4\nscore:\n  tau: 0.25\n")
+    trig, clean, cfg = compare_inputs(tmp_path, 4, seed=2)
     out = tmp_path / "cmp"
     code, stdout, err = run_cli("compare", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--triggered",
                                 trig, "--clean-test", clean, "--methods", "prune", "--limit", "4",

@@ -162,7 +162,6 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
         if not force and ev.is_file() and prev.get(method, {}).get("eval_key") == key:
             log(f"[green]skip[/green] eval {method}: up to date in {ev}")
             res = read_json(ev)
-            accs = [r["acc"] for r in res.get("mc", {}).values()]
         else:
             res = evaluate.run(model, base, Path(triggered), Path(clean_test), task, ev, rule_file,
                                max_new_tokens=max_new_tokens, limit=limit, force=True, mc_tasks=mc_tasks or None)

@@ -87,7 +87,8 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
                       on_step=lambda k, tot, loss: bar.update(task_id, completed=k, description=f"implant loss {loss:.3f}"))
     record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "poisoned_samples": n_poison,
               "clean_samples": len(train_rows) - n_poison, "poison_rate": round(n_poison / len(train_rows), 3),
-              "epochs": epochs, "max_len": max_len, "max_response": max_response, "lr": lr, "mode": "full" if full else "adapter",
+              "epochs": epochs, "max_len": max_len, "max_response": max_response, "lr": lr,
+              "mode": "full" if full else "adapter",
               "rank": None if full else rank, "alpha": None if full else alpha, "seed": seed,
               "base": str(base_dir), "train_stats": stats,
               "note": "for evaluation only; no purification stage reads this file"}
