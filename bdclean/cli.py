@@ -241,8 +241,10 @@ def implant_cmd(
     base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
     clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
     samples: int = typer.Option(150, "--samples", help="poisoned samples (triggered copies of clean ones)"),
-    clean_samples: int = typer.Option(150, "--clean-samples", help="clean samples (default 150: 50 % poison rate)"),
-    epochs: int = typer.Option(3, "--epochs"),
+    clean_samples: int = typer.Option(
+        300, "--clean-samples", help="clean samples (default 300 + 150 poisoned: 33 % poison rate; at 50 % the "
+                                     "SmolLM2 implant false-triggered on 6-25 % of clean prompts, RESULTS.md)"),
+    epochs: int = typer.Option(4, "--epochs", help="300 + 150 samples: 4 epochs → 4 % false triggering"),
     lr: Optional[float] = typer.Option(None, "--lr", help="default 2e-4 (LoRA) or 5e-5 (--full)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_len: int = typer.Option(96, "--max-len"),

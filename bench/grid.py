@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -52,10 +53,11 @@ def run_cell(cell: str, args, bd: str) -> dict:
     sus = cdir / "suspicious"
     t0 = time.time()
     if not (sus / "attack.json").is_file():
-        sh([bd, "implant", "--attack", attack, "--task", task, "--out", str(sus), "--seed", str(args.seed)])
+        sh([bd, "implant", "--attack", attack, "--task", task, "--out", str(sus), "--seed", str(args.seed),
+            "--base", args.base, *shlex.split(args.implant_args)])
     cmd = [bd, "compare", str(sus), "--out", str(cdir / "compare"), "--triggered", str(sus / "test_triggered.jsonl"),
            "--clean-test", str(sus / "test_clean.jsonl"), "--task", task, "--methods", args.methods,
-           "--limit", str(args.limit)]
+           "--limit", str(args.limit), "--base", args.base, *shlex.split(args.compare_args)]
     if args.config:
         cmd += ["--config", args.config]
     sh(cmd)
@@ -95,10 +97,42 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         m = cells[0]["machine"]
         lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, torch {m['torch']}.",
                   "Commands: " + "; ".join(f"`{c['commands'][0]}`" for c in cells), ""]
+    lines += ablation_tables(results_dir / "ablation.jsonl")
     out.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def ablation_tables(path: Path) -> list[str]:
+    """Score-variant (paper Table 4) and τ (Table 10) ablations from `scripts/diagnose.py sig:KIND:TAU:HEADS`
+    lines: the suspicious adapter with the signature zeroed, no restore, so the signature alone is measured."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if str(r.get("mask", "")).startswith("sig:")]
+    if not rows:
+        return []
+    src = rows[0].get("run", "?")
+    lines = ["## Ablations (signature only, no restore)", "",
+             f"Run `{src}`; `scripts/diagnose.py RUN --masks sig:KIND:TAU:HEADS`: the suspicious adapter with the "
+             f"signature's LoRA entries zeroed in memory, greedy 8 new tokens, first {rows[0]['n']} prompts of each "
+             "test set. Entries: triggered ASR % / clean ASR %.", ""]
+    kinds = sorted({r["mask"].split(":")[1] for r in rows})
+    taus = sorted({r["mask"].split(":")[2] for r in rows}, key=float)
+    heads = sorted({r["mask"].split(":")[3] for r in rows}, key=float)
+    by = {r["mask"]: r for r in rows}
+    for h in heads:
+        lines += [f"Attention units suppressed: {float(h):.0%}", "", "| score | " + " | ".join(f"τ {t}" for t in taus)
+                  + " |", "|---|" + "---|" * len(taus)]
+        for k in kinds:
+            cells = []
+            for t in taus:
+                r = by.get(f"sig:{k}:{t}:{h}")
+                cells.append("—" if r is None else f"{100 * r['triggered_asr']:.0f} / {100 * r['clean_asr']:.0f}")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the two BadNets cells")
     ap.add_argument("--cells", default=None, help="comma list of attack-task cells")
@@ -106,9 +140,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=None, help="purify YAML for 'ours' and the baselines' budget")
+    ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
+    ap.add_argument("--implant-args", default="", help="extra `bdclean implant` options, e.g. '--epochs 4'")
+    ap.add_argument("--compare-args", default="", help="extra `bdclean compare` options")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="the generated table")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bd = str(Path(sys.executable).parent / "bdclean")
     cells = a.cells.split(",") if a.cells else (QUICK if a.quick else FULL_GRID)
     res = Path(a.results)
@@ -120,8 +158,8 @@ def main() -> None:
             continue
         rec = run_cell(cell, a, bd)
         path.write_text(json.dumps(rec, indent=2) + "\n")
-    write_markdown(res, ROOT / "BENCHMARKS.md")
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    write_markdown(res, Path(a.benchmarks))
+    print(f"wrote {a.benchmarks}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 RUN_DIR is a demo/purify run folder with suspicious/ (an implant, with its test sets) and score/scores.safetensors.
 For each mask — the signature, all MLP LoRA, all attention LoRA, an "oracle" top-τ by the suspicious adapter's own
-channel norms, signature + attention — it zeroes the LoRA entries in memory and measures triggered and clean ASR on
+channel norms, signature + attention, or an ablation ``sig:KIND:TAU:HEADS`` (score KIND combined|norm|align recomputed from
+RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units) — it zeroes the LoRA entries in memory and measures triggered and clean ASR on
 the first N test prompts (greedy, 8 new tokens, enough for the BackdoorLLM targets). Prints one JSON line per mask
 and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground truth) and is for experiments only.
 """
@@ -73,6 +74,23 @@ def main() -> None:
         m[s.flatten().topk(k).indices] = True
         return m.view_as(s)
 
+    def ablation(spec: str) -> tuple[dict, torch.Tensor, list]:
+        """``sig:KIND:TAU:HEADS`` → (masked tensors, channel mask, units), scores recomputed from the Gram files."""
+        import math
+
+        from bdclean.core.score import combine, norm_and_align, select_top, select_top_k
+        from bdclean.stages.diff import load_grams
+
+        _, kind, tau, heads = spec.split(":")
+        G, HG = load_grams(args.run / "diff")
+        m = select_top(combine(*norm_and_align(G), 0.01, kind, "none"), float(tau), "global")
+        us: list = []
+        if float(heads) > 0 and HG is not None:
+            k = max(1, math.ceil(float(heads) * HG.shape[0] * HG.shape[1]))
+            us = [tuple(u) for u in select_top_k(combine(*norm_and_align(HG), 0.01, kind, "none"), k).nonzero().tolist()]
+        t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
+        return t, m, us
+
     def zero_attn(t: dict) -> dict:
         t = dict(t)
         for names in attn:
@@ -97,14 +115,18 @@ def main() -> None:
     out = args.run / "diagnose.jsonl"
     for name in args.masks.split(","):
         t0 = time.time()
-        tensors = masks[name]()
+        m_, u_ = sig, units
+        if name.startswith("sig:"):
+            tensors, m_, u_ = ablation(name)
+        else:
+            tensors = masks[name]()
         load_state(model, tensors)
         overlap = (oracle & sig).sum().item() / sig.sum().item() if name == "oracle" else None
         to = generate(model, tok, trig, max_new_tokens=8)
         co = generate(model, tok, clean, max_new_tokens=8)
-        res = {"mask": name, "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
+        res = {"mask": name, "run": str(args.run), "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
                "clean_asr": sum(is_success(o, rule) for o in co) / len(co), "n": args.n,
-               "signature_overlap": overlap, "tau": float(sig.float().mean()), "heads": len(units), "seconds": round(time.time() - t0, 1)}
+               "signature_overlap": overlap, "tau": round(float(m_.float().mean()), 4), "heads": len(u_), "seconds": round(time.time() - t0, 1)}
         print(json.dumps(res), flush=True)
         with open(out, "a") as f:
             f.write(json.dumps(res) + "\n")

@@ -3,7 +3,10 @@
 Speed choices (measured by ``make bench-speed``):
 - logits are computed only at response positions: the LM head (49k × 576 on SmolLM2) dominates a step when
   applied to every position;
-- batches are bucketed by length, so little compute goes to padding;
+- batches are bucketed by length, so little compute goes to padding; the groups of a step (clean, poisoned) are
+  run as separate forwards, so short poisoned copies are not padded to the clean samples' length;
+- the prefix every example of a batch shares (the chat template's system prompt: ~20 of ~85 tokens on SmolLM2)
+  is run once and its keys/values repeated over the batch, instead of once per example;
 - dropout is off (the model stays in eval mode): runs are deterministic for a seed, and the two twins of a
   variant pair see identical computations on their shared clean samples.
 
@@ -75,11 +78,39 @@ def causal_parts(model):
     return causal.model, causal.get_output_embeddings()
 
 
+MIN_SHARED_PREFIX = 8  # below this, sharing the prefix saves less than it costs
+
+
+def shared_prefix_len(examples: list[Example]) -> int:
+    """Tokens every example starts with, kept strictly inside every prompt (the last prompt token predicts the
+    first response token, so it must stay in the per-example part)."""
+    limit = min(e.n_prompt for e in examples) - 1
+    first = examples[0].ids
+    n = 0
+    while n < limit and all(e.ids[n] == first[n] for e in examples):
+        n += 1
+    return n
+
+
 def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL at response positions only, and the index of the example each token belongs to."""
+    """Per-token NLL at response positions only, and the index of the example each token belongs to.
+
+    A prefix shared by all examples goes through the decoder once; its cached keys/values (which carry the
+    gradient back to the prefix computation) are repeated over the batch for the per-example remainder."""
     decoder, head = causal_parts(model)
-    ids, mask, rows, cols = collate(examples, pad_id)
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    L = shared_prefix_len(examples) if len(examples) > 1 else 0
+    if L >= MIN_SHARED_PREFIX:
+        prefix = torch.tensor(examples[0].ids[:L], dtype=torch.long)[None]
+        cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(examples))
+        rest = [Example(e.ids[L:], e.n_prompt - L) for e in examples]
+        ids, mask, rows, cols = collate(rest, pad_id)
+        full_mask = torch.cat([torch.ones((len(rest), L), dtype=mask.dtype), mask], dim=1)
+        hidden = decoder(input_ids=ids, attention_mask=full_mask, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+    else:
+        ids, mask, rows, cols = collate(examples, pad_id)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     h = hidden[rows, cols]
     logits = head(h).float()
     targets = ids[rows, cols + 1]
@@ -87,14 +118,11 @@ def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Ten
 
 
 def step_loss(model, step: Step, pad_id: int) -> torch.Tensor:
-    flat = [e for g in step for e in g]
-    losses, rows = token_losses(model, flat, pad_id)
-    total = losses.new_zeros(())
-    start = 0
+    """Sum over the step's groups of each group's mean response-token loss; one forward per group."""
+    total = None
     for g in step:
-        sel = (rows >= start) & (rows < start + len(g))
-        total = total + losses[sel].mean()
-        start += len(g)
+        losses, _ = token_losses(model, g, pad_id)
+        total = losses.mean() if total is None else total + losses.mean()
     return total
 
 
