@@ -17,6 +17,8 @@ the same clean batches in the same order, so their difference is the poison's ef
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import random
 import time
@@ -92,6 +94,12 @@ def shared_prefix_len(examples: list[Example]) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(decoder_cls) -> str:
+    """transformers ≥ 5.24 names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
+
+
 def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL at response positions only, and the index of the example each token belongs to.
 
@@ -101,13 +109,14 @@ def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Ten
     L = shared_prefix_len(examples) if len(examples) > 1 else 0
     if L >= MIN_SHARED_PREFIX:
         prefix = torch.tensor(examples[0].ids[:L], dtype=torch.long)[None]
-        cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+        kw = _cache_kwarg(type(decoder))
+        out = decoder(input_ids=prefix, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
         cache.batch_repeat_interleave(len(examples))
         rest = [Example(e.ids[L:], e.n_prompt - L) for e in examples]
         ids, mask, rows, cols = collate(rest, pad_id)
         full_mask = torch.cat([torch.ones((len(rest), L), dtype=mask.dtype), mask], dim=1)
-        hidden = decoder(input_ids=ids, attention_mask=full_mask, past_key_values=cache,
-                         use_cache=True).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=full_mask, use_cache=True, **{kw: cache}).last_hidden_state
     else:
         ids, mask, rows, cols = collate(examples, pad_id)
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
