@@ -89,7 +89,10 @@ class ScoreOptions(_Strict):
 class RestoreOptions(TrainOptionsModel):
     lr: float | None = Field(None, gt=0, lt=1, description="learning rate; default 2e-4 for adapters, 1e-5 for "
                                                               "full models (the paper's)")
-    epochs: int = Field(3, ge=1, le=100, description="passes over the restore samples (paper: 5)")
+    # One epoch: on the SmolLM2 demo, zeroing the signature left 1 % triggered ASR; restoring for 1 or 2 epochs kept
+    # it at 1 % (perplexity 1.724 / 1.726), a third epoch revived the backdoor to 12 % (perplexity 1.731). RESULTS.md.
+    epochs: int = Field(1, ge=1, le=100, description="passes over the restore samples (paper: 5; more epochs revived "
+                                                     "the backdoor on SmolLM2)")
     samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")
     seed: int = Field(0, description="seed for sample choice and batch order")
 

@@ -75,7 +75,8 @@ def write_markdown(results_dir: Path, out: Path) -> None:
              "answers on clean held-out prompts. Each entry: triggered ASR % / clean ASR % / perplexity "
              "(wall time s to produce the defended model).", ""]
     if not cells:
-        lines.append("No cell has been run yet.")
+        lines += ["No cell has been run yet (`make bench-quick` runs the two BadNets cells; see RESULTS.md for the "
+                  "demo backdoor compared with every defense).", ""]
     methods: list[str] = []
     for c in cells:
         for r in c["rows"]:
