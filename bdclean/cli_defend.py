@@ -23,11 +23,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize)"),
         base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
         clean: str = typer.Option("builtin", "--clean", help="clean data for fine-tuning ('builtin' = shipped set)"),
-        samples: int = typer.Option(100, "--samples", help="clean samples for fine-tuning (as restore)"),
-        epochs: int = typer.Option(3, "--epochs", help="fine-tuning epochs (as restore)"),
-        lr: float = typer.Option(2e-4, "--lr", help="learning rate (as restore; the CROW paper used 1e-3)"),
-        tau: float = typer.Option(0.5, "--tau", help="fraction of MLP channels pruned (prune, fine-prune; "
-                                  "default: purify's adapter τ)"),
+        samples: Optional[int] = typer.Option(None, "--samples",
+                                              help="clean samples for fine-tuning (as restore: 100)"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="fine-tuning epochs (as restore: 1)"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (as restore: 2e-4; the CROW paper "
+                                           "used 1e-3)"),
+        tau: Optional[float] = typer.Option(None, "--tau", help="fraction of MLP channels pruned (prune, "
+                                            "fine-prune; default: purify's adapter τ, 0.5)"),
         seed: int = typer.Option(0, "--seed", help="seed for samples, batch order and random pruning"),
         batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
         max_len: int = typer.Option(96, "--max-len", help="tokens per sample"),

@@ -4,9 +4,9 @@
 
 RUN_DIR is a demo/purify run folder with suspicious/ (an implant, with its test sets) and score/scores.safetensors.
 For each mask — the signature, all MLP LoRA, all attention LoRA, an "oracle" top-τ by the suspicious adapter's own
-channel norms, signature + attention, or an ablation ``sig:KIND:TAU:HEADS`` (score KIND combined|norm|align recomputed from
-RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units) — it zeroes the LoRA entries in memory and measures triggered and clean ASR on
-the first N test prompts (greedy, 8 new tokens, enough for the BackdoorLLM targets). Prints one JSON line per mask
+channel norms, signature + attention, or an ablation ``sig:KIND:TAU:HEADS`` (score KIND combined|norm|align
+recomputed from RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units) — it zeroes the LoRA entries in
+memory and measures triggered and clean ASR on the first N test prompts (greedy, 8 new tokens, enough for the BackdoorLLM targets). Prints one JSON line per mask
 and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground truth) and is for experiments only.
 """
 
@@ -34,9 +34,11 @@ def main() -> None:
     from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
     from bdclean.core.attacks import RULES, is_success
     from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
+    from bdclean.core.score import combine, norm_and_align, select_top, select_top_k, unit_count
     from bdclean.io.data import load_instructions
     from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
     from bdclean.io.peft_io import attach, load_state
+    from bdclean.stages.diff import load_grams
     from bdclean.train.generate import generate
 
     sus_dir = args.run / "suspicious"
@@ -74,20 +76,20 @@ def main() -> None:
         m[s.flatten().topk(k).indices] = True
         return m.view_as(s)
 
+    grams: list = []  # (G, HG) from RUN_DIR/diff, read on the first ablation only
+
     def ablation(spec: str) -> tuple[dict, torch.Tensor, list]:
         """``sig:KIND:TAU:HEADS`` → (masked tensors, channel mask, units), scores recomputed from the Gram files."""
-        import math
-
-        from bdclean.core.score import combine, norm_and_align, select_top, select_top_k
-        from bdclean.stages.diff import load_grams
-
         _, kind, tau, heads = spec.split(":")
-        G, HG = load_grams(args.run / "diff")
+        if not grams:
+            grams.extend(load_grams(args.run / "diff"))
+        G, HG = grams
         m = select_top(combine(*norm_and_align(G), 0.01, kind, "none"), float(tau), "global")
         us: list = []
-        if float(heads) > 0 and HG is not None:
-            k = max(1, math.ceil(float(heads) * HG.shape[0] * HG.shape[1]))
-            us = [tuple(u) for u in select_top_k(combine(*norm_and_align(HG), 0.01, kind, "none"), k).nonzero().tolist()]
+        if HG is not None:
+            k = unit_count(float(heads), HG.shape[0] * HG.shape[1])
+            hmask = select_top_k(combine(*norm_and_align(HG), 0.01, kind, "none"), k)
+            us = [tuple(u) for u in hmask.nonzero().tolist()]
         t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
         return t, m, us
 
@@ -124,9 +126,11 @@ def main() -> None:
         overlap = (oracle & sig).sum().item() / sig.sum().item() if name == "oracle" else None
         to = generate(model, tok, trig, max_new_tokens=8)
         co = generate(model, tok, clean, max_new_tokens=8)
-        res = {"mask": name, "run": str(args.run), "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
+        res = {"mask": name, "run": str(args.run),
+               "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
                "clean_asr": sum(is_success(o, rule) for o in co) / len(co), "n": args.n,
-               "signature_overlap": overlap, "tau": round(float(m_.float().mean()), 4), "heads": len(u_), "seconds": round(time.time() - t0, 1)}
+               "signature_overlap": overlap, "tau": round(float(m_.float().mean()), 4), "heads": len(u_),
+               "seconds": round(time.time() - t0, 1)}
         print(json.dumps(res), flush=True)
         with open(out, "a") as f:
             f.write(json.dumps(res) + "\n")

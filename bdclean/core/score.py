@@ -71,6 +71,13 @@ def select_top(scores: torch.Tensor, tau: float, scope: str = "global") -> torch
     return mask
 
 
+def unit_count(heads: float, total: int) -> int:
+    """``--heads``: a count (≥ 1) or a fraction of ``total`` units (< 1; at least one unit when positive)."""
+    if heads <= 0:
+        return 0
+    return int(heads) if heads >= 1 else max(1, math.ceil(heads * total))
+
+
 def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` highest scores over the whole tensor (ties broken by position)."""
     if not 0 <= k <= scores.numel():

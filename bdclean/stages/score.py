@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from bdclean.stages.common import up_to_date
 
 
 def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
-    from bdclean.core.score import combine, norm_and_align, select_top, select_top_k
+    from bdclean.core.score import combine, norm_and_align, select_top, select_top_k, unit_count
     from bdclean.stages.diff import load_grams
 
     out = Path(out)
@@ -66,7 +65,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
         if HG is None:
             raise UsageError("--heads needs attention LoRA modules (q/k/v/o_proj) in the adapter")
         total = HG.shape[0] * HG.shape[1]
-        k = int(opts.heads) if opts.heads >= 1 else max(1, math.ceil(opts.heads * total))
+        k = unit_count(opts.heads, total)
         if k > total:
             raise UsageError(f"--heads {opts.heads}: the model has only {total} attention units "
                              f"({HG.shape[0]} layers × {HG.shape[1]} kv heads)")
