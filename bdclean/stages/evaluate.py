@@ -23,7 +23,8 @@ def load_any(model_path: Path, base: str):
         from bdclean.stages.pairs import load_suspicious
 
         sus = load_suspicious(model_path, base)
-        model = attach(load_model(sus.base_dir), sus.info)
+        # merged for evaluation: the same function without the LoRA side-path on every projection (faster generation)
+        model = attach(load_model(sus.base_dir), sus.info).merge_and_unload()
         return model, load_tokenizer(sus.base_dir), "adapter"
     model = load_model(model_path)
     return model, load_tokenizer(model_path), "full"
