@@ -184,7 +184,7 @@ def restore_cmd(
     clean: Optional[str] = CLEAN,
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples (default 100)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs (default 1)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 adapter, 1e-5 full model)"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):

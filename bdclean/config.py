@@ -45,7 +45,7 @@ class ScoreOptions(_Strict):
     tau: float | Literal["auto"] | None = Field(
         None, description="fraction of MLP channels in the signature, or 'auto' to choose it by self-validation on "
                           "held-out synthetic variants; default 0.5 for adapters (measured on SmolLM2, where the "
-                          "paper's 0.35 left the backdoor at 38 %), 0.05 for full models (paper: 3-8 %)")
+                          "paper's 0.35 alone left 60 % before restore), 0.05 for full models (paper: 3-8 %)")
     lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
     score: Literal["combined", "norm", "align"] = Field("combined", description="paper Table 4 variants")
     scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")

@@ -31,7 +31,7 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     assert [r["method"] for r in cell["rows"]] == ["none", "prune", "ours"]
     assert cell["implant"]["attack"] == "badnet" and cell["machine"]["cores"]
     text = md.read_text()
-    assert "| badnet-sentiment |" in text and "| norm | 25 / 0 |" in text
+    assert "| badnet-sentiment (3 prompts) |" in text and "| norm | 25 / 0 |" in text
     capsys.readouterr()
     grid.main(argv)  # resume: the finished cell is not recomputed
     assert "cell badnet-sentiment: done" in capsys.readouterr().out
