@@ -218,3 +218,21 @@ def test_compare_rejects_unknown_methods(cli, tiny_base, tiny_adapter, tmp_path)
     code, _, err = cli("compare", tiny_adapter, "--base", tiny_base, "--triggered", f, "--clean-test", f,
                        "--methods", "prune,nope", "--out", tmp_path / "c")
     assert code == 2 and "unknown defense 'nope'" in err
+
+
+def test_defend_cli_defaults_match_defend_options():
+    """The defend command's literal defaults and quoted restore budget must not drift from DefendOptions."""
+    import typer.main
+
+    from bdclean.cli import app
+    from bdclean.stages.defend import DefendOptions
+
+    cmd = typer.main.get_command(app).commands["defend"]
+    params = {p.name: p for p in cmd.params}
+    fields = DefendOptions.model_fields
+    for opt, field in {"seed": "seed", "batch_size": "batch_size", "max_len": "max_len", "alpha": "crow_alpha",
+                       "eps": "crow_eps", "group_size": "group_size"}.items():
+        assert params[opt].default == fields[field].default, opt
+    assert f"as restore: {fields['samples'].default})" in params["samples"].help
+    assert f"as restore: {fields['epochs'].default})" in params["epochs"].help
+    assert f"{fields['tau'].default})" in params["tau"].help
