@@ -136,6 +136,8 @@ def score_cmd(
                                       "(default 0.5 adapter, 0.05 full model), "
                                       "or 'auto' (self-validation on held-out synthetic variants)"),
     target_asr: Optional[float] = typer.Option(None, "--target-asr", help="--tau auto: held-out ASR to reach (0.1)"),
+    target_removal: Optional[float] = typer.Option(None, "--target-removal", help="--tau auto: share of the held-out "
+                                                   "backdoor's likelihood to remove (0.9; 1 = as its clean twin)"),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase",
                                                      help="--tau auto: allowed perplexity increase (0.1 = 10 %)"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the alignment term (default 0.01)"),
@@ -155,7 +157,8 @@ def score_cmd(
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
     cfg = _purify_config(config, {"score.tau": tau, "score.target_asr": target_asr,
-                                  "score.max_ppl_increase": max_ppl_increase, "score.lambda": lam, "score.score": score, "score.scope": scope,
+                                  "score.target_removal": target_removal, "score.max_ppl_increase": max_ppl_increase,
+                                  "score.lambda": lam, "score.score": score, "score.scope": scope,
                                   "score.norm_scale": norm_scale, "score.heads": heads})
     score_stage.run(out, cfg.score, force)
 

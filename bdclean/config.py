@@ -54,6 +54,9 @@ class ScoreOptions(_Strict):
     tau_grid: list[float] = Field([0.05, 0.1, 0.2, 0.35, 0.5, 0.65], min_length=1,
                                   description="candidate τ values for --tau auto")
     target_asr: float = Field(0.1, ge=0, le=1, description="--tau auto: held-out synthetic ASR to reach")
+    target_removal: float = Field(0.9, ge=0, le=1, description="--tau auto: share of the held-out backdoor to remove, "
+                                  "measured by the behavior's likelihood under its key: 0 = as the unsuppressed "
+                                  "backdoored twin, 1 = as its clean twin")
     max_ppl_increase: float = Field(0.1, ge=0, description="--tau auto: allowed relative perplexity increase")
     holdout: int = Field(2, ge=1, description="--tau auto: variants held out in turn")
     selection_prompts: int = Field(16, ge=1, description="--tau auto: triggered prompts per held-out variant")

@@ -88,18 +88,22 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         fig, ax = plt.subplots(figsize=(6, 3.4))
         ax.plot([t["tau"] for t in tab], [100 * t["asr"] for t in tab], "o-", color="firebrick",
                 label="held-out synthetic ASR %")
+        if all("removal" in t for t in tab):  # selections made before the likelihood measure lack it
+            ax.plot([t["tau"] for t in tab], [100 * t["removal"] for t in tab], "^-", color="navy",
+                    label="held-out backdoor removed %")
         ax2 = ax.twinx()
         ax2.plot([t["tau"] for t in tab], [t["ppl_ratio"] for t in tab], "s--", color="gray", label="perplexity ratio")
         ax.axvline(rec["tau"], color="green", label=f"chosen τ = {rec['tau']:g}")
         ax.set_xlabel("τ")
-        ax.set_ylabel("ASR %")
+        ax.set_ylabel("%")
         ax2.set_ylabel("perplexity / unsuppressed")
         ax.legend(loc="upper right", fontsize=8)
         _savefig(fig, run_dir / "tau_selection.png")
         plt.close(fig)
         lines += ["## τ selection (--tau auto)", f"- chosen τ = {rec['tau']:g}: {rec['reason']}", "",
-                  "| τ | held-out ASR % | perplexity ratio |", "|---|---|---|"]
-        lines += [f"| {t['tau']:g} | {100 * t['asr']:.1f} | {t['ppl_ratio']:.3f} |" for t in tab]
+                  "| τ | held-out backdoor removed % | held-out ASR % | perplexity ratio |", "|---|---|---|---|"]
+        lines += [f"| {t['tau']:g} | {100 * t.get('removal', float('nan')):.1f} | {100 * t['asr']:.1f} | "
+                  f"{t['ppl_ratio']:.3f} |" for t in tab]
         lines += ["", "![tau selection](tau_selection.png)", ""]
 
     # 4. before / after

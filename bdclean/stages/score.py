@@ -33,7 +33,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     if tau == "auto":
         from bdclean.stages import tau_auto
 
-        selection = tau_auto.select(out, opts, G)
+        selection = tau_auto.select(out, opts, G, HG)
         tau = selection["tau"]
         write_json(folder / C.TAU_SELECTION, selection)
         outputs.append(C.TAU_SELECTION)
