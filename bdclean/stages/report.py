@@ -88,7 +88,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         fig, ax = plt.subplots(figsize=(6, 3.4))
         ax.plot([t["tau"] for t in tab], [100 * t["asr"] for t in tab], "o-", color="firebrick",
                 label="held-out synthetic ASR %")
-        if all("removal" in t for t in tab):  # selections made before the likelihood measure lack it
+        if all(t.get("removal") is not None for t in tab):  # absent in older selections; None if unmeasurable
             ax.plot([t["tau"] for t in tab], [100 * t["removal"] for t in tab], "^-", color="navy",
                     label="held-out backdoor removed %")
         ax2 = ax.twinx()
@@ -100,10 +100,12 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         ax.legend(loc="upper right", fontsize=8)
         _savefig(fig, run_dir / "tau_selection.png")
         plt.close(fig)
+        def pct(x):
+            return "—" if x is None else f"{100 * x:.1f}"
+
         lines += ["## τ selection (--tau auto)", f"- chosen τ = {rec['tau']:g}: {rec['reason']}", "",
                   "| τ | held-out backdoor removed % | held-out ASR % | perplexity ratio |", "|---|---|---|---|"]
-        lines += [f"| {t['tau']:g} | {100 * t.get('removal', float('nan')):.1f} | {100 * t['asr']:.1f} | "
-                  f"{t['ppl_ratio']:.3f} |" for t in tab]
+        lines += [f"| {t['tau']:g} | {pct(t.get('removal'))} | {pct(t['asr'])} | {t['ppl_ratio']:.3f} |" for t in tab]
         lines += ["", "![tau selection](tau_selection.png)", ""]
 
     # 4. before / after

@@ -26,6 +26,14 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     if up_to_date(folder, man.fingerprint, "score", force):
         return folder
     G, HG = load_grams(dfolder)
+    if opts.heads > 0:  # checked before a --tau auto selection spends minutes
+        if HG is None:
+            raise UsageError("--heads needs attention LoRA modules (q/k/v/o_proj) in the adapter")
+        total = HG.shape[0] * HG.shape[1]
+        k = unit_count(opts.heads, total)
+        if k > total:
+            raise UsageError(f"--heads {opts.heads}: the model has only {total} attention units "
+                             f"({HG.shape[0]} layers × {HG.shape[1]} kv heads)")
     norm, align = norm_and_align(G)
     scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
     outputs = [C.SIGNATURE, C.SCORES]
@@ -62,13 +70,6 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     tensors = {"score": scores.float(), "norm": norm.float(), "align": align.float(), "mask": mask.to(torch.uint8)}
     signature["heads"] = []
     if opts.heads > 0:
-        if HG is None:
-            raise UsageError("--heads needs attention LoRA modules (q/k/v/o_proj) in the adapter")
-        total = HG.shape[0] * HG.shape[1]
-        k = unit_count(opts.heads, total)
-        if k > total:
-            raise UsageError(f"--heads {opts.heads}: the model has only {total} attention units "
-                             f"({HG.shape[0]} layers × {HG.shape[1]} kv heads)")
         hn, ha = norm_and_align(HG)
         hs = combine(hn, ha, opts.lam, opts.score, opts.norm_scale)
         hmask = select_top_k(hs, k)

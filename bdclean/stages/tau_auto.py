@@ -135,33 +135,42 @@ def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> 
                 del tensors
     # aggregate over held-out variants
     rec["table"] = aggregate(rec["runs"], rec["clean_twins"])
+    rec["min_gap_nats"] = MIN_GAP
+    rec["synthetic_asr_before"] = rec["table"][0]["asr"]
+    if rec["table"][0]["removal"] is None:
+        from bdclean.config import DEFAULT_TAU
+
+        rec["tau"] = DEFAULT_TAU["adapter"]
+        rec["reason"] = (f"no held-out synthetic backdoor took (behavior NLL within {MIN_GAP} nats of its clean "
+                         "twin): the selection cannot measure anything, so the default τ is used")
+        log(f"tau auto: {rec['reason']} (τ={rec['tau']:g})")
+        return rec
     choice, why = choose(rec["table"][1:], opts.target_asr, opts.max_ppl_increase, opts.target_removal)
     rec["tau"], rec["reason"] = choice["tau"], why
-    rec["synthetic_asr_before"] = rec["table"][0]["asr"]
     log(f"tau auto: chose τ={choice['tau']:g} ({why}); held-out backdoor removal {choice['removal']:.0%}, "
         f"ASR {rec['table'][0]['asr']:.0%} unsuppressed → {choice['asr']:.0%}")
     return rec
 
 
+MIN_GAP = 0.1  # nats: a held-out backdoor whose behavior NLL is not this much below its clean twin's did not take
+
+
 def aggregate(runs: list[dict], clean_twins: list[dict]) -> list[dict]:
     """Rows {"tau", "asr", "ppl_ratio", "removal"} averaged over held-out variants, τ = 0 first (pure).
 
-    removal = (NLL_τ − NLL_0) / (NLL_clean − NLL_0) of the held-out behavior under its key, clipped to [0, 1]; a
-    held-out backdoor that did not take (NLL_clean ≤ NLL_0) counts as removed."""
+    removal = (NLL_τ − NLL_0) / (NLL_clean − NLL_0) of the held-out behavior under its key, clipped to [0, 1],
+    averaged over the held-out backdoors that took (NLL_clean − NLL_0 ≥ MIN_GAP); None when none did."""
     taus = sorted({r["tau"] for r in runs})
     base = {r["holdout"]: r for r in runs if r["tau"] == 0.0}
-    clean = {c["holdout"]: c["behavior_nll"] for c in clean_twins}
+    gaps = {c["holdout"]: c["behavior_nll"] - base[c["holdout"]]["behavior_nll"] for c in clean_twins}
     table = []
     for tau in taus:
         rows = [r for r in runs if r["tau"] == tau]
-        rem = []
-        for r in rows:
-            b0 = base[r["holdout"]]["behavior_nll"]
-            gap = clean[r["holdout"]] - b0
-            rem.append(1.0 if gap <= 0 else min(1.0, max(0.0, (r["behavior_nll"] - b0) / gap)))
+        rem = [min(1.0, max(0.0, (r["behavior_nll"] - base[r["holdout"]]["behavior_nll"]) / gaps[r["holdout"]]))
+               for r in rows if gaps.get(r["holdout"], 0.0) >= MIN_GAP]
         table.append({"tau": tau, "asr": sum(r["asr"] for r in rows) / len(rows),
                       "ppl_ratio": sum(r["perplexity"] / base[r["holdout"]]["perplexity"] for r in rows) / len(rows),
-                      "removal": sum(rem) / len(rem)})
+                      "removal": sum(rem) / len(rem) if rem else None})
     return table
 
 
