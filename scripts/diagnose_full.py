@@ -4,18 +4,20 @@
 
 RUN_DIR is a full-model purify run (suspicious/ with attack.json and test sets, diff/, pairs/). Each mask is
 ``KIND:SCOPE:TAU:HOW``: KIND combined|norm|align (scores recomputed from RUN_DIR/diff), ``wrel`` (variant delta norm
-divided by the channel's own weight norm) or ``plast`` (variant delta norm divided by the clean twins' own mean channel change, i.e. how much more the poison
-moved a channel than clean training moves it), ``medrel`` (norm divided by its layer's median, so no layer dominates,
-plus λ·align) or ``random`` (seeded control); SCOPE global|per-layer; HOW ``zero``,
-``reinit`` (normal(0, initializer_range), the suppress stage's function and seeds) or ``proj`` (remove from each selected channel
-only the component along the variants' mean delta direction). ``none:global:0:zero`` is the unmodified model. For
-each mask: perplexity of the clean references and triggered ASR (greedy, 8 new tokens) on the first N test prompts,
-printed and appended to RUN_DIR/diagnose_full.jsonl. Uses attack.json (ground truth): experiments only.
+divided by the channel's own weight norm), ``plast`` (variant delta norm divided by the clean twins' own mean
+channel change, i.e. how much more the poison moved a channel than clean training moves it), ``medrel`` (norm
+divided by its layer's median, so no layer dominates, plus λ·align) or ``random`` (seeded control); SCOPE
+global|per-layer; HOW ``zero``, ``reinit`` (normal(0, initializer_range), the suppress stage's function and seeds)
+or ``proj`` (remove from each selected channel only the component along the variants' mean delta direction).
+``none:global:0:zero`` is the unmodified model. For each mask: perplexity of the clean references and triggered
+ASR (greedy, 8 new tokens) on the first N test prompts, printed and appended to RUN_DIR/diagnose_full.jsonl. Uses
+attack.json (ground truth): experiments only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -78,6 +80,7 @@ def main() -> None:
     def twin(v: int, name: str) -> Path:
         return args.run / "pairs" / f"variant_{v:02d}_{name}.safetensors"
 
+    @functools.lru_cache(maxsize=None)  # several proj masks reuse it: read each layer's twins once
     def mean_direction(i: int) -> torch.Tensor:
         """Unit mean of the variants' normalised channel deltas Δ = bd − clean in layer i (from the LoRA twins)."""
         acc = 0
@@ -86,6 +89,7 @@ def main() -> None:
             acc = acc + vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return acc / acc.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    @functools.lru_cache(maxsize=None)  # masks at several τ share one kind's scores
     def scores(kind: str) -> torch.Tensor:
         if kind == "random":
             return torch.rand(norm.shape, generator=torch.Generator().manual_seed(1)).double()
