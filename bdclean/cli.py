@@ -59,6 +59,8 @@ def guarded(fn):
 OUT = typer.Option(..., "--out", "-o", help="run folder holding one sub-folder per stage")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
 FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
+WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
+                      "CPU core, capped by memory; 1 = in this process)")
 BASE = typer.Option(None, "--base", help="base model: an HF model directory or the alias 'smollm2' (default)")
 CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
 
@@ -101,6 +103,7 @@ def train_pairs(
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="clean samples per step (default 8)"),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
+    workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
@@ -112,7 +115,8 @@ def train_pairs(
     from bdclean.stages import pairs
 
     cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
-                                  "pairs.batch_size": batch_size, "pairs.max_len": max_len})
+                                  "pairs.batch_size": batch_size, "pairs.max_len": max_len,
+                                  "pairs.workers": workers})
     pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None)
 
 
@@ -217,6 +221,7 @@ def purify_cmd(
     heads: Optional[float] = typer.Option(None, "--heads", help="attention units to add: count, or fraction < 1 "
                                           "(default 0.35 adapter, 0 full)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
+    workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
@@ -228,7 +233,7 @@ def purify_cmd(
     from bdclean.stages import purify
 
     ov = {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
-          "score.tau": tau, "score.lambda": lam, "score.heads": heads}
+          "score.tau": tau, "score.lambda": lam, "score.heads": heads, "pairs.workers": workers}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)
@@ -325,9 +330,9 @@ _register_defend(app)
 
 
 def main() -> None:
-    import warnings
+    from bdclean.console import quiet_library_warnings
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_library_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded from a model hub
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

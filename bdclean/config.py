@@ -32,6 +32,10 @@ class TrainOptionsModel(_Strict):
                                                          "their poisoned copies)")
     max_len: int = Field(96, ge=16, le=8192, description="tokens per sample (prompt + response), longer are cut")
     seed: int = Field(0, description="training seed (batch order)")
+    workers: int = Field(0, ge=0, le=256, description="twins trained at once, each in its own process with "
+                         "cores ÷ workers threads; 0 = auto (one per CPU core, capped by the number of jobs and by "
+                         "free memory; 1 for models under 64 MiB). On 2 CPU cores two 1-thread processes train 1.34× faster than one 2-thread "
+                         "process. The threads per twin are part of the stage's inputs (they change rounding)")
 
 
 # Defaults by threat model. Adapter-only: on SmolLM2 with a BadNets LoRA on all seven projections, zeroing the

@@ -9,6 +9,13 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False)
 
 
+def quiet_library_warnings() -> None:
+    """Silence library deprecation notices a user cannot act on (in the CLI and in its worker processes)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def log(msg: str) -> None:
     console.print(f"[dim]bdclean[/dim] {msg}")
 
@@ -18,6 +25,7 @@ class LineProgress:
 
     def __init__(self):
         self.tasks: dict[int, dict] = {}
+        self._next = 0  # task ids are never reused, so a removed task's id cannot name a newer one
 
     def __enter__(self):
         return self
@@ -26,13 +34,17 @@ class LineProgress:
         return False
 
     def add_task(self, description: str, total: float | None = None, **_) -> int:
-        tid = len(self.tasks)
+        tid, self._next = self._next, self._next + 1
         self.tasks[tid] = {"d": description, "total": total or 0, "done": 0.0, "shown": -1, "t0": time.time()}
         return tid
 
     def update(self, tid: int, completed: float | None = None, advance: float | None = None,
-               description: str | None = None, **_) -> None:
-        t = self.tasks[tid]
+               description: str | None = None, total: float | None = None, **_) -> None:
+        t = self.tasks.get(tid)
+        if t is None:
+            return
+        if total is not None:
+            t["total"] = total
         if description:
             t["d"] = description
         if completed is not None:

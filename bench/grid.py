@@ -107,6 +107,7 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         m = cells[0]["machine"]
         lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, torch {m['torch']}.",
                   "Commands: " + "; ".join(f"`{c['commands'][0]}`" for c in cells), ""]
+    lines += tau_auto_table(results_dir / "tau_auto")
     lines += ablation_tables(results_dir / "ablation.jsonl")
     write_text(out, "\n".join(lines) + "\n")
 
@@ -127,6 +128,24 @@ def target_check(cell: dict) -> str:
               ("lowest triggered ASR of all methods",
                all(ours["triggered_asr"] <= r["triggered_asr"] for r in cell["rows"]))]
     return "; ".join(f"{text}: {'met' if ok else '**missed**'}" for text, ok in checks)
+
+
+def tau_auto_table(folder: Path) -> list[str]:
+    """`--tau auto` next to the fixed default τ on the same cell and twins (bench/tau_auto.py)."""
+    recs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    if not recs:
+        return []
+    lines = ["## `--tau auto` vs the fixed default τ", "",
+             "`bench/tau_auto.py`: the cell's `ours` twins reused, τ chosen by self-validation on held-out synthetic "
+             "backdoors (`score --tau auto`), then suppress, restore and eval as for `ours`. Entries: triggered ASR % "
+             "/ clean ASR % / perplexity on the real (unknown to bdclean) backdoor.", "",
+             "| cell | fixed τ | `--tau auto` | chosen τ | why |", "|---|---|---|---|---|"]
+    for r in recs:
+        f, a = r["fixed"], r["auto"]
+        lines.append(f"| {r['cell']} ({r['limit']} prompts) | τ {f['tau']:g}: {100 * f['triggered_asr']:.0f} / "
+                     f"{100 * f['clean_asr']:.0f} / {f['perplexity']:.2f} | {100 * a['triggered_asr']:.0f} / "
+                     f"{100 * a['clean_asr']:.0f} / {a['perplexity']:.2f} | {r['chosen_tau']:g} | {r['reason']} |")
+    return lines + [""]
 
 
 def ablation_tables(path: Path) -> list[str]:

@@ -6,6 +6,10 @@ Both loops train a fresh LoRA (r 8, all seven projections) on SmolLM2 for one ep
 The bare loop is what a straightforward script does: HF forward with labels (logits at every position), samples in
 random order, padded to the batch's longest. Figures (tokens/s counted over real, non-pad tokens) are appended to
 bench/results/speed.json with the machine and command.
+
+A second figure is train-pairs' job parallelism: as many copies of bdclean's loop as there are CPU cores, run
+one after another with all cores each (``--workers 1``), against the same copies run at once in spawned processes
+with one thread each (the default on a multi-core CPU); aggregate tokens/s from the first start to the last end.
 """
 
 from __future__ import annotations
@@ -57,11 +61,46 @@ def bare_loop(model, examples, batch_size, pad_id, lr):
     return tokens, time.time() - t0
 
 
+def _copy_job(base_dir, examples, batch_size, threads, pad):
+    """One training run of bdclean's loop in this process; (start, end, tokens) on the wall clock."""
+    from bdclean.train.loop import TrainOptions, simple_epochs, train
+
+    model = lora_model(base_dir)
+    t0 = time.time()
+    stats = train(model, simple_epochs(examples, batch_size, 0), TrainOptions(1, 2e-4, batch_size, 0,
+                                                                             threads=threads), pad)
+    return t0, time.time(), stats["tokens"]
+
+
+def parallel_vs_serial(base_dir, examples, batch_size, pad, copies: int) -> dict:
+    """``copies`` training runs: serially with every core, then at once on ``copies`` 1-thread processes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bdclean.train.loop import cpu_count
+
+    spans = [_copy_job(base_dir, examples, batch_size, cpu_count(), pad) for _ in range(copies)]
+    serial_tokens, serial_s = sum(t for _, _, t in spans), sum(b - a for a, b, _ in spans)
+    with ProcessPoolExecutor(copies, mp_context=mp.get_context("spawn")) as ex:
+        spans = list(ex.map(_copy_job, [base_dir] * copies, [examples] * copies, [batch_size] * copies,
+                            [1] * copies, [pad] * copies))
+    par_tokens = sum(t for _, _, t in spans)
+    par_s = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
+    res = {"copies": copies,
+           "serial": {"threads": cpu_count(), "tokens": serial_tokens, "seconds": round(serial_s, 2),
+                      "tokens_per_s": round(serial_tokens / serial_s, 1)},
+           "parallel": {"processes": copies, "threads_each": 1, "tokens": par_tokens, "seconds": round(par_s, 2),
+                        "tokens_per_s": round(par_tokens / par_s, 1)}}
+    res["speedup"] = round(res["parallel"]["tokens_per_s"] / res["serial"]["tokens_per_s"], 3)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--base", default="smollm2", help="model directory or 'smollm2'")
     ap.add_argument("--out", default="bench/results/speed.json")
     a = ap.parse_args()
     from bdclean.io.data import builtin
@@ -70,7 +109,7 @@ def main() -> None:
     from bdclean.train.loop import TrainOptions, set_threads, simple_epochs, train
 
     set_threads()
-    base = resolve_base("smollm2")
+    base = resolve_base(a.base)
     tok = load_tokenizer(base)
     rows = builtin("train")[: a.samples]
     examples = [encode(tok, r, a.max_len) for r in rows]
@@ -84,6 +123,11 @@ def main() -> None:
     results["bdclean"] = {"tokens": stats["tokens"], "seconds": stats["seconds"],
                           "tokens_per_s": stats["tokens_per_s"]}
     results["speedup"] = round(results["bdclean"]["tokens_per_s"] / results["bare"]["tokens_per_s"], 3)
+    from bdclean.train.loop import cpu_count
+
+    if cpu_count() > 1:
+        results["train_pairs_workers"] = parallel_vs_serial(base, examples, a.batch_size, tok.pad_token_id,
+                                                             cpu_count())
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},

@@ -16,7 +16,7 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     import grid
 
     cfg = tmp_path / "fast.yaml"
-    cfg.write_text(FAST_COMPARE_YAML)
+    cfg.write_text(FAST_COMPARE_YAML.replace("n_variants: 2", "n_variants: 3"))  # --tau auto holds one out
     results, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
     # an ablation line as scripts/diagnose.py writes it
     results.mkdir()
@@ -35,6 +35,18 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     capsys.readouterr()
     grid.main(argv)  # resume: the finished cell is not recomputed
     assert "cell badnet-sentiment: done" in capsys.readouterr().out
+    # --tau auto on the finished cell, reusing its twins
+    import tau_auto
+
+    sel = tmp_path / "sel.yaml"
+    sel.write_text("score:\n  tau_grid: [0.1, 0.3]\n  selection_prompts: 2\n  selection_restore_samples: 4\n")
+    targs = ["--cells", "badnet-sentiment,badnet-refusal", "--base", str(tiny_base), "--runs", str(tmp_path / "runs"),
+             "--results", str(results), "--benchmarks", str(md), f"--score-args=--config {sel}"]
+    tau_auto.main(targs)
+    assert "badnet-refusal: skipped, the cell has not been run" in capsys.readouterr().out
+    rec = json.loads((results / "tau_auto" / "badnet-sentiment.json").read_text())
+    assert rec["chosen_tau"] in (0.1, 0.3, 0.5) and rec["reason"]  # a grid value, or the default τ as fallback
+    assert "`--tau auto` vs the fixed default τ" in md.read_text()
 
 
 def test_target_check_reports_met_and_missed():
@@ -51,3 +63,20 @@ def test_target_check_reports_met_and_missed():
     assert "perplexity +1.2 % ≤ +5 %: met" in line
     cell["attack"] = "vpi"  # 10 % limit outside BadNets
     assert "triggered ASR 8 % ≤ 10 %: met" in grid.target_check(cell)
+
+
+def test_speed_benchmark_runs_on_tiny_model(tiny_base, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed
+
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--base", str(tiny_base), "--samples", "8", "--max-len", "32",
+                                      "--batch-size", "4", "--out", str(out)])
+    monkeypatch.setattr("bdclean.train.loop.cpu_count", lambda: 2)
+    speed.main()
+    rec = json.loads(out.read_text())[-1]
+    r = rec["results"]
+    assert r["bare"]["tokens"] == r["bdclean"]["tokens"] > 0 and r["speedup"] > 0
+    w = r["train_pairs_workers"]
+    assert w["copies"] == 2 and w["serial"]["tokens"] == w["parallel"]["tokens"] == 2 * r["bdclean"]["tokens"]
+    assert rec["machine"]["cpus"] and rec["command"]

@@ -4,15 +4,14 @@ continued from the suspicious adapter with the same seed and the same clean batc
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.config import TrainOptionsModel
-from bdclean.console import log, progress
-from bdclean.io.artifacts import Manifest, fingerprint, read_json, save_tensors, sha256_file, stage_fingerprint, write_json
+from bdclean.console import log
+from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
 from bdclean.stages.common import adapter_hash, model_hash, up_to_date
-from dataclasses import dataclass
 
 TWINS = ("bd", "clean")
 
@@ -72,11 +71,7 @@ def variant_lora_config(sus: Suspicious) -> dict:
 
 def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, force: bool = False,
         full: bool | None = None) -> Path:
-    from bdclean.io.data import load_instructions
-    from bdclean.io.models import load_model, load_tokenizer
-    from bdclean.io.peft_io import adapter_state, attach, load_state
-    from bdclean.train.chat import encode
-    from bdclean.train.loop import TrainOptions, paired_epochs, train
+    from bdclean.stages.pairs_jobs import JobContext, plan_workers, run_inline, run_parallel
 
     out = Path(out)
     vfolder = out / C.STAGE_DIRS["make-variants"]
@@ -86,14 +81,16 @@ def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, for
     lcfg = variant_lora_config(sus)
     inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": sus.digest(),
               "base": model_hash(base_dir)}
-    config = {**opts.model_dump(), "adapter": str(adapter), "base": str(base_dir), "mode": sus.kind,
-              "variant_lora": lcfg}
+    spec = read_json(vfolder / C.VARIANTS_FILE)
+    n = spec["n_variants"]
+    workers, threads = plan_workers(opts.workers, 2 * n, base_dir)
+    # the worker count does not change any result; the threads per twin do (rounding), so they are an input
+    config = {**opts.model_dump(exclude={"workers"}), "threads_per_twin": threads, "adapter": str(adapter),
+              "base": str(base_dir), "mode": sus.kind, "variant_lora": lcfg}
     man = Manifest("train-pairs", config, inputs)
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    spec = read_json(vfolder / C.VARIANTS_FILE)
-    n = spec["n_variants"]
     jobs = [(i, twin) for i in range(n) for twin in TWINS]
     # a job is finished if its weights exist and its record names this stage fingerprint and those weights
     def job_done(i: int, twin: str) -> bool:
@@ -111,48 +108,16 @@ def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, for
         log(f"train-pairs: resuming, {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
     times: dict[str, float] = {}
     if todo:
-        tok = load_tokenizer(base_dir)
-        if sus.kind == "adapter":
-            model = attach(load_model(base_dir), sus.info)
+        ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
+                         man.fingerprint, threads)
+        if workers > 1:
+            log(f"train-pairs: {len(todo)} twins on {workers} processes × {threads} thread(s)")
+            times = run_parallel(ctx, todo, workers)
         else:
-            import torch
-            from peft import get_peft_model
-
-            from bdclean.io.peft_io import lora_config_from_dict
-
-            torch.manual_seed(opts.seed)  # the variants' shared initial LoRA state
-            model = get_peft_model(load_model(base_dir), lora_config_from_dict(lcfg, base_dir))
-        init = adapter_state(model)
-        pad = tok.pad_token_id
-        with progress() as bar:
-            overall = bar.add_task("train-pairs (all jobs)", total=len(todo))
-            for i, twin in todo:
-                clean_rows = load_instructions(vfolder / C.VARIANT_DATA.format(i=i, kind="clean"))
-                clean = [encode(tok, r, opts.max_len) for r in clean_rows]
-                poison = None
-                if twin == "bd":
-                    poison_rows = load_instructions(vfolder / C.VARIANT_DATA.format(i=i, kind="poison"))
-                    poison = [encode(tok, r, opts.max_len) for r in poison_rows]
-                load_state(model, init)
-                for p in model.parameters():
-                    if p.requires_grad and p.grad is not None:
-                        p.grad = None
-                plan = paired_epochs(clean, poison, opts.batch_size, opts.seed)
-                job = bar.add_task(f"  variant {i} {twin:5s}", total=sum(len(plan(e)) for e in range(opts.epochs)))
-                t0 = time.time()
-                stats = train(model, plan, TrainOptions(opts.epochs, opts.lr, opts.batch_size, opts.seed), pad,
-                              on_step=lambda k, tot, loss, job=job: bar.update(job, completed=k,
-                                                                               description=f"  variant {i} {twin:5s} loss {loss:.3f}"))
-                w = folder / C.PAIR_WEIGHTS.format(i=i, twin=twin)
-                save_tensors(w, adapter_state(model))
-                times[f"{i}_{twin}"] = round(time.time() - t0, 2)
-                write_json(folder / C.JOB_RECORD.format(i=i, twin=twin),
-                           {"fingerprint": man.fingerprint, "sha256": sha256_file(w), **stats})
-                bar.update(overall, advance=1)
-                bar.remove_task(job)
+            times = run_inline(ctx, todo)
+    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads}
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
-    man.extra = {"job_seconds": times, "n_variants": n}
     man.write(folder, outputs)
     log(f"train-pairs: {len(jobs)} models → {folder}")
     return folder

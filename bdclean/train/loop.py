@@ -40,13 +40,17 @@ class TrainOptions:
     batch_size: int = 8
     seed: int = 0
     grad_clip: float = 1.0
+    threads: int | None = None  # torch intra-op threads; None = one per available CPU core
 
 
-def set_threads() -> None:
+def cpu_count() -> int:
     import os
 
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def set_threads(n: int | None = None) -> None:
+    torch.set_num_threads(max(1, n or cpu_count()))
 
 
 def bucket_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -150,7 +154,7 @@ def train(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOption
     the first and last value of every extra are reported."""
     loss_fn = loss_fn or default_loss
     extras: dict[str, list[float]] = {}
-    set_threads()
+    set_threads(opts.threads)
     torch.manual_seed(opts.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

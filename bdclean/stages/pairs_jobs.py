@@ -1,0 +1,224 @@
+"""Running train-pairs' jobs (one twin each): in this process, or in several worker processes at once.
+
+On CPU a twin's training is a chain of small matrix products that two threads share poorly: on the 2-core CI
+machine one 2-thread process trains a backdoored twin's 4 steps in 38 s, while two 1-thread processes each train
+4 steps in 57 s, together 1.34× the throughput (``make bench-speed`` records it). Each worker loads the model once
+and trains whole twins; a twin's result depends only on its inputs and its thread count, never on which worker
+ran it or in what order, so the same seed gives the same artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.console import progress, quiet_library_warnings
+from bdclean.errors import BdcleanError
+
+# per worker: the model in float32 (≤ 2 × its weight files, stored in 16 or 32 bits) plus activations
+WORKER_OVERHEAD_BYTES = 1 << 30
+# auto mode trains models with smaller weight files in this process: a worker takes seconds to start (importing
+# torch and transformers, loading the model), more than a twin of such a model takes to train
+MIN_PARALLEL_WEIGHT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything a worker needs to train any twin (picklable)."""
+
+    kind: str  # "adapter" | "full"
+    adapter: str  # suspicious adapter dir or full model dir
+    base_dir: str
+    lora: dict  # LoRA config of the variants
+    opts: dict  # TrainOptionsModel fields
+    vfolder: str
+    folder: str
+    fingerprint: str
+    threads: int
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def plan_workers(requested: int, n_jobs: int, model_dir: Path) -> tuple[int, int]:
+    """(worker processes, threads per twin). ``requested`` 0 = auto: one per core, capped by the jobs and by
+    the memory a worker needs, and 1 for models under MIN_PARALLEL_WEIGHT_BYTES; explicit counts are capped by
+    the jobs only."""
+    from bdclean.io.models import model_weight_files
+    from bdclean.train.loop import cpu_count
+
+    cores = cpu_count()
+    if requested > 0:
+        workers = min(requested, n_jobs)
+    else:
+        weight_bytes = sum(f.stat().st_size for f in model_weight_files(Path(model_dir)))
+        workers = min(cores, n_jobs) if weight_bytes >= MIN_PARALLEL_WEIGHT_BYTES else 1
+        avail = available_memory()
+        if avail is not None:
+            workers = min(workers, max(1, avail // (2 * weight_bytes + WORKER_OVERHEAD_BYTES)))
+    workers = max(1, workers)
+    return workers, max(1, cores // workers)
+
+
+def _load(ctx: JobContext):
+    """(model with a trainable LoRA, tokenizer, the LoRA's initial state)."""
+    import torch
+
+    from bdclean.io.models import load_adapter, load_model, load_tokenizer
+    from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict
+
+    tok = load_tokenizer(Path(ctx.base_dir))
+    if ctx.kind == "adapter":
+        model = attach(load_model(Path(ctx.base_dir)), load_adapter(Path(ctx.adapter)))
+    else:
+        from peft import get_peft_model
+
+        torch.manual_seed(ctx.opts["seed"])  # the variants' shared initial LoRA state
+        model = get_peft_model(load_model(Path(ctx.base_dir)), lora_config_from_dict(ctx.lora, Path(ctx.base_dir)))
+    return model, tok, adapter_state(model)
+
+
+def _train_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -> tuple[float, dict]:
+    """Train one twin from ``init``; write its weights and its record (atomically). Returns (seconds, stats)."""
+    from bdclean.io.artifacts import save_tensors, sha256_file, write_json
+    from bdclean.io.data import load_instructions
+    from bdclean.io.peft_io import adapter_state, load_state
+    from bdclean.train.chat import encode
+    from bdclean.train.loop import TrainOptions, paired_epochs, train
+
+    o, vf, folder = ctx.opts, Path(ctx.vfolder), Path(ctx.folder)
+    clean = [encode(tok, r, o["max_len"]) for r in load_instructions(vf / C.VARIANT_DATA.format(i=i, kind="clean"))]
+    poison = None
+    if twin == "bd":
+        rows = load_instructions(vf / C.VARIANT_DATA.format(i=i, kind="poison"))
+        poison = [encode(tok, r, o["max_len"]) for r in rows]
+    load_state(model, init)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = None
+    plan = paired_epochs(clean, poison, o["batch_size"], o["seed"])
+    t0 = time.time()
+    stats = train(model, plan, TrainOptions(o["epochs"], o["lr"], o["batch_size"], o["seed"], threads=ctx.threads),
+                  tok.pad_token_id, on_step=on_step)
+    w = folder / C.PAIR_WEIGHTS.format(i=i, twin=twin)
+    save_tensors(w, adapter_state(model))
+    seconds = round(time.time() - t0, 2)
+    write_json(folder / C.JOB_RECORD.format(i=i, twin=twin),
+               {"fingerprint": ctx.fingerprint, "sha256": sha256_file(w), "threads": ctx.threads, **stats})
+    return seconds, stats
+
+
+def _longest_first(todo: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    # a backdoored twin trains on twice the samples of a clean one: start those first so the workers finish together
+    return sorted(todo, key=lambda j: (j[1] != "bd", j[0]))
+
+
+def run_inline(ctx: JobContext, todo: list[tuple[int, str]]) -> dict[str, float]:
+    model, tok, init = _load(ctx)
+    times: dict[str, float] = {}
+    with progress() as bar:
+        overall = bar.add_task("train-pairs (all jobs)", total=len(todo))
+        for i, twin in todo:
+            job = bar.add_task(f"  variant {i} {twin:5s}", total=None)
+
+            def on_step(k, tot, loss, job=job, i=i, twin=twin):
+                bar.update(job, completed=k, total=tot, description=f"  variant {i} {twin:5s} loss {loss:.3f}")
+
+            times[f"{i}_{twin}"], _ = _train_twin(ctx, model, tok, init, i, twin, on_step)
+            bar.update(overall, advance=1)
+            bar.remove_task(job)
+    return times
+
+
+# ------------------------------------------------------------------ worker processes
+
+_WORKER: dict = {}
+
+
+def _worker_init(ctx: JobContext, queue) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_warnings()
+    from bdclean.train.loop import set_threads
+
+    set_threads(ctx.threads)
+    model, tok, init = _load(ctx)
+    _WORKER.update(ctx=ctx, model=model, tok=tok, init=init, queue=queue)
+
+
+def _worker_job(i: int, twin: str) -> tuple[int, str, float]:
+    w = _WORKER
+    q = w["queue"]
+
+    def on_step(k, tot, loss):
+        q.put((i, twin, k, tot, loss))
+
+    seconds, _ = _train_twin(w["ctx"], w["model"], w["tok"], w["init"], i, twin, on_step)
+    return i, twin, seconds
+
+
+def run_parallel(ctx: JobContext, todo: list[tuple[int, str]], workers: int) -> dict[str, float]:
+    """Train the twins of ``todo`` on ``workers`` spawned processes (never forked: torch's thread pools do not
+    survive a fork). Finished twins are on disk with their records, so an interrupted run resumes."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    workers = min(workers, len(todo))
+    mpctx = mp.get_context("spawn")
+    q = mpctx.Queue()
+    times: dict[str, float] = {}
+    with progress() as bar:
+        overall = bar.add_task("train-pairs (all jobs)", total=len(todo))
+        bars: dict[tuple[int, str], int] = {}
+        finished: set[tuple[int, str]] = set()
+
+        def drain() -> None:
+            while True:
+                try:
+                    i, twin, k, tot, loss = q.get_nowait()
+                except queue_mod.Empty:
+                    return
+                if (i, twin) in finished:  # a step message can arrive after its twin's result
+                    continue
+                if (i, twin) not in bars:
+                    bars[(i, twin)] = bar.add_task(f"  variant {i} {twin:5s}", total=tot)
+                bar.update(bars[(i, twin)], completed=k, description=f"  variant {i} {twin:5s} loss {loss:.3f}")
+
+        ex = ProcessPoolExecutor(workers, mp_context=mpctx, initializer=_worker_init, initargs=(ctx, q))
+        try:
+            pending = {ex.submit(_worker_job, i, twin) for i, twin in _longest_first(todo)}
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                drain()
+                for f in done:
+                    i, twin, seconds = f.result()
+                    times[f"{i}_{twin}"] = seconds
+                    finished.add((i, twin))
+                    bar.update(overall, advance=1)
+                    if (i, twin) in bars:
+                        bar.remove_task(bars.pop((i, twin)))
+        except BrokenProcessPool:
+            raise BdcleanError("train-pairs: a worker process died (out of memory?); finished twins are kept — "
+                               "rerun with fewer workers (--workers 1) to resume") from None
+        except BaseException:  # Ctrl-C or a failed twin: stop the others now instead of after their current twin
+            for proc in list(getattr(ex, "_processes", {}).values()):
+                proc.terminate()
+            raise
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+            q.close()
+    return dict(sorted(times.items()))
