@@ -32,10 +32,13 @@ class TrainOptionsModel(_Strict):
                                                          "their poisoned copies)")
     max_len: int = Field(96, ge=16, le=8192, description="tokens per sample (prompt + response), longer are cut")
     seed: int = Field(0, description="training seed (batch order)")
+
+
+class PairsOptions(TrainOptionsModel):
     workers: int = Field(0, ge=0, le=256, description="twins trained at once, each in its own process with "
                          "cores ÷ workers threads; 0 = auto (one per CPU core, capped by the number of jobs and by "
-                         "free memory; 1 for models under 64 MiB). On 2 CPU cores two 1-thread processes train 1.34× faster than one 2-thread "
-                         "process. The threads per twin are part of the stage's inputs (they change rounding)")
+                         "free memory; 1 for models under 64 MiB). On the 2-core demo, 1.24× faster than one "
+                         "2-thread process, with bit-identical twins. Not a stage input: changing it retrains nothing")
 
 
 # Defaults by threat model. Adapter-only: on SmolLM2 with a BadNets LoRA on all seven projections, zeroing the
@@ -110,7 +113,7 @@ class PurifyConfig(_Strict):
                                           "adapter_config.json (full checkpoints are detected automatically)")
     clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
-    pairs: TrainOptionsModel = Field(default_factory=TrainOptionsModel)
+    pairs: PairsOptions = Field(default_factory=PairsOptions)
     score: ScoreOptions = Field(default_factory=ScoreOptions)
     restore: RestoreOptions = Field(default_factory=RestoreOptions)
 

@@ -28,30 +28,28 @@ def test_parallel_twins_equal_inline_twins(tiny_base, tiny_adapter, tiny_data, t
     a, b = tmp_path / "inline", tmp_path / "parallel"
     assert run_cli("make-variants", "--clean", tiny_data, "--out", a, "--config", cfg, *FAST)[0] == 0
     shutil.copytree(a / "variants", b / "variants")
-    monkeypatch.setattr("bdclean.train.loop.cpu_count", lambda: 2)
+    monkeypatch.setattr("bdclean.train.loop.cpu_count", lambda: 1)  # in-process with 1 thread, as each worker
     code, _, err = run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", a, "--config", cfg,
                            "--workers", "1")
     assert code == 0, err
+    monkeypatch.setattr("bdclean.train.loop.cpu_count", lambda: 2)
     code, _, err = run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", b, "--config", cfg,
                            "--workers", "2")
     assert code == 0, err
     assert "on 2 processes × 1 thread" in err
     ma, mb = (json.loads((d / "pairs" / "manifest.json").read_text()) for d in (a, b))
-    # threads differ (2 in-process vs 1 per worker), so do the fingerprints; the outputs are both complete
-    assert ma["extra"]["threads_per_twin"] == 2 and mb["extra"]["threads_per_twin"] == 1
-    assert ma["outputs"].keys() == mb["outputs"].keys()
-    # with one core the in-process run uses 1 thread too: then every twin is bit-identical to the workers' twins
-    monkeypatch.setattr("bdclean.train.loop.cpu_count", lambda: 1)
-    code, _, err = run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", a, "--config", cfg,
-                           "--workers", "1")
-    assert code == 0, err
-    ma = json.loads((a / "pairs" / "manifest.json").read_text())
+    assert ma["extra"]["workers"] == 1 and mb["extra"]["workers"] == 2
+    # scheduling is not an input: same fingerprint, and every twin bit-identical
     assert ma["fingerprint"] == mb["fingerprint"]
     assert ma["outputs"] == mb["outputs"]
     for i in range(2):
         for twin in ("bd", "clean"):
             rec = json.loads((b / "pairs" / f"variant_0{i}_{twin}.json").read_text())
             assert rec["threads"] == 1 and rec["fingerprint"] == mb["fingerprint"]
+    # so a rerun with another worker count is up to date
+    code, _, err = run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", b, "--config", cfg,
+                           "--workers", "1")
+    assert code == 0 and "skip" in err
 
 
 def test_workers_option_is_validated(tiny_base, tiny_adapter, tmp_path, run_cli):

@@ -3,12 +3,13 @@ continued from the suspicious adapter with the same seed and the same clean batc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from bdclean import constants as C
-from bdclean.config import TrainOptionsModel
+from bdclean.config import PairsOptions
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
 from bdclean.stages.common import adapter_hash, model_hash, up_to_date
@@ -69,9 +70,10 @@ def variant_lora_config(sus: Suspicious) -> dict:
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", **FULL_VARIANT_LORA}
 
 
-def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, force: bool = False,
+def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: bool = False,
         full: bool | None = None) -> Path:
     from bdclean.stages.pairs_jobs import JobContext, plan_workers, run_inline, run_parallel
+    from bdclean.train.loop import cpu_count
 
     out = Path(out)
     vfolder = out / C.STAGE_DIRS["make-variants"]
@@ -84,9 +86,10 @@ def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, for
     spec = read_json(vfolder / C.VARIANTS_FILE)
     n = spec["n_variants"]
     workers, threads = plan_workers(opts.workers, 2 * n, base_dir)
-    # the worker count does not change any result; the threads per twin do (rounding), so they are an input
-    config = {**opts.model_dump(exclude={"workers"}), "threads_per_twin": threads, "adapter": str(adapter),
-              "base": str(base_dir), "mode": sus.kind, "variant_lora": lcfg}
+    # how the twins are scheduled (workers, threads) is an execution detail like the CPU model, not an input: on
+    # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
+    config = {**opts.model_dump(exclude={"workers"}), "adapter": str(adapter), "base": str(base_dir),
+              "mode": sus.kind, "variant_lora": lcfg}
     man = Manifest("train-pairs", config, inputs)
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
@@ -110,12 +113,14 @@ def run(adapter: Path, out: Path, base: str | None, opts: TrainOptionsModel, for
     if todo:
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
                          man.fingerprint, threads)
+        workers = min(workers, len(todo))
         if workers > 1:
             log(f"train-pairs: {len(todo)} twins on {workers} processes × {threads} thread(s)")
             times = run_parallel(ctx, todo, workers)
-        else:
-            times = run_inline(ctx, todo)
-    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads}
+        else:  # one twin left (or one worker): this process, every core
+            times = run_inline(dataclasses.replace(ctx, threads=None), todo)
+    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers if todo else 0,
+                 "threads_per_twin": threads if workers > 1 else cpu_count()}
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.write(folder, outputs)

@@ -1,10 +1,10 @@
 """Running train-pairs' jobs (one twin each): in this process, or in several worker processes at once.
 
-On CPU a twin's training is a chain of small matrix products that two threads share poorly: on the 2-core CI
-machine one 2-thread process trains a backdoored twin's 4 steps in 38 s, while two 1-thread processes each train
-4 steps in 57 s, together 1.34× the throughput (``make bench-speed`` records it). Each worker loads the model once
-and trains whole twins; a twin's result depends only on its inputs and its thread count, never on which worker
-ran it or in what order, so the same seed gives the same artifacts.
+On CPU a twin's training is a chain of small matrix products that two threads share poorly: on the 2-core
+machine the demo's 12 twins took ~1,020 s on two 1-thread worker processes against 1,267 s in one 2-thread process
+(1.24×), and every twin came out bit-identical. Each worker loads the model once and trains whole twins; a twin's
+result depends only on its inputs, never on which worker ran it or in what order, so the same seed gives the same
+artifacts.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ class JobContext:
     adapter: str  # suspicious adapter dir or full model dir
     base_dir: str
     lora: dict  # LoRA config of the variants
-    opts: dict  # TrainOptionsModel fields
+    opts: dict  # PairsOptions fields
     vfolder: str
     folder: str
     fingerprint: str
-    threads: int
+    threads: int | None  # torch threads per twin; None = every core
 
 
 def available_memory() -> int | None:
@@ -114,8 +114,14 @@ def _train_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -
     save_tensors(w, adapter_state(model))
     seconds = round(time.time() - t0, 2)
     write_json(folder / C.JOB_RECORD.format(i=i, twin=twin),
-               {"fingerprint": ctx.fingerprint, "sha256": sha256_file(w), "threads": ctx.threads, **stats})
+               {"fingerprint": ctx.fingerprint, "sha256": sha256_file(w), "threads": torch_threads(), **stats})
     return seconds, stats
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _longest_first(todo: list[tuple[int, str]]) -> list[tuple[int, str]]:
