@@ -139,12 +139,15 @@ def tau_auto_table(folder: Path) -> list[str]:
              "`bench/tau_auto.py`: the cell's `ours` twins reused, τ chosen by self-validation on held-out synthetic "
              "backdoors (`score --tau auto`), then suppress, restore and eval as for `ours`. Entries: triggered ASR % "
              "/ clean ASR % / perplexity on the real (unknown to bdclean) backdoor.", "",
-             "| cell | fixed τ | `--tau auto` | chosen τ | why |", "|---|---|---|---|---|"]
+             "| cell | fixed τ | `--tau auto` | chosen τ | why | verdict |", "|---|---|---|---|---|---|"]
     for r in recs:
         f, a = r["fixed"], r["auto"]
+        better = a["triggered_asr"] <= f["triggered_asr"] and a["clean_asr"] <= f["clean_asr"]
+        verdict = "auto at least as good" if better else "**fixed τ better**"
         lines.append(f"| {r['cell']} ({r['limit']} prompts) | τ {f['tau']:g}: {100 * f['triggered_asr']:.0f} / "
                      f"{100 * f['clean_asr']:.0f} / {f['perplexity']:.2f} | {100 * a['triggered_asr']:.0f} / "
-                     f"{100 * a['clean_asr']:.0f} / {a['perplexity']:.2f} | {r['chosen_tau']:g} | {r['reason']} |")
+                     f"{100 * a['clean_asr']:.0f} / {a['perplexity']:.2f} | {r['chosen_tau']:g} | {r['reason']} | "
+                     f"{verdict} |")
     return lines + [""]
 
 
