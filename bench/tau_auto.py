@@ -53,7 +53,8 @@ def run_cell(cell: str, a, bd: str) -> dict:
             "chosen_tau": sel["tau"], "reason": sel.get("reason"), "selection_table": sel.get("table"),
             "auto": {"triggered_asr": ev["triggered"]["asr"], "clean_asr": ev["clean"]["asr"],
                      "perplexity": ev["perplexity"]},
-            "fixed": {"tau": json.loads((src / "score" / "signature.json").read_text())["tau"], "triggered_asr": ours["triggered_asr"], "clean_asr": ours["clean_asr"],
+            "fixed": {"tau": json.loads((src / "score" / "signature.json").read_text())["tau"],
+                      "triggered_asr": ours["triggered_asr"], "clean_asr": ours["clean_asr"],
                       "perplexity": ours["perplexity"]}}
 
 

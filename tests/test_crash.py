@@ -72,8 +72,11 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny_base, tiny_adapter, tiny_
 
 def test_ctrl_c_exits_130_with_one_line(tiny_base, tiny_adapter, tiny_data, tmp_path, fast_cfg):
     out = tmp_path / "int"
+    # a shell that starts jobs in the background without job control (`cmd &`, nohup) leaves SIGINT ignored, and
+    # Python keeps an inherited ignore; reset it so the test measures bdclean, not how the suite was launched
     p = subprocess.Popen(_cmd(tiny_adapter, tiny_base, tiny_data, out, fast_cfg), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=_env())
+                         stderr=subprocess.PIPE, text=True, env=_env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     marker = out / "pairs" / "variant_00_bd.safetensors"
     t0 = time.time()
     while not marker.exists() and time.time() - t0 < 120 and p.poll() is None:
