@@ -1,6 +1,6 @@
 """`--tau auto` against the fixed default τ on a finished benchmark cell (the τ-selection issue's evidence).
 
-    .venv/bin/python bench/tau_auto.py --cells badnet-refusal [--limit 50]
+    .venv/bin/python bench/tau_auto.py --cells badnet-refusal   (evaluates on the cell's own prompt count)
 
 For each cell the variants, twins and diff of the cell's `ours` run are reused (nothing is retrained): `score --tau
 auto`, `suppress`, `restore` and `eval` run in runs/bench/<cell>/tau-auto, and bench/results/tau_auto/<cell>.json
@@ -28,7 +28,7 @@ from bdclean.io.artifacts import write_json  # noqa: E402
 
 
 def run_cell(cell: str, a, bd: str) -> dict:
-    attack, task = cell.split("-")
+    task = cell.split("-")[1]
     cdir = Path(a.runs) / cell
     sus, src, dst = cdir / "suspicious", cdir / "compare" / "ours", cdir / "tau-auto"
     fixed = json.loads((Path(a.results) / "cells" / f"{cell}.json").read_text())

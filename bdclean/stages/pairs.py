@@ -83,9 +83,6 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     lcfg = variant_lora_config(sus)
     inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": sus.digest(),
               "base": model_hash(base_dir)}
-    spec = read_json(vfolder / C.VARIANTS_FILE)
-    n = spec["n_variants"]
-    workers, threads = plan_workers(opts.workers, 2 * n, base_dir)
     # how the twins are scheduled (workers, threads) is an execution detail like the CPU model, not an input: on
     # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
     config = {**opts.model_dump(exclude={"workers"}), "adapter": str(adapter), "base": str(base_dir),
@@ -94,6 +91,7 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    n = read_json(vfolder / C.VARIANTS_FILE)["n_variants"]
     jobs = [(i, twin) for i in range(n) for twin in TWINS]
     # a job is finished if its weights exist and its record names this stage fingerprint and those weights
     def job_done(i: int, twin: str) -> bool:
@@ -110,17 +108,18 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     if len(todo) < len(jobs):
         log(f"train-pairs: resuming, {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
     times: dict[str, float] = {}
+    workers, threads = 0, cpu_count()
     if todo:
+        workers, threads = plan_workers(opts.workers, len(todo), base_dir)
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
                          man.fingerprint, threads)
-        workers = min(workers, len(todo))
         if workers > 1:
             log(f"train-pairs: {len(todo)} twins on {workers} processes × {threads} thread(s)")
             times = run_parallel(ctx, todo, workers)
         else:  # one twin left (or one worker): this process, every core
+            threads = cpu_count()
             times = run_inline(dataclasses.replace(ctx, threads=None), todo)
-    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers if todo else 0,
-                 "threads_per_twin": threads if workers > 1 else cpu_count()}
+    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads}
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.write(folder, outputs)

@@ -66,7 +66,6 @@ def plan_workers(requested: int, n_jobs: int, model_dir: Path) -> tuple[int, int
         avail = available_memory()
         if avail is not None:
             workers = min(workers, max(1, avail // (2 * weight_bytes + WORKER_OVERHEAD_BYTES)))
-    workers = max(1, workers)
     return workers, max(1, cores // workers)
 
 
