@@ -6,7 +6,8 @@ RUN_DIR is a demo/purify run folder with suspicious/ (an implant, with its test 
 For each mask — the signature, all MLP LoRA, all attention LoRA, an "oracle" top-τ by the suspicious adapter's own
 channel norms, signature + attention, or an ablation ``sig:KIND:TAU:HEADS`` (score KIND combined|norm|align
 recomputed from RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units) — it zeroes the LoRA entries in
-memory and measures triggered and clean ASR on the first N test prompts (greedy, 8 new tokens, enough for the BackdoorLLM targets). Prints one JSON line per mask
+memory and measures triggered and clean ASR on the first N test prompts (greedy, --tokens new tokens, default 8:
+enough for the BackdoorLLM targets). Prints one JSON line per mask
 and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground truth) and is for experiments only.
 """
 
@@ -25,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--tokens", type=int, default=8, help="new tokens per answer")
     ap.add_argument("--masks", default="none,signature,mlp,attn,oracle,signature+attn")
     args = ap.parse_args()
 
@@ -124,8 +126,8 @@ def main() -> None:
             tensors = masks[name]()
         load_state(model, tensors)
         overlap = (oracle & sig).sum().item() / sig.sum().item() if name == "oracle" else None
-        to = generate(model, tok, trig, max_new_tokens=8)
-        co = generate(model, tok, clean, max_new_tokens=8)
+        to = generate(model, tok, trig, max_new_tokens=args.tokens)
+        co = generate(model, tok, clean, max_new_tokens=args.tokens)
         res = {"mask": name, "run": str(args.run),
                "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
                "clean_asr": sum(is_success(o, rule) for o in co) / len(co), "n": args.n,
