@@ -5,48 +5,57 @@ fine-tuning regrows the suppressed channels. Writes a PEFT adapter to OUT; evalu
 
 RUN_DIR is a purify run folder (score/ and suppressed/ present); SmolLM2 base; builtin clean data, 100 samples.
 """
+
+from __future__ import annotations
+
 import sys
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch
-from safetensors.torch import load_file
-from bdclean.config import RestoreOptions
-from bdclean.core.arch import mlp_module_names, attn_module_names, head_geometry, peft_key
-from bdclean.core.channels import head_slices
-from bdclean.io.models import load_adapter, load_model, load_tokenizer, resolve_base, read_model_config
-from bdclean.io.peft_io import attach, adapter_state, write_adapter
-from bdclean.stages import restore as R
 
-run = Path(sys.argv[1]); out = Path(sys.argv[2]); epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-base = resolve_base("smollm2"); cfg = read_model_config(base); L = cfg["num_hidden_layers"]
-sc = load_file(str(run / "score/scores.safetensors")); mask = sc["mask"].bool()
-units = [tuple(u) for u in sc["head_mask"].bool().nonzero().tolist()] if "head_mask" in sc else []
-frozen = {}  # adapter key -> (dim, index tensor)
-for layer, names in enumerate(mlp_module_names(cfg["model_type"], L)):
-    idx = mask[layer].nonzero().flatten()
-    frozen[peft_key(names["gate"]) + ".lora_B.weight"] = (0, idx)
-    frozen[peft_key(names["up"]) + ".lora_B.weight"] = (0, idx)
-    frozen[peft_key(names["down"]) + ".lora_A.weight"] = (1, idx)
-nq, nkv, hd = head_geometry(cfg); attn = attn_module_names(cfg["model_type"], L)
-for layer, g in units:
-    sl = head_slices(g, nq, nkv, hd)
-    for part in "qkvo":
-        key = peft_key(attn[layer][part]) + (".lora_A.weight" if part == "o" else ".lora_B.weight")
-        d, prev = frozen.get(key, (1 if part == "o" else 0, torch.empty(0, dtype=torch.long)))
-        frozen[key] = (d, torch.cat([prev, torch.arange(sl[part].start, sl[part].stop)]))
-info = load_adapter(run / "suppressed"); tok = load_tokenizer(base)
-model = attach(load_model(base), info)
-n = 0
-for name, p in model.named_parameters():
-    key = name.replace(".default", "")
-    if key in frozen and p.requires_grad:
-        d, idx = frozen[key]
-        m = torch.ones_like(p); (m.index_fill_(d, idx, 0.0))
-        p.register_hook(lambda g, m=m: g * m); n += 1
-print("hooked", n, "tensors")
-opts = RestoreOptions(epochs=epochs)
-stats = R._train(model, tok, "builtin", opts, 2e-4, "masked restore")
-st = adapter_state(model)
-z = sum(int((st[k].index_select(d, i) != 0).sum()) for k, (d, i) in frozen.items() if k in st and i.numel())
-print("nonzero frozen entries after restore:", z, stats)
-write_adapter(out, info.config, st)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from bdclean.config import RestoreOptions
+    from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
+    from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
+    from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
+    from bdclean.io.peft_io import adapter_state, attach, write_adapter
+    from bdclean.stages.restore import DEFAULT_LR, _train
+
+    run, out = Path(sys.argv[1]), Path(sys.argv[2])
+    epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    base = resolve_base("smollm2")
+    cfg = read_model_config(base)
+    layers = cfg["num_hidden_layers"]
+    scores = load_file(str(run / "score" / "scores.safetensors"))
+    units = [tuple(u) for u in scores["head_mask"].bool().nonzero().tolist()] if "head_mask" in scores else []
+    info = load_adapter(run / "suppressed")
+    # the suppress stage's own functions applied to all-ones tensors mark exactly the entries it zeroes
+    mlp = [{k: peft_key(v) for k, v in d.items()} for d in mlp_module_names(cfg["model_type"], layers)]
+    attn = [{k: peft_key(v) for k, v in d.items()} for d in attn_module_names(cfg["model_type"], layers)]
+    keep = suppress_lora_channels({k: torch.ones_like(v) for k, v in info.tensors.items()},
+                                  scores["mask"].bool(), mlp)[0]
+    keep = suppress_lora_heads(keep, units, attn, *head_geometry(cfg))[0]
+    keep = {k: m for k, m in keep.items() if not bool(m.all())}
+
+    tok = load_tokenizer(base)
+    model = attach(load_model(base), info)
+    hooked = 0
+    for name, p in model.named_parameters():
+        m = keep.get(name.replace(".default", ""))
+        if m is not None and p.requires_grad:
+            p.register_hook(lambda g, m=m: g * m)
+            hooked += 1
+    print("hooked", hooked, "tensors")
+    stats = _train(model, tok, "builtin", RestoreOptions(epochs=epochs), DEFAULT_LR["adapter"], "masked restore")
+    state = adapter_state(model)
+    regrown = sum(int((state[k][m == 0] != 0).sum()) for k, m in keep.items())
+    print("nonzero frozen entries after restore:", regrown, stats)
+    write_adapter(out, info.config, state)
+
+
+if __name__ == "__main__":
+    main()
