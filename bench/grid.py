@@ -4,8 +4,9 @@
     .venv/bin/python bench/grid.py --quick         # make bench-quick: the two BadNets cells
     .venv/bin/python bench/grid.py --cells badnet-sentiment --methods finetune,prune
 
-Resumable per cell: the implant is reused when present, `bdclean compare` skips finished methods and evaluations,
-and a cell whose result JSON exists is not recomputed (delete bench/results/cells/<cell>.json to redo it).
+Resumable per cell: the implant is reused when present and `bdclean compare` skips every method and evaluation
+whose inputs (config, defaults, adapter, test sets) are unchanged, so rerunning a finished cell costs seconds and
+only what changed (e.g. bdclean's defaults) is recomputed; the cell JSON is rewritten only when its rows change.
 BENCHMARKS.md is regenerated from every cell JSON at the end of each run.
 """
 
@@ -204,10 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     (res / "cells").mkdir(parents=True, exist_ok=True)
     for cell in cells:
         path = res / "cells" / f"{cell}.json"
-        if path.is_file():
-            print(f"cell {cell}: done ({path})", flush=True)
+        old = json.loads(path.read_text()) if path.is_file() else None
+        rec = run_cell(cell, a, bd)  # compare skips every method and evaluation whose inputs are unchanged
+        if old and old.get("rows") == rec["rows"] and old.get("commands") == rec["commands"]:
+            print(f"cell {cell}: done, nothing changed ({path})", flush=True)
             continue
-        rec = run_cell(cell, a, bd)
         write_json(path, rec)
     write_markdown(res, Path(a.benchmarks))
     print(f"wrote {a.benchmarks}")

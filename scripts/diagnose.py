@@ -5,7 +5,8 @@
 RUN_DIR is a demo/purify run folder with suspicious/ (an implant, with its test sets) and score/scores.safetensors.
 For each mask — the signature, all MLP LoRA, all attention LoRA, an "oracle" top-τ by the suspicious adapter's own
 channel norms, signature + attention, or an ablation ``sig:KIND:TAU:HEADS`` (score KIND combined|norm|align
-recomputed from RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units) — it zeroes the LoRA entries in
+recomputed from RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units), or a layer band
+``zero:PART:A-B`` (every PART = all|mlp|attn LoRA of layers A..B-1) — it zeroes the LoRA entries in
 memory and measures triggered and clean ASR on the first N test prompts (greedy, --tokens new tokens, default 8:
 enough for the BackdoorLLM targets). Prints one JSON line per mask
 and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground truth) and is for experiments only.
@@ -104,6 +105,19 @@ def main() -> None:
                     t[key] = torch.zeros_like(t[key])
         return t
 
+    def zero_layers(spec: str) -> dict:
+        """``zero:PART:A-B``: every LoRA of PART (all|mlp|attn) in layers A..B-1 zeroed (lora_B := 0)."""
+        _, part, span = spec.split(":")
+        lo, hi = (int(x) for x in span.split("-"))
+        groups = {"mlp": mlp, "attn": attn, "all": None}[part]
+        t = dict(T)
+        for layer in range(lo, hi):
+            for names in ([mlp[layer], attn[layer]] if groups is None else [groups[layer]]):
+                for key in (n + ".lora_B.weight" for n in names.values()):
+                    if key in t:
+                        t[key] = torch.zeros_like(t[key])
+        return t
+
     oracle = top_mask(own_norms(), int(sig.sum()))  # what bdclean cannot know: the suspicious adapter's own norms
     masks = {
         "none": lambda: T,
@@ -122,6 +136,8 @@ def main() -> None:
         m_, u_ = sig, units
         if name.startswith("sig:"):
             tensors, m_, u_ = ablation(name)
+        elif name.startswith("zero:"):
+            tensors = zero_layers(name)
         else:
             tensors = masks[name]()
         load_state(model, tensors)

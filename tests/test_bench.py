@@ -33,8 +33,10 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     text = md.read_text()
     assert "| badnet-sentiment (3 prompts) |" in text and "| norm | 25 / 0 |" in text
     capsys.readouterr()
-    grid.main(argv)  # resume: the finished cell is not recomputed
-    assert "cell badnet-sentiment: done" in capsys.readouterr().out
+    before = (results / "cells" / "badnet-sentiment.json").read_bytes()
+    grid.main(argv)  # resume: nothing changed, so nothing is recomputed or rewritten
+    assert "cell badnet-sentiment: done, nothing changed" in capsys.readouterr().out
+    assert (results / "cells" / "badnet-sentiment.json").read_bytes() == before
     # --tau auto on the finished cell, reusing its twins
     import tau_auto
 
@@ -45,7 +47,7 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     tau_auto.main(targs)
     assert "badnet-refusal: skipped, the cell has not been run" in capsys.readouterr().out
     rec = json.loads((results / "tau_auto" / "badnet-sentiment.json").read_text())
-    assert rec["chosen_tau"] in (0.1, 0.3, 0.5) and rec["reason"]  # a grid value, or the default τ as fallback
+    assert rec["chosen_tau"] in (0.1, 0.3, 0.8) and rec["reason"]  # a grid value, or the default τ as fallback
     assert "`--tau auto` vs the fixed default τ" in md.read_text()
 
 

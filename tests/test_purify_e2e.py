@@ -121,12 +121,19 @@ def test_heads_scope_and_score_variants_rerun_without_training(tiny_base, tiny_a
     assert (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns == pairs_mtime
     code, _, err = run_cli("score", "--out", out, "--heads", "999")
     assert code == 2 and "attention units" in err
-    # defaults without a config: adapter-only → τ 0.5 of MLP channels + 35 % of attention units, recorded resolved
+    # defaults without a config: adapter-only → τ 0.8 of MLP channels + every attention unit, recorded resolved
     code, _, err = run_cli("score", "--out", out)
     assert code == 0, err
     sig = json.loads((out / "score" / "signature.json").read_text())
     units = sig["layers"] * 2  # tiny model: 2 kv heads per layer
-    assert sig["tau"] == 0.5 and sig["n_selected"] == sig["layers"] * sig["channels_per_layer"] // 2
-    assert len(sig["heads"]) == -(-0.35 * units // 1)
+    assert sig["tau"] == 0.8 and sig["n_selected"] == -(-0.8 * sig["layers"] * sig["channels_per_layer"] // 1)
+    assert len(sig["heads"]) == units
     man = json.loads((out / "score" / "manifest.json").read_text())
-    assert man["config"]["tau"] == 0.5 and man["config"]["heads"] == 0.35
+    assert man["config"]["tau"] == 0.8 and man["config"]["heads"] == "all"
+    # a fraction, 'all' and nonsense from the command line
+    for arg, n in (("0.5", units // 2), ("all", units)):
+        code, _, err = run_cli("score", "--out", out, "--heads", arg)
+        assert code == 0, err
+        assert len(json.loads((out / "score" / "signature.json").read_text())["heads"]) == n
+    code, _, err = run_cli("score", "--out", out, "--heads", "most")
+    assert code != 0 and "heads" in err and "Traceback" not in err

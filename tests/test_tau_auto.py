@@ -2,6 +2,7 @@
 
 import json
 
+from bdclean.config import DEFAULT_TAU
 from bdclean.stages.tau_auto import aggregate, choose
 
 
@@ -54,7 +55,7 @@ def test_tau_auto_end_to_end_is_deterministic(tiny_base, tiny_adapter, tiny_data
         sel = json.loads((out / "score" / "tau_selection.json").read_text())
         assert len(sel["runs"]) == 3 and len(sel["clean_twins"]) == 1  # τ = 0 reference + 2 grid values
         if sel["table"][0]["removal"] is None:  # the tiny held-out backdoor did not take: default τ, said so
-            assert sel["tau"] == 0.5 and "no held-out synthetic backdoor took" in sel["reason"]
+            assert sel["tau"] == DEFAULT_TAU["adapter"] and "no held-out synthetic backdoor took" in sel["reason"]
         else:
             assert sel["tau"] in (0.1, 0.3) and all(0 <= t["removal"] <= 1 for t in sel["table"])
         sig = json.loads((out / "score" / "signature.json").read_text())

@@ -71,8 +71,11 @@ def select_top(scores: torch.Tensor, tau: float, scope: str = "global") -> torch
     return mask
 
 
-def unit_count(heads: float, total: int) -> int:
-    """``--heads``: a count (≥ 1) or a fraction of ``total`` units (< 1; at least one unit when positive)."""
+def unit_count(heads: float | str, total: int) -> int:
+    """``--heads``: ``"all"``, a count (≥ 1) or a fraction of ``total`` units (< 1; at least one unit when
+    positive)."""
+    if heads == "all":
+        return total
     if heads <= 0:
         return 0
     return int(heads) if heads >= 1 else max(1, math.ceil(heads * total))

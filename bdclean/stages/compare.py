@@ -37,12 +37,12 @@ def parse_methods(spec: str | list[str] | None) -> list[str]:
 
 def defend_options(cfg: PurifyConfig) -> DefendOptions:
     """The baselines' settings from the purify config: restore's training budget, the signature's τ."""
-    from bdclean.config import DEFAULT_TAU
+    from bdclean.config import BASELINE_PRUNE_TAU
     from bdclean.stages.restore import DEFAULT_LR
 
     train = cfg.restore.model_dump()
     train["lr"] = train["lr"] or DEFAULT_LR["adapter"]  # restore's own default for adapters
-    tau = cfg.score.tau if isinstance(cfg.score.tau, float) else DEFAULT_TAU["adapter"]
+    tau = cfg.score.tau if isinstance(cfg.score.tau, float) else BASELINE_PRUNE_TAU
     return DefendOptions(**train, tau=tau)
 
 

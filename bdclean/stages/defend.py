@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from bdclean import constants as C
-from bdclean.config import DEFAULT_TAU, RestoreOptions
+from bdclean.config import BASELINE_PRUNE_TAU, RestoreOptions
 from bdclean.console import log
 from bdclean.errors import BdcleanError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
@@ -42,7 +42,7 @@ class DefendOptions(RestoreOptions):
 
     lr: float = Field(2e-4, gt=0, lt=1, description="learning rate of the fine-tuning baselines (restore's, "
                                                      "adapter-only; the CROW paper used 1e-3)")
-    tau: float = Field(DEFAULT_TAU["adapter"], gt=0, lt=1,
+    tau: float = Field(BASELINE_PRUNE_TAU, gt=0, lt=1,
                        description="fraction of MLP channels pruned (prune, fine-prune)")
     crow_alpha: float = Field(5.5, ge=0, description="weight of CROW's consistency loss")
     crow_eps: float = Field(0.1, ge=0, description="FGSM step on the input embeddings (CROW)")

@@ -26,7 +26,8 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     if up_to_date(folder, man.fingerprint, "score", force):
         return folder
     G, HG = load_grams(dfolder)
-    if opts.heads > 0:  # checked before a --tau auto selection spends minutes
+    k = 0
+    if opts.heads == "all" or opts.heads > 0:  # checked before a --tau auto selection spends minutes
         if HG is None:
             raise UsageError("--heads needs attention LoRA modules (q/k/v/o_proj) in the adapter")
         total = HG.shape[0] * HG.shape[1]
@@ -69,7 +70,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     }
     tensors = {"score": scores.float(), "norm": norm.float(), "align": align.float(), "mask": mask.to(torch.uint8)}
     signature["heads"] = []
-    if opts.heads > 0:
+    if k > 0:
         hn, ha = norm_and_align(HG)
         hs = combine(hn, ha, opts.lam, opts.score, opts.norm_scale)
         hmask = select_top_k(hs, k)
