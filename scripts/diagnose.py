@@ -96,27 +96,23 @@ def main() -> None:
         t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
         return t, m, us
 
-    def zero_attn(t: dict) -> dict:
+    def zero_b(t: dict, modules: list[dict]) -> dict:
+        """``t`` with lora_B of every module in ``modules`` (name dicts, one per layer) zeroed."""
         t = dict(t)
-        for names in attn:
-            for part in names:
-                key = names[part] + ".lora_B.weight"
-                if key in t:
-                    t[key] = torch.zeros_like(t[key])
+        for key in (n + ".lora_B.weight" for names in modules for n in names.values()):
+            if key in t:
+                t[key] = torch.zeros_like(t[key])
         return t
+
+    def zero_attn(t: dict) -> dict:
+        return zero_b(t, attn)
 
     def zero_layers(spec: str) -> dict:
         """``zero:PART:A-B``: every LoRA of PART (all|mlp|attn) in layers A..B-1 zeroed (lora_B := 0)."""
         _, part, span = spec.split(":")
         lo, hi = (int(x) for x in span.split("-"))
-        groups = {"mlp": mlp, "attn": attn, "all": None}[part]
-        t = dict(T)
-        for layer in range(lo, hi):
-            for names in ([mlp[layer], attn[layer]] if groups is None else [groups[layer]]):
-                for key in (n + ".lora_B.weight" for n in names.values()):
-                    if key in t:
-                        t[key] = torch.zeros_like(t[key])
-        return t
+        groups = {"mlp": [mlp], "attn": [attn], "all": [mlp, attn]}[part]
+        return zero_b(T, [g[layer] for g in groups for layer in range(lo, hi)])
 
     oracle = top_mask(own_norms(), int(sig.sum()))  # what bdclean cannot know: the suspicious adapter's own norms
     masks = {

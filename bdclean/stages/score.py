@@ -27,7 +27,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
         return folder
     G, HG = load_grams(dfolder)
     k = 0
-    if opts.heads == "all" or opts.heads > 0:  # checked before a --tau auto selection spends minutes
+    if opts.heads:  # 'all', a count or a fraction (0 = none); checked before a --tau auto selection spends minutes
         if HG is None:
             raise UsageError("--heads needs attention LoRA modules (q/k/v/o_proj) in the adapter")
         total = HG.shape[0] * HG.shape[1]
