@@ -128,7 +128,10 @@ def target_check(cell: dict) -> str:
                ours["perplexity"] <= 1.05 * none["perplexity"]),
               ("lowest triggered ASR of all methods",
                all(ours["triggered_asr"] <= r["triggered_asr"] for r in cell["rows"]))]
-    return "; ".join(f"{text}: {'met' if ok else '**missed**'}" for text, ok in checks)
+    if not set(by) - {"ours", "none"}:  # only the suspicious model to beat: say so rather than claim "met"
+        checks[-1] = ("lowest triggered ASR of all methods", None)
+    word = {True: "met", False: "**missed**", None: "not checked (no baseline run in this cell yet)"}
+    return "; ".join(f"{text}: {word[ok]}" for text, ok in checks)
 
 
 def tau_auto_table(folder: Path) -> list[str]:

@@ -136,7 +136,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     hist = json.loads(out.read_text()) if out.is_file() else []
     hist.append(record)
-    out.write_text(json.dumps(hist, indent=2) + "\n")
+    from bdclean.io.artifacts import write_json
+
+    write_json(out, hist)  # temp file + rename: an interrupted run never truncates the history
     print(json.dumps(results, indent=2))
 
 

@@ -65,6 +65,8 @@ def test_target_check_reports_met_and_missed():
     assert "perplexity +1.2 % ≤ +5 %: met" in line
     cell["attack"] = "vpi"  # 10 % limit outside BadNets
     assert "triggered ASR 8 % ≤ 10 %: met" in grid.target_check(cell)
+    cell["rows"] = [r for r in cell["rows"] if r["method"] != "finetune"]  # baselines not run yet in this cell
+    assert "lowest triggered ASR of all methods: not checked" in grid.target_check(cell)
 
 
 def test_speed_benchmark_runs_on_tiny_model(tiny_base, tmp_path, monkeypatch, capsys):
