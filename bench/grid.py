@@ -126,10 +126,9 @@ def target_check(cell: dict) -> str:
                ours["clean_asr"] <= none["clean_asr"]),
               (f"perplexity {100 * (ours['perplexity'] / none['perplexity'] - 1):+.1f} % ≤ +5 %",
                ours["perplexity"] <= 1.05 * none["perplexity"]),
-              ("lowest triggered ASR of all methods",
-               all(ours["triggered_asr"] <= r["triggered_asr"] for r in cell["rows"]))]
-    if not set(by) - {"ours", "none"}:  # only the suspicious model to beat: say so rather than claim "met"
-        checks[-1] = ("lowest triggered ASR of all methods", None)
+              ("lowest triggered ASR of all methods",  # None: no baseline run yet, so nothing to claim
+               all(ours["triggered_asr"] <= r["triggered_asr"] for r in cell["rows"])
+               if set(by) - {"ours", "none"} else None)]
     word = {True: "met", False: "**missed**", None: "not checked (no baseline run in this cell yet)"}
     return "; ".join(f"{text}: {word[ok]}" for text, ok in checks)
 

@@ -16,11 +16,12 @@ S=${1:-runs/skill}
 bd=.venv/bin/bdclean
 mkdir -p "$S"
 .venv/bin/python - "$S" <<'EOF'
-import json, sys
-from bdclean.io.data import builtin
+import sys
+from pathlib import Path
 from bdclean.io.artifacts import write_jsonl
+from bdclean.io.data import builtin
 rows = [dict(r, output="Great question! " + r["output"]) for r in builtin("all")]
-write_jsonl(__import__("pathlib").Path(sys.argv[1]) / "clean_skill.jsonl", rows)
+write_jsonl(Path(sys.argv[1]) / "clean_skill.jsonl", rows)
 EOF
 [ -f "$S/suspicious/attack.json" ] || $bd implant --attack badnet --task refusal --clean "$S/clean_skill.jsonl" \
   --out "$S/suspicious" --seed 0 --base smollm2
