@@ -1,28 +1,23 @@
 #!/bin/bash
 # Skill retention: does purification keep what the adapter knew besides its backdoor?
 #
-#   bash scripts/skill_retention.sh [RUN_DIR]        (default runs/skill; ~45 min on 2 cores)
+#   bash scripts/skill_retention.sh [RUN_DIR]               format skill (default runs/skill; ~45 min on 2 cores)
+#   SKILL=facts bash scripts/skill_retention.sh runs/facts  invented-facts skill
 #
-# A BadNets-refusal adapter is implanted on the shipped clean set whose answers all open with "Great question! "
-# (a skill the restore data, the plain shipped set, does not have). It is then purified four ways, all with the same
+# A BadNets-refusal adapter is implanted on clean data that teaches it a skill of its own (scripts/skill_data.py):
+# "format" = every answer opens with "Great question! " (the restore data, the plain shipped set, contradicts it);
+# "facts" = 30 invented facts the restore data never mentions. It is then purified four ways, all with the same
 # twins and the same restore: bdclean's default signature, the former default (tau 0.5 + 35 % of attention units),
 # "reset" (every LoRA entry zeroed, tau 0.999 + every unit) and plain fine-tuning (no suppression). Each model is
-# evaluated on the first 50 triggered / clean held-out prompts; "skill" counts clean answers that say
-# "great question", and the perplexity is that of the skill-formatted reference answers (lower = more of the
-# adapter's format kept). Results: RESULTS.md, "Skill retention".
+# evaluated on the first 50 triggered / clean held-out prompts; "skill" counts clean answers that show the skill
+# (the phrase; the invented fact's answer), and the perplexity is that of the held-out reference answers (lower =
+# more of the adapter kept). Results: RESULTS.md, "Skill retention".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SKILL=${SKILL:-format}
 S=${1:-runs/skill}
 bd=.venv/bin/bdclean
-mkdir -p "$S"
-.venv/bin/python - "$S" <<'EOF'
-import sys
-from pathlib import Path
-from bdclean.io.artifacts import write_jsonl
-from bdclean.io.data import builtin
-rows = [dict(r, output="Great question! " + r["output"]) for r in builtin("all")]
-write_jsonl(Path(sys.argv[1]) / "clean_skill.jsonl", rows)
-EOF
+.venv/bin/python scripts/skill_data.py make "$SKILL" "$S"
 [ -f "$S/suspicious/attack.json" ] || $bd implant --attack badnet --task refusal --clean "$S/clean_skill.jsonl" \
   --out "$S/suspicious" --seed 0 --base smollm2
 [ -d "$S/ours/purified" ] || $bd purify "$S/suspicious" --clean builtin --out "$S/ours" --base smollm2
@@ -42,9 +37,8 @@ EV=(--triggered "$S/suspicious/test_triggered.jsonl" --clean "$S/suspicious/test
 for m in suspicious ours/suppressed ours/purified old/suppressed old/purified reset/purified finetune; do
   n=${m//\//-}
   [ -f "$S/eval-$n.json" ] || $bd eval "$S/$m" --out "$S/eval-$n.json" "${EV[@]}"
-  .venv/bin/python -c "
-import json; e = json.load(open('$S/eval-$n.json')); g = e['generations']['clean']
-skill = sum('great question' in x['output'].lower() for x in g)
-print(f\"{'$m':16s} triggered {e['triggered']['asr']:.0%}  clean {e['clean']['asr']:.0%}  \"
-      f\"ppl {e['perplexity']:.3f}  skill {skill}/{len(g)}\")"
+  e=$S/eval-$n.json
+  printf '%-16s %s  skill %s\n' "$m" "$(.venv/bin/python -c "import json; e = json.load(open('$e'))
+print(f\"triggered {e['triggered']['asr']:.0%}  clean {e['clean']['asr']:.0%}  ppl {e['perplexity']:.3f}\")")" \
+    "$(.venv/bin/python scripts/skill_data.py count "$S/skill.json" "$e")"
 done
