@@ -180,3 +180,39 @@ def test_suppress_heads_zeroes_only_the_unit():
         assert torch.equal(dw[keep], old[keep])
     dwo = new["m.o.lora_B.weight"] @ new["m.o.lora_A.weight"]
     assert torch.count_nonzero(dwo[:, sl["o"]]) == 0
+
+
+def test_frobenius_sq_matches_dense():
+    g = torch.Generator().manual_seed(3)
+    x = LowRank(torch.randn(12, 4, generator=g), torch.randn(4, 9, generator=g))
+    assert math.isclose(x.frobenius_sq(), float(((x.B.double() @ x.A.double()) ** 2).sum()), rel_tol=1e-9)
+
+
+def test_kept_update_share_by_module_kind():
+    from pathlib import Path
+
+    from bdclean.io.models import AdapterInfo
+    from bdclean.stages.suppress import kept_update
+
+    g = torch.Generator().manual_seed(4)
+    mods = {"m.layers.0.mlp.gate_proj": (6, 5), "m.layers.0.self_attn.q_proj": (5, 5)}
+    before = {}
+    for m, (o, i) in mods.items():
+        before[m + ".lora_A.weight"] = torch.randn(2, i, generator=g)
+        before[m + ".lora_B.weight"] = torch.randn(o, 2, generator=g)
+    info = AdapterInfo(Path("."), {"r": 2, "lora_alpha": 4, "alpha_pattern": {"q_proj": 2}}, before)
+    after = dict(before)
+    after["m.layers.0.mlp.gate_proj.lora_B.weight"] = before["m.layers.0.mlp.gate_proj.lora_B.weight"].clone()
+    after["m.layers.0.mlp.gate_proj.lora_B.weight"][:3] = 0  # half the MLP channels zeroed, attention untouched
+
+    def energy(t, m, s):
+        return float(((s * t[m + ".lora_B.weight"] @ t[m + ".lora_A.weight"]).double() ** 2).sum())
+
+    kept = kept_update(info, before, after, {"m.layers.0.mlp.gate_proj"})
+    mlp, q = "m.layers.0.mlp.gate_proj", "m.layers.0.self_attn.q_proj"
+    assert kept["attention"] == 1.0
+    assert math.isclose(kept["mlp"], energy(after, mlp, 2.0) / energy(before, mlp, 2.0), abs_tol=1e-4)
+    total_after, total_before = energy(after, mlp, 2.0) + energy(after, q, 1.0), energy(before, mlp, 2.0) + energy(
+        before, q, 1.0)
+    assert math.isclose(kept["all"], total_after / total_before, abs_tol=1e-4)
+    assert 0 < kept["mlp"] < kept["all"] < 1

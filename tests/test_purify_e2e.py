@@ -40,6 +40,10 @@ def test_purify_end_to_end_and_skip(tiny_base, tiny_adapter, tiny_data, tmp_path
     c = sig["channels"][0]
     key = f"base_model.model.model.layers.{c['layer']}.mlp.gate_proj.lora_B.weight"
     assert torch.count_nonzero(sup[key][c["channel"]]) == 0
+    # the manifest says how much of the adapter's update is left (every attention unit is in the signature)
+    kept = json.loads((out / "suppressed" / "manifest.json").read_text())["extra"]["kept_update_share"]
+    assert kept["attention"] == 0 and 0 < kept["mlp"] < 1 and 0 < kept["all"] < 1
+    assert "keeps" in stderr and "of its weight update" in stderr
     # rerun: every stage skipped, nothing rewritten
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     code, _, stderr = run_cli("purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,

@@ -36,6 +36,11 @@ class LowRank:
     def dense(self) -> torch.Tensor:
         return self.B @ self.A
 
+    def frobenius_sq(self) -> float:
+        """‖B A‖²_F = tr((A Aᵀ)(Bᵀ B)), without forming the dense matrix (float64)."""
+        A, B = self.A.double(), self.B.double()
+        return float(((A @ A.T) * (B.T @ B)).sum())
+
 
 @dataclass
 class Dense:

@@ -70,6 +70,24 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
     return {"init_std": std, "tensors_changed": changed}
 
 
+MOSTLY_REMOVED = 0.25  # below this kept share of the adapter's update, say that purifying ≈ discarding the adapter
+
+
+def kept_update(info, before: dict, after: dict, mlp_keys: set[str]) -> dict[str, float]:
+    """Share of the adapter's weight update ‖ΔW‖²_F (summed over its LoRA modules, with their scaling) that is left
+    after suppression: overall, in the MLP modules and in the others (attention)."""
+    from bdclean.core.channels import LowRank
+
+    sums = {"all": [0.0, 0.0], "mlp": [0.0, 0.0], "attention": [0.0, 0.0]}
+    for mod, (ka, kb) in info.module_pairs().items():
+        s = info.scaling(mod, before[ka].shape[0])
+        for i, t in enumerate((before, after)):
+            e = LowRank(t[kb].double() * s, t[ka].double()).frobenius_sq()
+            sums["all"][i] += e
+            sums["mlp" if mod in mlp_keys else "attention"][i] += e
+    return {k: round(a / b, 4) for k, (b, a) in sums.items() if b > 0}
+
+
 def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, full: bool | None = None) -> Path:
     from safetensors.torch import load_file
 
@@ -120,8 +138,15 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
         tensors, hchanged = suppress_lora_heads(tensors, units, attn, *head_geometry(sus.model_cfg))
         changed += hchanged
     write_adapter(folder, sus.info.config, tensors)
-    man.extra = {"channels_suppressed": int(mask.sum()), "heads_suppressed": len(units), "tensors_changed": changed}
+    kept = kept_update(sus.info, sus.info.tensors, tensors, {m[p] for m in modules for p in m})
+    man.extra = {"channels_suppressed": int(mask.sum()), "heads_suppressed": len(units), "tensors_changed": changed,
+                 "kept_update_share": kept}
     man.write(folder, [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS])
-    log(f"suppress: zeroed {int(mask.sum())} channels in {changed} LoRA tensors → {folder}")
+    parts = ", ".join(f"{k} {v:.0%}" for k, v in kept.items() if k != "all")
+    log(f"suppress: zeroed {int(mask.sum())} channels and {len(units)} attention units in {changed} LoRA tensors; "
+        f"the adapter keeps {kept.get('all', 0):.0%} of its weight update ‖ΔW‖² ({parts}) → {folder}")
+    if kept.get("all", 1.0) < MOSTLY_REMOVED:
+        log(f"[yellow]suppress: the signature takes most of the adapter: purifying it is close to discarding it and "
+            f"fine-tuning, so skills the restore data lacks may be lost (RESULTS.md, 'Skill retention')[/yellow]")
     return folder
 
