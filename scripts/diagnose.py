@@ -6,10 +6,12 @@ RUN_DIR is a demo/purify run folder with suspicious/ (an implant, with its test 
 For each mask — the signature, all MLP LoRA, all attention LoRA, an "oracle" top-τ by the suspicious adapter's own
 channel norms, signature + attention, or an ablation ``sig:KIND:TAU:HEADS`` (score KIND combined|norm|align
 recomputed from RUN_DIR/diff at ratio TAU plus a HEADS fraction of attention units), or a layer band
-``zero:PART:A-B`` (every PART = all|mlp|attn LoRA of layers A..B-1) — it zeroes the LoRA entries in
-memory and measures triggered and clean ASR on the first N test prompts (greedy, --tokens new tokens, default 8:
-enough for the BackdoorLLM targets). Prints one JSON line per mask
-and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground truth) and is for experiments only.
+``zero:PART:A-B`` (every PART = all|mlp|attn LoRA of layers A..B-1), or ``proj:TAU:HEADS`` (experimental: channels and
+units ranked by how far the suspicious adapter's own update reaches along the variants' backdoor directions) — it
+zeroes the LoRA entries in memory and measures triggered and clean ASR on the first N test prompts (greedy,
+--tokens new tokens, default 8: enough for the BackdoorLLM targets), and the share of the adapter's update ‖ΔW‖²
+each mask keeps. Prints one JSON line per mask and appends them to RUN_DIR/diagnose.jsonl. Uses attack.json (ground
+truth) and is for experiments only.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
     from bdclean.io.peft_io import attach, load_state
     from bdclean.stages.diff import load_grams
+    from bdclean.stages.suppress import kept_update
     from bdclean.train.generate import generate
 
     sus_dir = args.run / "suspicious"
@@ -90,9 +93,55 @@ def main() -> None:
         m = select_top(combine(*norm_and_align(G), 0.01, kind, "none"), float(tau), "global")
         us: list = []
         if HG is not None:
-            k = unit_count(float(heads), HG.shape[0] * HG.shape[1])
+            k = unit_count(heads if heads == "all" else float(heads), HG.shape[0] * HG.shape[1])
             hmask = select_top_k(combine(*norm_and_align(HG), 0.01, kind, "none"), k)
             us = [tuple(u) for u in hmask.nonzero().tolist()]
+        t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
+        return t, m, us
+
+    def cross_grams() -> tuple[torch.Tensor, torch.Tensor]:
+        """Grams [layers, units, N+1, N+1] of the N variants' deltas plus the suspicious adapter's own update (last)."""
+        from bdclean.core.channels import LowRank, channel_gram, head_gram
+
+        from bdclean import constants as C
+
+        pf = args.run / C.STAGE_DIRS["train-pairs"]
+        n = json.loads((pf / C.MANIFEST).read_text())["extra"]["n_variants"]
+        twins = [tuple(load_file(str(pf / C.PAIR_WEIGHTS.format(i=i, twin=w))) for w in ("bd", "clean"))
+                 for i in range(n)]
+
+        def deltas(key: str) -> list:
+            ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
+            if ka not in twins[0][0]:
+                return [None] * (n + 1)
+            s = info.scaling(key, T[ka].shape[0])
+            own = LowRank(T[kb].double() * s, T[ka].double())
+            return [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins] + [own]
+
+        G = torch.stack([channel_gram(*(deltas(names[p]) for p in ("gate", "up", "down"))) for names in mlp])
+        HG = torch.stack([head_gram(*(deltas(names[p]) for p in ("q", "k", "v", "o")), *head_geometry(cfg))
+                          for names in attn])
+        return G, HG
+
+    def projection_score(G: torch.Tensor) -> torch.Tensor:
+        """mean over variants of max(0, <S_j, Δ_ij>) / ‖Δ_ij‖: the suspicious update's reach along the variants'
+        backdoor directions (S = the adapter's own update, last index)."""
+        own_dot = G[..., -1, :-1]  # <S_j, Δ_ij>
+        dn = torch.diagonal(G, dim1=-2, dim2=-1)[..., :-1].clamp_min(1e-30).sqrt()
+        return (own_dot / dn).clamp_min(0).mean(-1)
+
+    xgrams: list = []
+
+    def projection(spec: str) -> tuple[dict, torch.Tensor, list]:
+        """``proj:TAU:HEADS`` → channels and units ranked by ``projection_score`` (experimental)."""
+        _, tau, heads = spec.split(":")
+        if not xgrams:
+            xgrams.extend(cross_grams())
+        G, HG = xgrams
+        m = select_top(projection_score(G), float(tau), "global")
+        hs = projection_score(HG)
+        k = unit_count(heads if heads == "all" else float(heads), hs.numel())
+        us = [tuple(u) for u in select_top_k(hs, k).nonzero().tolist()]
         t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
         return t, m, us
 
@@ -132,6 +181,8 @@ def main() -> None:
         m_, u_ = sig, units
         if name.startswith("sig:"):
             tensors, m_, u_ = ablation(name)
+        elif name.startswith("proj:"):
+            tensors, m_, u_ = projection(name)
         elif name.startswith("zero:"):
             tensors = zero_layers(name)
         else:
@@ -144,6 +195,7 @@ def main() -> None:
                "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
                "clean_asr": sum(is_success(o, rule) for o in co) / len(co), "n": args.n,
                "signature_overlap": overlap, "tau": round(float(m_.float().mean()), 4), "heads": len(u_),
+               "kept_update_share": kept_update(info, T, tensors, {k for names in mlp for k in names.values()}),
                "seconds": round(time.time() - t0, 1)}
         print(json.dumps(res), flush=True)
         with open(out, "a") as f:
