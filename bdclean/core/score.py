@@ -11,7 +11,7 @@ import math
 
 import torch
 
-SCORE_KINDS = ("combined", "norm", "align")
+SCORE_KINDS = ("combined", "norm", "align", "projection")
 NORM_SCALES = ("none", "median")
 SCOPES = ("global", "per-layer")
 
@@ -31,12 +31,28 @@ def norm_and_align(G: torch.Tensor, eps: float = 1e-30) -> tuple[torch.Tensor, t
     return norm, align
 
 
+def projection(own: torch.Tensor, G: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """How far the suspicious adapter's own update reaches along the variants' backdoor directions, per channel:
+
+        p_j = mean_i max(0, <S_j, Δ_{i,j}>) / ‖Δ_{i,j}‖
+
+    ``own`` [..., N] holds <S_j, Δ_{i,j}> (S = the suspicious adapter's update), ``G`` [..., N, N] the variants'
+    Gram matrices. Unlike the paper's score, which ranks what the *variants* move, this ranks what the suspicious
+    adapter itself changed in the direction the variants' backdoors agree on (not in the paper; RESULTS.md)."""
+    if own.shape != G.shape[:-1]:
+        raise ValueError(f"own {tuple(own.shape)} does not match Gram {tuple(G.shape)}")
+    dn = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    reach = torch.where(dn > eps, own / dn.clamp_min(eps), torch.zeros_like(own))
+    return reach.clamp_min(0).mean(dim=-1)
+
+
 def combine(norm: torch.Tensor, align: torch.Tensor, lam: float, kind: str = "combined",
             norm_scale: str = "none") -> torch.Tensor:
     """Score per channel. ``norm_scale="median"`` divides the norm term by its median over all channels, so that
     λ weighs the alignment term the same way on every model (the paper's form is ``"none"``)."""
-    if kind not in SCORE_KINDS:
-        raise ValueError(f"unknown score kind {kind!r}")
+    if kind not in SCORE_KINDS or kind == "projection":
+        raise ValueError(f"unknown score kind {kind!r}" if kind != "projection" else
+                         "the projection score needs the suspicious adapter's update: use core.score.projection")
     if norm_scale not in NORM_SCALES:
         raise ValueError(f"unknown norm scale {norm_scale!r}")
     if norm_scale == "median":

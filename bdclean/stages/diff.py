@@ -1,7 +1,8 @@
 """diff: Δᵢ = θᵢᵇᵈ − θᵢᶜˡᵉᵃⁿ per MLP channel, stored as per-layer Gram matrices [channels, N, N] (float64).
 
 The Gram matrices are sufficient statistics for every score variant (norm, alignment, combined, normalised), so
-`score` reruns in seconds without touching weights."""
+`score` reruns in seconds without touching weights. For adapters, the dot products of the suspicious adapter's own
+update S with every Δᵢ are stored beside them (``own.*`` [channels, N]), for the projection score."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def run(out: Path, force: bool = False) -> Path:
     out = Path(out)
     pfolder = out / C.STAGE_DIRS["train-pairs"]
     folder = out / C.STAGE_DIRS["diff"]
-    man = Manifest("diff", {}, {"pairs": stage_fingerprint(pfolder, "train-pairs")})
+    man = Manifest("diff", {"own_update": True}, {"pairs": stage_fingerprint(pfolder, "train-pairs")})
     if up_to_date(folder, man.fingerprint, "diff", force):
         return folder
     pman = load_manifest(pfolder)
+    own = own_update(pman)  # the suspicious adapter's tensors, or None (full model / adapter moved)
     n = pman["extra"]["n_variants"]
     base_cfg = read_model_config(Path(pman["config"]["base"]))
     acfg = read_json(pfolder / "suspicious_adapter_config.json")
@@ -47,29 +49,85 @@ def run(out: Path, force: bool = False) -> Path:
             key = peft_key(names[part])
             ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
             if ka not in twins[0][0]:
-                parts[part] = [None] * n
+                parts[part] = [None] * (n + 1)
                 continue
             rank = twins[0][0][ka].shape[0]
             s = info.scaling(key, rank)
             parts[part] = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins]
-        grams[f"layer.{layer}"] = channel_gram(parts["gate"], parts["up"], parts["down"])
+            parts[part].append(own_delta(own, ka, kb, s))
+        _store(grams, f"layer.{layer}", channel_gram(parts["gate"], parts["up"], parts["down"]), n, own is not None)
         if has_attn:
             ap = {}
             for part, name in attn[layer].items():
                 key = peft_key(name)
                 ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
                 if ka not in twins[0][0]:
-                    ap[part] = [None] * n
+                    ap[part] = [None] * (n + 1)
                     continue
                 s_ = info.scaling(key, twins[0][0][ka].shape[0])
                 ap[part] = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s_) for bd, cl in twins]
-            grams[f"heads.{layer}"] = head_gram(ap["q"], ap["k"], ap["v"], ap["o"], n_q, n_kv, hd)
+                ap[part].append(own_delta(own, ka, kb, s_))
+            _store(grams, f"heads.{layer}", head_gram(ap["q"], ap["k"], ap["v"], ap["o"], n_q, n_kv, hd), n,
+                   own is not None)
     save_tensors(folder / C.GRAM_FILE, grams, metadata={"n_variants": str(n), "layers": str(L)})
     man.extra = {"n_variants": n, "layers": L, "channels": int(grams["layer.0"].shape[0]),
-                 "attention_units": n_kv if has_attn else 0, "query_heads_per_unit": n_q // n_kv}
+                 "attention_units": n_kv if has_attn else 0, "query_heads_per_unit": n_q // n_kv,
+                 "own_update": own is not None}
     man.write(folder, [C.GRAM_FILE])
     log(f"diff: channel Gram matrices for {L} layers × {grams['layer.0'].shape[0]} channels × N={n} → {folder}")
     return folder
+
+
+def own_update(pman: dict) -> dict | None:
+    """The suspicious adapter's tensors when train-pairs ran on an adapter that is still where it was and unchanged
+    (its digest is in the train-pairs manifest); else None, and the projection score is unavailable."""
+    from bdclean.errors import BdcleanError
+    from bdclean.stages.pairs import load_suspicious
+
+    cfg = pman["config"]
+    if cfg.get("mode") != "adapter":
+        return None
+    try:
+        sus = load_suspicious(Path(cfg["adapter"]), cfg.get("base"))
+    except BdcleanError as e:
+        log(f"diff: suspicious adapter not readable ({e}); the projection score will be unavailable")
+        return None
+    if sus.kind != "adapter" or sus.digest() != pman["inputs"].get("adapter"):
+        log(f"diff: {cfg['adapter']} changed since train-pairs; the projection score will be unavailable")
+        return None
+    return sus.info.tensors
+
+
+def own_delta(own: dict | None, ka: str, kb: str, scale: float):
+    """The suspicious adapter's update of one module as a LowRank (None: no own tensors, or it lacks the module)."""
+    from bdclean.core.channels import LowRank
+
+    if own is None or ka not in own:
+        return None
+    return LowRank(own[kb].double() * scale, own[ka].double())
+
+
+def _store(grams: dict, name: str, G: torch.Tensor, n: int, with_own: bool) -> None:
+    """Split an (N+1)-Gram (variants, then the suspicious update) into the variants' Gram and the own dots.
+
+    Entries are computed pairwise, so the variants' block is identical to a Gram of the N variants alone."""
+    grams[name] = G[..., :n, :n].contiguous()
+    if with_own:
+        grams["own." + name] = G[..., n, :n].contiguous()
+
+
+def load_own(folder: Path) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """<S_j, Δ_ij> for MLP channels [layers, channels, N] and attention units [layers, kv heads, N] (or None), or
+    None when diff had no suspicious adapter update (full model, adapter moved)."""
+    from safetensors.torch import load_file
+
+    g = load_file(str(Path(folder) / C.GRAM_FILE))
+    if "own.layer.0" not in g:
+        return None
+    L = sum(1 for k in g if k.startswith("layer."))
+    mlp = torch.stack([g[f"own.layer.{i}"] for i in range(L)])
+    heads = torch.stack([g[f"own.heads.{i}"] for i in range(L)]) if "own.heads.0" in g else None
+    return mlp, heads
 
 
 def load_grams(folder: Path) -> tuple[torch.Tensor, torch.Tensor | None]:

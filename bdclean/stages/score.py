@@ -1,4 +1,5 @@
-"""score: s_j = mean‖Δ_{i,j}‖ + λ·mean positive cosine; the signature is the top τ of channels."""
+"""score: s_j = mean‖Δ_{i,j}‖ + λ·mean positive cosine (or the projection score); the signature is the top τ of
+channels."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from bdclean.stages.common import up_to_date
 
 
 def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
-    from bdclean.core.score import combine, norm_and_align, select_top, select_top_k, unit_count
-    from bdclean.stages.diff import load_grams
+    from bdclean.core.score import combine, norm_and_align, projection, select_top, select_top_k, unit_count
+    from bdclean.stages.diff import load_grams, load_own
 
     out = Path(out)
     dfolder = out / C.STAGE_DIRS["diff"]
@@ -36,7 +37,18 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
             raise UsageError(f"--heads {opts.heads}: the model has only {total} attention units "
                              f"({HG.shape[0]} layers × {HG.shape[1]} kv heads)")
     norm, align = norm_and_align(G)
-    scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
+    own = None
+    if opts.score == "projection":
+        own = load_own(dfolder)
+        if own is None:
+            raise UsageError("--score projection needs the suspicious adapter's update, which diff did not have "
+                             "(full-model run, or the adapter moved or changed since train-pairs)")
+        if opts.tau == "auto":
+            raise UsageError("--tau auto works with the combined | norm | align scores; give --score projection "
+                             "a fixed --tau")
+        scores = projection(own[0], G)
+    else:
+        scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
     outputs = [C.SIGNATURE, C.SCORES]
     tau = opts.tau
     if tau == "auto":
@@ -56,7 +68,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
         "lambda": opts.lam,  # weight of the alignment term
         "n_variants": int(G.shape[-1]),
         "scope": opts.scope,  # "global" (top τ of all channels) or "per-layer"
-        "score": opts.score,  # combined | norm | align
+        "score": opts.score,  # combined | norm | align | projection
         "norm_scale": opts.norm_scale,  # "none" = paper's raw norm; "median" = norm / median norm
         "layers": L,
         "channels_per_layer": I,
@@ -72,7 +84,10 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     signature["heads"] = []
     if k > 0:
         hn, ha = norm_and_align(HG)
-        hs = combine(hn, ha, opts.lam, opts.score, opts.norm_scale)
+        if own is not None and own[1] is not None:
+            hs = projection(own[1], HG)
+        else:
+            hs = combine(hn, ha, opts.lam, opts.score, opts.norm_scale)
         hmask = select_top_k(hs, k)
         hsel = sorted(hmask.nonzero().tolist(), key=lambda u: (-float(hs[u[0], u[1]]), u[0], u[1]))
         group = pman_group(dfolder)
