@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bdclean.errors import UsageError
 
@@ -115,6 +115,13 @@ class ScoreOptions(_Strict):
         if any(not 0 < t < 1 for t in v):
             raise ValueError("every tau_grid value must lie in (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _projection_needs_fixed_tau(self):
+        if self.score == "projection" and self.tau == "auto":
+            raise ValueError("tau 'auto' works with the combined | norm | align scores; give the projection score a "
+                             "fixed tau")
+        return self
 
 
 class RestoreOptions(TrainOptionsModel):

@@ -132,7 +132,7 @@ def test_heads_scope_and_score_variants_rerun_without_training(tiny_base, tiny_a
     sig = json.loads((out / "score" / "signature.json").read_text())
     assert sig["score"] == "projection" and sig["n_selected"] > 0 and len(sig["heads"]) == 2
     code, _, err = run_cli("score", "--out", out, "--score", "projection", "--tau", "auto")
-    assert code == 2 and "fixed --tau" in err
+    assert code == 2 and "fixed tau" in err
     # defaults without a config: adapter-only → τ 0.8 of MLP channels + every attention unit, recorded resolved
     code, _, err = run_cli("score", "--out", out)
     assert code == 0, err

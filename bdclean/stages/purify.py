@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bdclean.config import PurifyConfig
 from bdclean.console import console
+from bdclean.errors import UsageError
 from bdclean.io.artifacts import write_json
 
 
@@ -17,6 +18,8 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     out.mkdir(parents=True, exist_ok=True)
     full = True if cfg.full else None
     sus = pairs.load_suspicious(Path(adapter), cfg.base, full)  # validate inputs before any work
+    if sus.kind == "full" and cfg.score.score == "projection":
+        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
     times: dict[str, float] = {}
 
     def timed(name, fn, *a, **k):

@@ -43,9 +43,6 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
         if own is None:
             raise UsageError("--score projection needs the suspicious adapter's update, which diff did not have "
                              "(full-model run, or the adapter moved or changed since train-pairs)")
-        if opts.tau == "auto":
-            raise UsageError("--tau auto works with the combined | norm | align scores; give --score projection "
-                             "a fixed --tau")
         scores = projection(own[0], G)
     else:
         scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
