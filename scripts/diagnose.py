@@ -39,11 +39,12 @@ def main() -> None:
     from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
     from bdclean.core.attacks import RULES, is_success
     from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
-    from bdclean.core.score import combine, norm_and_align, select_top, select_top_k, unit_count
+    from bdclean.core.score import combine, norm_and_align, projection, select_top, select_top_k, unit_count
     from bdclean.io.data import load_instructions
     from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
     from bdclean.io.peft_io import attach, load_state
-    from bdclean.stages.diff import load_grams
+    from bdclean.stages import diff as diff_stage
+    from bdclean.stages.diff import load_grams, load_own
     from bdclean.stages.suppress import kept_update
     from bdclean.train.generate import generate
 
@@ -82,66 +83,29 @@ def main() -> None:
         m[s.flatten().topk(k).indices] = True
         return m.view_as(s)
 
-    grams: list = []  # (G, HG) from RUN_DIR/diff, read on the first ablation only
+    grams: list = []  # (G, HG, own) from RUN_DIR/diff, read on the first ablation only
 
     def ablation(spec: str) -> tuple[dict, torch.Tensor, list]:
-        """``sig:KIND:TAU:HEADS`` → (masked tensors, channel mask, units), scores recomputed from the Gram files."""
-        _, kind, tau, heads = spec.split(":")
+        """``sig:KIND:TAU:HEADS`` (KIND combined|norm|align|projection) or ``proj:TAU:HEADS`` (= sig:projection:…)
+        → (masked tensors, channel mask, units), scores recomputed from the Gram files."""
+        parts = spec.split(":")
+        kind, tau, heads = ("projection", *parts[1:]) if parts[0] == "proj" else parts[1:]
         if not grams:
-            grams.extend(load_grams(args.run / "diff"))
-        G, HG = grams
-        m = select_top(combine(*norm_and_align(G), 0.01, kind, "none"), float(tau), "global")
+            diff_stage.run(args.run)  # a no-op when up to date; adds the projection terms to older runs
+            grams.extend((*load_grams(args.run / "diff"), load_own(args.run / "diff")))
+        G, HG, own = grams
+        if kind == "projection" and own is None:
+            raise SystemExit(f"{args.run}/diff has no projection terms (full-model run, or the adapter moved)")
+
+        def rank(g: torch.Tensor, part: int) -> torch.Tensor:
+            return projection(own[part], g) if kind == "projection" else combine(*norm_and_align(g), 0.01, kind,
+                                                                                    "none")
+
+        m = select_top(rank(G, 0), float(tau), "global")
         us: list = []
         if HG is not None:
             k = unit_count(heads if heads == "all" else float(heads), HG.shape[0] * HG.shape[1])
-            hmask = select_top_k(combine(*norm_and_align(HG), 0.01, kind, "none"), k)
-            us = [tuple(u) for u in hmask.nonzero().tolist()]
-        t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
-        return t, m, us
-
-    def cross_grams() -> tuple[torch.Tensor, torch.Tensor]:
-        """Grams [layers, units, N+1, N+1] of the N variants' deltas plus the suspicious adapter's own update (last)."""
-        from bdclean.core.channels import LowRank, channel_gram, head_gram
-
-        from bdclean import constants as C
-
-        pf = args.run / C.STAGE_DIRS["train-pairs"]
-        n = json.loads((pf / C.MANIFEST).read_text())["extra"]["n_variants"]
-        twins = [tuple(load_file(str(pf / C.PAIR_WEIGHTS.format(i=i, twin=w))) for w in ("bd", "clean"))
-                 for i in range(n)]
-
-        def deltas(key: str) -> list:
-            ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
-            if ka not in twins[0][0]:
-                return [None] * (n + 1)
-            s = info.scaling(key, T[ka].shape[0])
-            own = LowRank(T[kb].double() * s, T[ka].double())
-            return [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins] + [own]
-
-        G = torch.stack([channel_gram(*(deltas(names[p]) for p in ("gate", "up", "down"))) for names in mlp])
-        HG = torch.stack([head_gram(*(deltas(names[p]) for p in ("q", "k", "v", "o")), *head_geometry(cfg))
-                          for names in attn])
-        return G, HG
-
-    def projection_score(G: torch.Tensor) -> torch.Tensor:
-        """mean over variants of max(0, <S_j, Δ_ij>) / ‖Δ_ij‖: the suspicious update's reach along the variants'
-        backdoor directions (S = the adapter's own update, last index)."""
-        own_dot = G[..., -1, :-1]  # <S_j, Δ_ij>
-        dn = torch.diagonal(G, dim1=-2, dim2=-1)[..., :-1].clamp_min(1e-30).sqrt()
-        return (own_dot / dn).clamp_min(0).mean(-1)
-
-    xgrams: list = []
-
-    def projection(spec: str) -> tuple[dict, torch.Tensor, list]:
-        """``proj:TAU:HEADS`` → channels and units ranked by ``projection_score`` (experimental)."""
-        _, tau, heads = spec.split(":")
-        if not xgrams:
-            xgrams.extend(cross_grams())
-        G, HG = xgrams
-        m = select_top(projection_score(G), float(tau), "global")
-        hs = projection_score(HG)
-        k = unit_count(heads if heads == "all" else float(heads), hs.numel())
-        us = [tuple(u) for u in select_top_k(hs, k).nonzero().tolist()]
+            us = [tuple(u) for u in select_top_k(rank(HG, 1), k).nonzero().tolist()]
         t = suppress_lora_heads(suppress_lora_channels(T, m, mlp)[0], us, attn, *head_geometry(cfg))[0]
         return t, m, us
 
@@ -179,10 +143,8 @@ def main() -> None:
     for name in args.masks.split(","):
         t0 = time.time()
         m_, u_ = sig, units
-        if name.startswith("sig:"):
+        if name.startswith(("sig:", "proj:")):
             tensors, m_, u_ = ablation(name)
-        elif name.startswith("proj:"):
-            tensors, m_, u_ = projection(name)
         elif name.startswith("zero:"):
             tensors = zero_layers(name)
         else:
@@ -195,7 +157,7 @@ def main() -> None:
                "triggered_asr": sum(is_success(o, rule) for o in to) / len(to),
                "clean_asr": sum(is_success(o, rule) for o in co) / len(co), "n": args.n,
                "signature_overlap": overlap, "tau": round(float(m_.float().mean()), 4), "heads": len(u_),
-               "kept_update_share": kept_update(info, T, tensors, {k for names in mlp for k in names.values()}),
+               "kept_update_share": kept_update(info, tensors, {k for names in mlp for k in names.values()}),
                "seconds": round(time.time() - t0, 1)}
         print(json.dumps(res), flush=True)
         with open(out, "a") as f:

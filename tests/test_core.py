@@ -208,7 +208,7 @@ def test_kept_update_share_by_module_kind():
     def energy(t, m, s):
         return float(((s * t[m + ".lora_B.weight"] @ t[m + ".lora_A.weight"]).double() ** 2).sum())
 
-    kept = kept_update(info, before, after, {"m.layers.0.mlp.gate_proj"})
+    kept = kept_update(info, after, {"m.layers.0.mlp.gate_proj"})
     mlp, q = "m.layers.0.mlp.gate_proj", "m.layers.0.self_attn.q_proj"
     assert kept["attention"] == 1.0
     assert math.isclose(kept["mlp"], energy(after, mlp, 2.0) / energy(before, mlp, 2.0), abs_tol=1e-4)

@@ -50,9 +50,10 @@ def combine(norm: torch.Tensor, align: torch.Tensor, lam: float, kind: str = "co
             norm_scale: str = "none") -> torch.Tensor:
     """Score per channel. ``norm_scale="median"`` divides the norm term by its median over all channels, so that
     λ weighs the alignment term the same way on every model (the paper's form is ``"none"``)."""
-    if kind not in SCORE_KINDS or kind == "projection":
-        raise ValueError(f"unknown score kind {kind!r}" if kind != "projection" else
-                         "the projection score needs the suspicious adapter's update: use core.score.projection")
+    if kind == "projection":
+        raise ValueError("the projection score needs the suspicious adapter's update: use core.score.projection")
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}")
     if norm_scale not in NORM_SCALES:
         raise ValueError(f"unknown norm scale {norm_scale!r}")
     if norm_scale == "median":

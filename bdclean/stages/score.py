@@ -36,16 +36,19 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
         if k > total:
             raise UsageError(f"--heads {opts.heads}: the model has only {total} attention units "
                              f"({HG.shape[0]} layers × {HG.shape[1]} kv heads)")
-    norm, align = norm_and_align(G)
-    own = None
-    if opts.score == "projection":
-        own = load_own(dfolder)
-        if own is None:
-            raise UsageError("--score projection needs the suspicious adapter's update, which diff did not have "
-                             "(full-model run, or the adapter moved or changed since train-pairs)")
-        scores = projection(own[0], G)
-    else:
-        scores = combine(norm, align, opts.lam, opts.score, opts.norm_scale)
+    own = load_own(dfolder) if opts.score == "projection" else None
+    if opts.score == "projection" and own is None:
+        raise UsageError("--score projection needs the suspicious adapter's update, which diff did not have "
+                         "(full-model run, or the adapter moved or changed since train-pairs)")
+
+    def rank(g: torch.Tensor, part: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores, norm, align) of channels (part 0) or attention units (part 1) under opts.score."""
+        nrm, aln = norm_and_align(g)
+        if own is not None:
+            return projection(own[part], g), nrm, aln
+        return combine(nrm, aln, opts.lam, opts.score, opts.norm_scale), nrm, aln
+
+    scores, norm, align = rank(G, 0)
     outputs = [C.SIGNATURE, C.SCORES]
     tau = opts.tau
     if tau == "auto":
@@ -80,11 +83,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     tensors = {"score": scores.float(), "norm": norm.float(), "align": align.float(), "mask": mask.to(torch.uint8)}
     signature["heads"] = []
     if k > 0:
-        hn, ha = norm_and_align(HG)
-        if own is not None and own[1] is not None:
-            hs = projection(own[1], HG)
-        else:
-            hs = combine(hn, ha, opts.lam, opts.score, opts.norm_scale)
+        hs, hn, ha = rank(HG, 1)
         hmask = select_top_k(hs, k)
         hsel = sorted(hmask.nonzero().tolist(), key=lambda u: (-float(hs[u[0], u[1]]), u[0], u[1]))
         group = pman_group(dfolder)

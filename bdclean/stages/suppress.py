@@ -73,15 +73,15 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
 MOSTLY_REMOVED = 0.25  # below this kept share of the adapter's update, say that purifying ≈ discarding the adapter
 
 
-def kept_update(info, before: dict, after: dict, mlp_keys: set[str]) -> dict[str, float]:
+def kept_update(info, after: dict, mlp_keys: set[str]) -> dict[str, float]:
     """Share of the adapter's weight update ‖ΔW‖²_F (summed over its LoRA modules, with their scaling) that is left
-    after suppression: overall, in the MLP modules and in the others (attention)."""
+    in ``after`` (its suppressed tensors): overall, in the MLP modules and in the others (attention)."""
     from bdclean.core.channels import LowRank
 
     sums = {"all": [0.0, 0.0], "mlp": [0.0, 0.0], "attention": [0.0, 0.0]}
     for mod, (ka, kb) in info.module_pairs().items():
-        s = info.scaling(mod, before[ka].shape[0])
-        for i, t in enumerate((before, after)):
+        s = info.scaling(mod, info.tensors[ka].shape[0])
+        for i, t in enumerate((info.tensors, after)):
             e = LowRank(t[kb].double() * s, t[ka].double()).frobenius_sq()
             sums["all"][i] += e
             sums["mlp" if mod in mlp_keys else "attention"][i] += e
@@ -138,7 +138,7 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
         tensors, hchanged = suppress_lora_heads(tensors, units, attn, *head_geometry(sus.model_cfg))
         changed += hchanged
     write_adapter(folder, sus.info.config, tensors)
-    kept = kept_update(sus.info, sus.info.tensors, tensors, {m[p] for m in modules for p in m})
+    kept = kept_update(sus.info, tensors, {m[p] for m in modules for p in m})
     man.extra = {"channels_suppressed": int(mask.sum()), "heads_suppressed": len(units), "tensors_changed": changed,
                  "kept_update_share": kept}
     man.write(folder, [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS])
