@@ -175,3 +175,30 @@ def _check_own_dots(out, adapter_dir):
     for i, (bd, cl) in enumerate(twins):
         d = chan(bd) - chan(cl)
         assert torch.allclose(own[f"own.layer.{layer}"][:, i], (S * d).sum(1), rtol=1e-6, atol=1e-12)
+
+
+def test_later_stages_find_a_relatively_named_adapter_from_another_directory(tiny_base, tiny_adapter, tiny_data,
+                                                                            tmp_path, run_cli, monkeypatch):
+    """train-pairs run with a relative adapter path; diff (which reloads the adapter for the projection terms) and
+    suppress run later from another working directory."""
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_adapter, work / "adapter")
+    monkeypatch.chdir(work)
+    out = tmp_path / "run"
+    cfg = _fast_yaml(tmp_path)
+    for argv in (("make-variants", "--clean", tiny_data, "--out", out, *FAST),
+                 ("train-pairs", "adapter", "--base", tiny_base, "--out", out, "--config", cfg)):
+        code, _, err = run_cli(*argv)
+        assert code == 0, err
+    man = json.loads((out / "pairs" / "manifest.json").read_text())
+    assert man["config"]["adapter"] == "adapter"  # as given (it is part of the fingerprint)
+    assert man["extra"]["paths"]["adapter"] == str((work / "adapter").resolve())
+    monkeypatch.chdir(elsewhere)
+    for argv in (("diff", "--out", out), ("score", "--out", out, "--score", "projection", "--tau", "0.25"),
+                 ("suppress", work / "adapter", "--out", out)):
+        code, _, err = run_cli(*argv)
+        assert code == 0, err
+        assert "unavailable" not in err

@@ -13,7 +13,7 @@ import torch
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, load_manifest, read_json, save_tensors, stage_fingerprint
-from bdclean.stages.common import up_to_date
+from bdclean.stages.common import recorded_path, up_to_date
 
 
 def run(out: Path, force: bool = False) -> Path:
@@ -32,7 +32,7 @@ def run(out: Path, force: bool = False) -> Path:
     pman = load_manifest(pfolder)
     own = own_update(pman)  # the suspicious adapter's tensors, or None (full model / adapter moved)
     n = pman["extra"]["n_variants"]
-    base_cfg = read_model_config(Path(pman["config"]["base"]))
+    base_cfg = read_model_config(Path(recorded_path(pman, "base")))
     acfg = read_json(pfolder / "suspicious_adapter_config.json")
     info = AdapterInfo(pfolder, acfg, {})
     L = int(base_cfg["num_hidden_layers"])
@@ -88,7 +88,7 @@ def own_update(pman: dict) -> dict | None:
     if cfg.get("mode") != "adapter":
         return None
     try:
-        sus = load_suspicious(Path(cfg["adapter"]), cfg.get("base"))
+        sus = load_suspicious(Path(recorded_path(pman, "adapter")), recorded_path(pman, "base"))
     except BdcleanError as e:
         log(f"diff: suspicious adapter not readable ({e}); the projection score will be unavailable")
         return None
