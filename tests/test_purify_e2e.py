@@ -202,3 +202,19 @@ def test_later_stages_find_a_relatively_named_adapter_from_another_directory(tin
         code, _, err = run_cli(*argv)
         assert code == 0, err
         assert "unavailable" not in err
+
+
+def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_cli):
+    """layers_to_transform=[1]: layer 0 has no LoRA, so its channels cannot move and are never suppressed."""
+    from tests.common import make_adapter
+
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=3, layers=[1])
+    out = tmp_path / "run"
+    code, _, err = run_cli("purify", adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                           "--config", _fast_yaml(tmp_path), *FAST)
+    assert code == 0, err
+    sig = json.loads((out / "score" / "signature.json").read_text())
+    assert sig["channels"] and {c["layer"] for c in sig["channels"]} == {1}
+    assert sig["heads"]  # attention units are found although layer 0 has no attention LoRA
+    purified = load_file(str(out / "purified" / "adapter_model.safetensors"))
+    assert purified and not any(".layers.0." in k for k in purified)
