@@ -228,8 +228,8 @@ def purify_cmd(
                                         "fraction < 1 (default all for adapters, 0 full)"),
     score: Optional[str] = typer.Option(None, "--score", help="combined (paper, default) | norm | align | "
                                         "projection (adapters; experimental, see RESULTS.md)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); the τ-auto "
-                                    "probes and full-model re-initialisation use fixed seeds"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); "
+                                       "the τ-auto probes and full-model re-initialisation use fixed seeds"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
@@ -248,6 +248,38 @@ def purify_cmd(
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)
     purify.run(adapter, out, cfg, force)
+
+
+@app.command("validate")
+@guarded
+def validate_cmd(
+    model: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
+    clean: Optional[str] = CLEAN,
+    base: Optional[str] = BASE,
+    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    config: Optional[Path] = CONFIG,
+):
+    """Run purify's input checks without training anything; print a JSON summary (exit 0) or one error line.
+
+    Checks the model as purify reads it (safetensors only, no pickles or remote code, only LoRA factors of MLP and
+    attention projections, shapes against the base, finite values), the options and the clean data.
+
+    Example: bdclean validate suspicious_adapter/ --clean alpaca.jsonl --config purify.yaml
+    """
+    import json
+
+    from bdclean.console import log
+    from bdclean.stages import validate
+
+    cfg = _purify_config(config, {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants,
+                                  "variants.samples": samples})
+    summary = validate.run(model, cfg)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"
+            if summary["kind"] == "adapter" else "full checkpoint")
+    log(f"validate: {model} is a valid {what}; purify can start")
 
 
 @app.command("implant")
