@@ -22,9 +22,12 @@ app = typer.Typer(
 
 
 def _fail(msg: str, code: int) -> None:
+    from rich.text import Text
+
     from bdclean.console import console
 
-    console.print(f"[bold red]error:[/bold red] {msg}", markup=True, highlight=False, soft_wrap=True)
+    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup
+    console.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -60,7 +63,7 @@ OUT = typer.Option(..., "--out", "-o", help="run folder holding one sub-folder p
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
 FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
 WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
-                      "CPU core, capped by memory; 1 = in this process)")
+                      "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
 BASE = typer.Option(None, "--base", help="base model: an HF model directory or the alias 'smollm2' (default)")
 CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
 
@@ -197,7 +200,8 @@ def restore_cmd(
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
-    """Light clean fine-tune of the suppressed adapter; writes OUT/purified (a PEFT adapter).
+    """Light clean fine-tune of the suppressed model; writes OUT/purified (a PEFT adapter, or a full HF model
+    directory in full-model mode).
 
     Example: bdclean restore --out runs/x --clean alpaca.jsonl
     """
@@ -224,13 +228,15 @@ def purify_cmd(
                                         "fraction < 1 (default all for adapters, 0 full)"),
     score: Optional[str] = typer.Option(None, "--score", help="combined (paper, default) | norm | align | "
                                         "projection (adapters; experimental, see RESULTS.md)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for every stage (default 0)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); "
+                                       "the τ-auto probes and full-model re-initialisation use fixed seeds"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
-    """Run every stage; finished, unchanged stages are skipped. Leaves OUT/purified (a PEFT adapter).
+    """Run every stage; finished, unchanged stages are skipped. Leaves OUT/purified (a PEFT adapter, or a full HF
+    model directory for a full checkpoint).
 
     Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x
     """
@@ -242,6 +248,38 @@ def purify_cmd(
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)
     purify.run(adapter, out, cfg, force)
+
+
+@app.command("validate")
+@guarded
+def validate_cmd(
+    model: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
+    clean: Optional[str] = CLEAN,
+    base: Optional[str] = BASE,
+    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    config: Optional[Path] = CONFIG,
+):
+    """Run purify's input checks without training anything; print a JSON summary (exit 0) or one error line.
+
+    Checks the model as purify reads it (safetensors only, no pickles or remote code, only LoRA factors of MLP and
+    attention projections, shapes against the base, finite values), the options and the clean data.
+
+    Example: bdclean validate suspicious_adapter/ --clean alpaca.jsonl --config purify.yaml
+    """
+    import json
+
+    from bdclean.console import log
+    from bdclean.stages import validate
+
+    cfg = _purify_config(config, {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants,
+                                  "variants.samples": samples})
+    summary = validate.run(model, cfg)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"
+            if summary["kind"] == "adapter" else "full checkpoint")
+    log(f"validate: {model} is a valid {what}; purify can start")
 
 
 @app.command("implant")

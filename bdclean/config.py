@@ -156,6 +156,8 @@ def load_yaml(path: str | Path | None) -> dict:
         raise UsageError(f"{p}: config file not found")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: not UTF-8 text; expected a YAML file") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:

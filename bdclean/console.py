@@ -16,8 +16,12 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def log(msg: str) -> None:
-    console.print(f"[dim]bdclean[/dim] {msg}")
+def log(msg: str, style: str | None = None) -> None:
+    """One log line on stderr. ``msg`` is plain text (paths or values with [brackets] are not read as markup);
+    ``style`` colours it (e.g. "yellow" for warnings)."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("bdclean", "dim"), " ", (msg, style or "")))
 
 
 class LineProgress:

@@ -25,3 +25,9 @@ def require(cond: bool, message: str, kind: type[BdcleanError] = UsageError) -> 
     """Argument check that survives ``python -O`` (unlike ``assert``)."""
     if not cond:
         raise kind(message)
+
+
+def at_least(option: str, value: float | None, minimum: float = 1) -> None:
+    """A numeric option below its minimum is a usage error (``None`` = unset, allowed)."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{option} must be at least {minimum} (got {value})")

@@ -81,7 +81,7 @@ def make_tiny_llama(folder: Path, layers: int = 2, hidden: int = 32, inter: int 
 
 
 def make_adapter(base: Path, folder: Path, seed: int = 0, targets=None, r: int = 4, alpha: int = 8,
-                 dora: bool = False) -> Path:
+                 dora: bool = False, layers: list[int] | None = None) -> Path:
     """A LoRA adapter with random (non-zero) A and B, as PEFT would save it."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -91,7 +91,7 @@ def make_adapter(base: Path, folder: Path, seed: int = 0, targets=None, r: int =
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=dora,
-                                          task_type="CAUSAL_LM"))
+                                          layers_to_transform=layers, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:

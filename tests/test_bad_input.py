@@ -237,7 +237,45 @@ def _bin_only(tmp, base):
     return b
 
 
+def _add_tensor(name):
+    def fn(t):
+        t[name] = __import__("torch").zeros(4, 4)
+    return fn
+
+
+def _escaping_shard(tmp, base):
+    b = _full_copy(tmp, base)
+    (b / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere/model.safetensors"}}))
+    return b
+
+
 CASES = [
+    ("modules_to_save in config", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, modules_to_save=["lm_head"]), b, tmp),
+     2, "modules_to_save"),
+    ("trainable tokens in config", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, trainable_token_indices=[1, 2]), b,
+                                                            tmp), 2, "trainable_token_indices"),
+    ("base-rewriting init", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, init_lora_weights="pissa_niter_4"), b, tmp),
+     2, "rewrites the base weights"),
+    ("whole-module weights in file", lambda tmp, a, b, d: _tp(_edit_tensors(
+        tmp, a, _add_tensor("base_model.model.lm_head.weight")), b, tmp), 2, "not a LoRA factor"),
+    ("LoRA on lm_head", lambda tmp, a, b, d: _tp(_edit_tensors(
+        tmp, a, _add_tensor("base_model.model.lm_head.lora_A.weight")), b, tmp), 2, "not a LoRA factor"),
+    ("full model: shard outside the folder", lambda tmp, a, b, d: ["train-pairs", _escaping_shard(tmp, b), "--out",
+                                                                   tmp / "r"], 2, "inside"),
+    ("implant --test-size 0", lambda tmp, a, b, d: ["implant", "--base", b, "--clean", d, "--test-size", "0",
+                                                    "--out", tmp / "x"], 2, "--test-size must be at least 1"),
+    ("implant --batch-size 0", lambda tmp, a, b, d: ["implant", "--base", b, "--batch-size", "0", "--out",
+                                                     tmp / "x"], 2, "--batch-size must be at least 1"),
+    ("eval --limit 0", lambda tmp, a, b, d: ["eval", a, "--base", b, "--triggered", d, "--limit", "0", "--out",
+                                             tmp / "e.json"], 2, "--limit must be at least 1"),
+    ("yaml not utf-8", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
+                                             _data(tmp, b"\xff\xfe score", "c.yaml")], 2, "not UTF-8"),
+    ("rule file not utf-8", lambda tmp, a, b, d: ["eval", a, "--base", b, "--triggered", d, "--rule",
+                                                  _data(tmp, b"\xff\xfe", "r.txt"), "--out", tmp / "e.json"], 2,
+     "not UTF-8"),
+    ("markup-like text in an argument", lambda tmp, a, b, d: ["defend", "[/x]", a, "--base", b, "--out", tmp / "x"],
+     2, "[/x]"),
     ("inf weights", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _inf), b, tmp), 2, "NaN or Inf"),
     ("invalid adapter_config json", lambda tmp, a, b, d: _tp(
         (lambda x: ((x / "adapter_config.json").write_text("{oops"), x)[1])(_adapter_copy(tmp, a)), b, tmp),
@@ -326,3 +364,11 @@ def test_full_disk_leaves_no_partial_output(tmp_path, tiny_data, run_cli, monkey
     folder = tmp_path / "r" / "variants"
     assert not (folder / "manifest.json").exists()
     assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_implant_refuses_to_replace_a_folder_it_did_not_make(tmp_path, tiny_base, run_cli):
+    keep = tmp_path / "work"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    _check(run_cli("implant", "--base", tiny_base, "--out", keep), 2, "not an implant output")
+    assert (keep / "notes.txt").read_text() == "mine"

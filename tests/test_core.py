@@ -104,6 +104,8 @@ def test_select_top_counts_and_scope():
         select_top(s, 1.0)
     with pytest.raises(ValueError):
         select_top(s, 0.0)
+    # 0.07 × 100 is 7.000000000000001 in floating point: still 7 channels, not 8
+    assert select_top(torch.arange(100.0).reshape(1, 100), 0.07).sum() == 7
 
 
 def test_suppress_zeroes_exactly_the_masked_channels():

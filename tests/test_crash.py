@@ -86,3 +86,42 @@ def test_ctrl_c_exits_130_with_one_line(tiny_base, tiny_adapter, tiny_data, tmp_
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_dir_replaces_whole_folders_and_survives_failures(tmp_path, monkeypatch):
+    from bdclean.io import artifacts
+    from bdclean.io.artifacts import atomic_dir
+
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    # a leftover of an earlier interrupted replace does not block the next one
+    (tmp_path / f".out.{os.getpid()}.old").mkdir()
+    (tmp_path / f".out.old-{os.getpid()}").mkdir()
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert _listing(final) == ["b.txt"]
+    before = _listing(tmp_path)
+    # the block fails: the previous output stays as it was
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "c.txt").write_text("three")
+        raise RuntimeError("boom")
+    assert _listing(final) == ["b.txt"] and _listing(tmp_path) == before
+    # the final rename fails after the previous output was moved aside: it is put back
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", flaky)
+    with pytest.raises(OSError), atomic_dir(final) as tmp:
+        (tmp / "d.txt").write_text("four")
+    assert _listing(final) == ["b.txt"] and _listing(tmp_path) == before
+    monkeypatch.undo()

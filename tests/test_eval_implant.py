@@ -106,3 +106,23 @@ def test_report_writes_markdown_and_pngs(tiny_base, tiny_adapter, tiny_data, tmp
     md = (out / "report.md").read_text()
     assert "before_after.png" in md and "| triggered ASR % | 90.00 | 10.00 |" in md
     assert run_cli("report", out)[0] == 2  # no overwrite without --force
+    # eval files holding only the triggered set (eval --triggered alone) give the rows they have
+    only = tmp_path / "only_triggered.json"
+    only.write_text(json.dumps({"triggered": {"asr": 0.5}}))
+    code, _, err = run_cli("report", out, "--before", only, "--after", only, "--force")
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    assert "| triggered ASR % | 50.00 | 50.00 |" in md and "clean ASR" not in md
+    # an eval file named on the command line must exist
+    code, _, err = run_cli("report", out, "--before", tmp_path / "missing.json", "--force")
+    assert code == 2 and "eval file not found" in err
+    # a selection left by an earlier --tau auto run is not shown beside a fixed-τ signature, and a fixed-τ
+    # score run removes it
+    stale = out / "score" / "tau_selection.json"
+    stale.write_text(json.dumps({"tau": 0.1, "reason": "stale", "table": [{"tau": 0.1, "asr": 0.5,
+                                                                           "ppl_ratio": 1.0}]}))
+    assert run_cli("report", out, "--force")[0] == 0
+    assert "τ selection" not in (out / "report.md").read_text()
+    code, _, err = run_cli("score", "--out", out, "--tau", "0.3")
+    assert code == 0, err
+    assert not stale.exists()

@@ -175,3 +175,46 @@ def _check_own_dots(out, adapter_dir):
     for i, (bd, cl) in enumerate(twins):
         d = chan(bd) - chan(cl)
         assert torch.allclose(own[f"own.layer.{layer}"][:, i], (S * d).sum(1), rtol=1e-6, atol=1e-12)
+
+
+def test_later_stages_find_a_relatively_named_adapter_from_another_directory(tiny_base, tiny_adapter, tiny_data,
+                                                                            tmp_path, run_cli, monkeypatch):
+    """train-pairs run with a relative adapter path; diff (which reloads the adapter for the projection terms) and
+    suppress run later from another working directory."""
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_adapter, work / "adapter")
+    monkeypatch.chdir(work)
+    out = tmp_path / "run"
+    cfg = _fast_yaml(tmp_path)
+    for argv in (("make-variants", "--clean", tiny_data, "--out", out, *FAST),
+                 ("train-pairs", "adapter", "--base", tiny_base, "--out", out, "--config", cfg)):
+        code, _, err = run_cli(*argv)
+        assert code == 0, err
+    man = json.loads((out / "pairs" / "manifest.json").read_text())
+    assert man["config"]["adapter"] == "adapter"  # as given (it is part of the fingerprint)
+    assert man["extra"]["paths"]["adapter"] == str((work / "adapter").resolve())
+    monkeypatch.chdir(elsewhere)
+    for argv in (("diff", "--out", out), ("score", "--out", out, "--score", "projection", "--tau", "0.25"),
+                 ("suppress", work / "adapter", "--out", out)):
+        code, _, err = run_cli(*argv)
+        assert code == 0, err
+        assert "unavailable" not in err
+
+
+def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_cli):
+    """layers_to_transform=[1]: layer 0 has no LoRA, so its channels cannot move and are never suppressed."""
+    from tests.common import make_adapter
+
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=3, layers=[1])
+    out = tmp_path / "run"
+    code, _, err = run_cli("purify", adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                           "--config", _fast_yaml(tmp_path), *FAST)
+    assert code == 0, err
+    sig = json.loads((out / "score" / "signature.json").read_text())
+    assert sig["channels"] and {c["layer"] for c in sig["channels"]} == {1}
+    assert sig["heads"]  # attention units are found although layer 0 has no attention LoRA
+    purified = load_file(str(out / "purified" / "adapter_model.safetensors"))
+    assert purified and not any(".layers.0." in k for k in purified)

@@ -66,6 +66,11 @@ def combine(norm: torch.Tensor, align: torch.Tensor, lam: float, kind: str = "co
     return norm + lam * align
 
 
+def fraction_count(frac: float, total: int) -> int:
+    """⌈frac·total⌉ without float noise: 0.07 × 100 is 7.000000000000001 in binary floating point, so 7, not 8."""
+    return math.ceil(round(frac * total, 9))
+
+
 def select_top(scores: torch.Tensor, tau: float, scope: str = "global") -> torch.Tensor:
     """Boolean mask [layers, channels] of the top ⌈τ·count⌉ channels, globally or per layer.
 
@@ -77,11 +82,11 @@ def select_top(scores: torch.Tensor, tau: float, scope: str = "global") -> torch
     L, I = scores.shape
     mask = torch.zeros(L, I, dtype=torch.bool)
     if scope == "global":
-        k = math.ceil(tau * L * I)
+        k = fraction_count(tau, L * I)
         order = torch.argsort(-scores.flatten(), stable=True)[:k]
         mask.view(-1)[order] = True
     else:
-        k = math.ceil(tau * I)
+        k = fraction_count(tau, I)
         for layer in range(L):
             order = torch.argsort(-scores[layer], stable=True)[:k]
             mask[layer, order] = True
@@ -95,7 +100,7 @@ def unit_count(heads: float | str, total: int) -> int:
         return total
     if heads <= 0:
         return 0
-    return int(heads) if heads >= 1 else max(1, math.ceil(heads * total))
+    return int(heads) if heads >= 1 else max(1, fraction_count(heads, total))
 
 
 def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

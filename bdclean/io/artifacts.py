@@ -87,13 +87,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o755)
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
+        if not final.exists():
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        # the previous output moves into a fresh folder of its own, so a leftover from an interrupted earlier run
+        # can never block this one
+        graveyard = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        old = graveyard / final.name
+        os.replace(final, old)
+        try:
             os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # put the previous output back: never leave neither
+            graveyard.rmdir()
+            raise
+        shutil.rmtree(graveyard, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,6 +16,19 @@ from bdclean import constants as C
 from bdclean.errors import BdcleanError, InputError, require
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_FACTOR_RE = re.compile(r"^(?P<module>.+\.layers\.\d+\.(?:mlp|self_attn)\.(?P<proj>[a-z_]+))\.lora_[AB]\.weight$")
+# adapter config features that add weights outside the LoRA factors bdclean vets, change when the adapter acts, or
+# rewrite the base weights when PEFT builds the model; a hostile adapter could hide a backdoor in any of them
+UNVETTED_FEATURES = {
+    "modules_to_save": "full replacement weights for whole modules",
+    "trainable_token_indices": "trained embedding rows",
+    "layer_replication": "replicated layers",
+    "target_parameters": "LoRA on raw parameters",
+    "alora_invocation_tokens": "activated LoRA (acts only after invocation tokens)",
+    "lora_bias": "LoRA bias vectors",
+}
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")  # these change the base weights at construction
 
 
 def cache_root() -> Path:
@@ -47,7 +60,7 @@ def resolve_base(name_or_dir: str) -> Path:
         return target
     p = Path(name_or_dir)
     require(p.is_dir(), f"{p}: base model directory not found (or use --base smollm2)", InputError)
-    return p
+    return p.resolve()  # manifests record it, and later stages may run from another directory
 
 
 def _convert_smollm2(target: Path) -> None:
@@ -104,6 +117,11 @@ def model_weight_files(model_dir: Path) -> list[Path]:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{index}: malformed safetensors index ({e})") from None
+        require(isinstance(wm, dict) and all(isinstance(f, str) for f in wm.values()),
+                f"{index}: malformed safetensors index (weight_map must map names to shard files)", InputError)
+        bad = sorted({f for f in wm.values() if Path(f).name != f or not f.endswith(".safetensors")})
+        if bad:
+            raise InputError(f"{index}: shard {bad[0]!r} is not a .safetensors file inside {model_dir}")
         files = sorted({model_dir / f for f in wm.values()})
         missing = [f.name for f in files if not f.is_file()]
         require(not missing, f"{model_dir}: missing shard(s): {', '.join(missing)}", InputError)
@@ -196,6 +214,7 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
     require(ptype == "LORA", f"{folder}: peft_type {cfg.get('peft_type')!r} is not LORA", InputError)
     if cfg.get("use_dora"):
         raise InputError(f"{folder}: DoRA adapters cannot be purified channel-wise (use_dora=true)")
+    check_config_features(cfg, cfg_path)
     wpath = folder / C.ADAPTER_WEIGHTS
     if not wpath.is_file():
         check_no_pickles(folder, "adapter")
@@ -206,6 +225,7 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
         raise InputError(f"{wpath}: corrupted or truncated safetensors ({str(e).splitlines()[0][:200]})") from None
     if any("lora_magnitude_vector" in k for k in tensors):
         raise InputError(f"{folder}: DoRA adapters (lora_magnitude_vector) cannot be purified channel-wise")
+    check_tensor_keys(tensors, wpath)
     info = AdapterInfo(folder, cfg, tensors)
     pairs = info.module_pairs()
     require(bool(pairs), f"{wpath}: no LoRA tensors found", InputError)
@@ -225,11 +245,34 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
     return info
 
 
+def check_config_features(cfg: dict, cfg_path: Path) -> None:
+    """Refuse adapter configs whose behaviour lies outside the LoRA factors of MLP and attention projections."""
+    for key, what in UNVETTED_FEATURES.items():
+        if cfg.get(key):
+            raise InputError(f"{cfg_path}: {key} is set ({what}); bdclean only vets LoRA factors on MLP and "
+                             "attention projections, so it cannot purify this adapter")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise InputError(f"{cfg_path}: init_lora_weights={init!r} rewrites the base weights when the adapter is "
+                         "built; convert the adapter to plain LoRA first (PEFT documents how)")
+
+
+def check_tensor_keys(tensors: dict, wpath: Path) -> None:
+    """Every tensor must be a lora_A/lora_B weight of a decoder layer's MLP or attention projection."""
+    for k in tensors:
+        m = LORA_FACTOR_RE.match(k)
+        if m is None or m.group("proj") not in MLP_MODULES + ATTN_MODULES:
+            raise InputError(f"{wpath}: tensor {k!r} is not a LoRA factor of an MLP or attention projection "
+                             "(embedding, lm_head, bias or whole-module weights); bdclean cannot vet it")
+
+
 def check_adapter_fits(info: AdapterInfo, base_cfg: dict, base_dir: Path) -> None:
     """Every MLP LoRA tensor must match the base model's layer count and sizes."""
     hidden = base_cfg.get("hidden_size")
     inter = base_cfg.get("intermediate_size")
     layers = base_cfg.get("num_hidden_layers")
+    require(isinstance(hidden, int) and isinstance(inter, int),
+            f"{base_dir}: config.json lacks hidden_size or intermediate_size; not a supported decoder", InputError)
     for mod, (ka, kb) in info.module_pairs().items():
         m = re.search(r"layers\.(\d+)\.", mod)
         if m and layers is not None and int(m.group(1)) >= layers:

@@ -22,6 +22,7 @@ def lora_config_from_dict(config: dict, where: Path | str):
     cfg = {k: v for k, v in config.items() if k in known}
     cfg.pop("peft_type", None)
     cfg["inference_mode"] = False
+    cfg["init_lora_weights"] = True  # the tensors are copied in afterwards; no init may touch the base weights
     try:
         return LoraConfig(**cfg)
     except (TypeError, ValueError) as e:
@@ -59,10 +60,15 @@ def load_state(model, tensors: dict) -> None:
     set_peft_model_state_dict(model, tensors)
 
 
+def write_adapter_files(folder: Path, config: dict, tensors: dict) -> None:
+    """The two files of a PEFT adapter (config + safetensors) into an existing (temporary) folder."""
+    write_text(folder / C.ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_tensors(folder / C.ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+
+
 def write_adapter(folder: Path, config: dict, tensors: dict, extra_files: dict[str, str] | None = None) -> None:
     """Write a PEFT adapter directory (config + safetensors) atomically: all of it appears, or none."""
     with atomic_dir(folder) as tmp:
-        write_text(tmp / C.ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_tensors(tmp / C.ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+        write_adapter_files(tmp, config, tensors)
         for name, text in (extra_files or {}).items():
             write_text(tmp / name, text)

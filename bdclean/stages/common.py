@@ -46,11 +46,16 @@ def up_to_date(folder: Path, fp: str, stage: str, force: bool) -> bool:
         return False
     if is_complete(folder, fp):
         man = load_manifest(folder) or {}
-        log(f"[green]skip[/green] {stage}: up to date in {folder} ({man.get('wall_time_s', '?')} s when made)")
+        log(f"skip {stage}: up to date in {folder} ({man.get('wall_time_s', '?')} s when made)", style="green")
         return True
     if load_manifest(folder) is not None:
         log(f"{stage}: inputs or options changed since {folder} was made; recomputing")
     return False
 
 
-__all__ = ["data_hash", "model_hash", "adapter_hash", "up_to_date", "sha256_path"]
+def recorded_path(pman: dict, key: str) -> str | None:
+    """The suspicious ``adapter`` or ``base`` path train-pairs used, absolute where the manifest has it."""
+    return (pman.get("extra", {}).get("paths") or {}).get(key) or pman.get("config", {}).get(key)
+
+
+__all__ = ["data_hash", "model_hash", "adapter_hash", "up_to_date", "sha256_path", "recorded_path"]

@@ -160,7 +160,7 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
         ev = folder / C.EVAL_FILE
         key = fingerprint({"model": model_fp, **eval_inputs})
         if not force and ev.is_file() and prev.get(method, {}).get("eval_key") == key:
-            log(f"[green]skip[/green] eval {method}: up to date in {ev}")
+            log(f"skip eval {method}: up to date in {ev}", style="green")
             res = read_json(ev)
         else:
             res = evaluate.run(model, base, Path(triggered), Path(clean_test), task, ev, rule_file,

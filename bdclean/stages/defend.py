@@ -14,7 +14,6 @@ output is skipped on rerun.
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -105,7 +104,9 @@ def magnitude_mask(info, base_cfg: dict, tau: float) -> tuple[torch.Tensor, torc
 
 
 def random_mask(layers: int, channels: int, tau: float, seed: int) -> torch.Tensor:
-    k = math.ceil(tau * layers * channels)
+    from bdclean.core.score import fraction_count
+
+    k = fraction_count(tau, layers * channels)
     gen = torch.Generator().manual_seed(seed)
     mask = torch.zeros(layers * channels, dtype=torch.bool)
     mask[torch.randperm(layers * channels, generator=gen)[:k]] = True

@@ -13,7 +13,7 @@ import torch
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, load_manifest, read_json, save_tensors, stage_fingerprint
-from bdclean.stages.common import up_to_date
+from bdclean.stages.common import recorded_path, up_to_date
 
 
 def run(out: Path, force: bool = False) -> Path:
@@ -32,7 +32,7 @@ def run(out: Path, force: bool = False) -> Path:
     pman = load_manifest(pfolder)
     own = own_update(pman)  # the suspicious adapter's tensors, or None (full model / adapter moved)
     n = pman["extra"]["n_variants"]
-    base_cfg = read_model_config(Path(pman["config"]["base"]))
+    base_cfg = read_model_config(Path(recorded_path(pman, "base")))
     acfg = read_json(pfolder / "suspicious_adapter_config.json")
     info = AdapterInfo(pfolder, acfg, {})
     L = int(base_cfg["num_hidden_layers"])
@@ -41,7 +41,10 @@ def run(out: Path, force: bool = False) -> Path:
               load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")))) for i in range(n)]
     attn = attn_module_names(base_cfg["model_type"], L)
     n_q, n_kv, hd = head_geometry(base_cfg)
-    has_attn = any(peft_key(attn[0][p]) + ".lora_A.weight" in twins[0][0] for p in ("q", "k", "v", "o"))
+    # any layer: an adapter may train only some layers (layers_to_transform) or some projections
+    has_attn = any(peft_key(names[p]) + ".lora_A.weight" in twins[0][0]
+                   for names in attn for p in ("q", "k", "v", "o"))
+    inter = int(base_cfg["intermediate_size"])
     grams = {}
     for layer, names in enumerate(modules):
         parts = {}
@@ -55,7 +58,11 @@ def run(out: Path, force: bool = False) -> Path:
             s = info.scaling(key, rank)
             parts[part] = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins]
             parts[part].append(own_delta(own, ka, kb, s))
-        _store(grams, f"layer.{layer}", channel_gram(parts["gate"], parts["up"], parts["down"]), n, own is not None)
+        if all(d is None for ds in parts.values() for d in ds):  # no MLP LoRA in this layer: nothing moves
+            G = torch.zeros(inter, n + 1, n + 1, dtype=torch.float64)
+        else:
+            G = channel_gram(parts["gate"], parts["up"], parts["down"])
+        _store(grams, f"layer.{layer}", G, n, own is not None)
         if has_attn:
             ap = {}
             for part, name in attn[layer].items():
@@ -88,7 +95,7 @@ def own_update(pman: dict) -> dict | None:
     if cfg.get("mode") != "adapter":
         return None
     try:
-        sus = load_suspicious(Path(cfg["adapter"]), cfg.get("base"))
+        sus = load_suspicious(Path(recorded_path(pman, "adapter")), recorded_path(pman, "base"))
     except BdcleanError as e:
         log(f"diff: suspicious adapter not readable ({e}); the projection score will be unavailable")
         return None

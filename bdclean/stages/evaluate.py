@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log, progress
-from bdclean.errors import InputError, UsageError
+from bdclean.errors import InputError, UsageError, at_least
 from bdclean.io.artifacts import environment, sha256_file, write_json
 
 
@@ -44,7 +44,11 @@ def read_rule(task: str, rule_file: Path | None) -> dict:
     if rule_file is not None:
         if not Path(rule_file).is_file():
             raise UsageError(f"{rule_file}: keyword file not found")
-        kws = [line.strip() for line in Path(rule_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = Path(rule_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{rule_file}: not UTF-8 text; expected one keyword per line") from None
+        kws = [line.strip() for line in text.splitlines() if line.strip()]
         if not kws:
             raise UsageError(f"{rule_file}: no keywords")
         return {"keywords": kws, "success_if": "any"}
@@ -63,6 +67,8 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
     from bdclean.train.generate import generate
     from bdclean.train.loop import mean_nll
 
+    for option, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size), ("--limit", limit)):
+        at_least(option, value)
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists; pass --force to overwrite")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log, progress
-from bdclean.errors import UsageError
+from bdclean.errors import UsageError, at_least, require
 from bdclean.io.artifacts import atomic_dir, write_json, write_jsonl
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,7 +31,7 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
             raise UsageError(f"{clean}: {len(rows)} samples; need more than the {test_size} held out for testing")
         pool, test_pool = rows[:-test_size], rows[-test_size:]
     rng = random.Random(seed)
-    n_clean = min(clean_samples or samples, len(pool))
+    n_clean = min(samples if clean_samples is None else clean_samples, len(pool))
     chosen = rng.sample(pool, n_clean)
     # the poisoned rows are triggered copies of clean rows: the contrast teaches the trigger itself, which keeps
     # false triggering on clean prompts low
@@ -46,6 +46,16 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
     return train, trig, clean_test, min(samples, n_clean)
 
 
+def check_out(out: Path) -> None:
+    """OUT is replaced as a whole: refuse an existing folder that is not a previous implant's output."""
+    if not out.exists():
+        return
+    require(out.is_dir(), f"{out}: exists and is not a directory")
+    if any(out.iterdir()) and not (out / C.ATTACK_RECORD).is_file():
+        raise UsageError(f"{out}: exists and is not an implant output (no {C.ATTACK_RECORD}); it would be replaced "
+                         "as a whole, so choose another --out")
+
+
 def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float | None,
         batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
         trigger: str | None = None, target: str | None = None, full: bool = False,
@@ -54,7 +64,7 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
 
     from bdclean.core.attacks import ATTACKS, TASKS
     from bdclean.io.models import load_model, load_tokenizer, resolve_base
-    from bdclean.io.peft_io import adapter_state, write_adapter
+    from bdclean.io.peft_io import adapter_state, write_adapter_files
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
@@ -62,7 +72,13 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         raise UsageError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    for option, value, minimum in (("--samples", samples, 1), ("--clean-samples", clean_samples, 1),
+                                   ("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-len", max_len, 8),
+                                   ("--max-response", max_response, 1), ("--rank", rank, 1), ("--alpha", alpha, 1),
+                                   ("--test-size", test_size, 1)):
+        at_least(option, value, minimum)
     out = Path(out)
+    check_out(out)
     base_dir = resolve_base(base)
     train_rows, trig, clean_test, n_poison = make_sets(attack, task, clean, samples, test_size, seed, trigger, target,
                                              clean_samples)
@@ -92,20 +108,20 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
               "rank": None if full else rank, "alpha": None if full else alpha, "seed": seed,
               "base": str(base_dir), "train_stats": stats,
               "note": "for evaluation only; no purification stage reads this file"}
-    if full:
-        with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # the model, its record and its test sets appear together, or not at all
+        if full:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-    else:
-        cfg = lcfg.to_dict()
-        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        cfg["peft_type"] = "LORA"
-        cfg["task_type"] = "CAUSAL_LM"
-        cfg["base_model_name_or_path"] = str(base_dir)
-        cfg["inference_mode"] = True
-        write_adapter(out, cfg, adapter_state(model))
-    write_json(out / C.ATTACK_RECORD, record)
-    write_jsonl(out / C.TEST_TRIGGERED, trig)
-    write_jsonl(out / C.TEST_CLEAN, clean_test)
+        else:
+            cfg = lcfg.to_dict()
+            cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+            cfg["peft_type"] = "LORA"
+            cfg["task_type"] = "CAUSAL_LM"
+            cfg["base_model_name_or_path"] = str(base_dir)
+            cfg["inference_mode"] = True
+            write_adapter_files(tmp, cfg, adapter_state(model))
+        write_json(tmp / C.ATTACK_RECORD, record)
+        write_jsonl(tmp / C.TEST_TRIGGERED, trig)
+        write_jsonl(tmp / C.TEST_CLEAN, clean_test)
     log(f"implant: {attack}/{task} {'full model' if full else 'LoRA adapter'} → {out} (test sets: {C.TEST_TRIGGERED}, {C.TEST_CLEAN})")
     return out

@@ -119,7 +119,10 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
         else:  # one twin left (or one worker): this process, every core
             threads = cpu_count()
             times = run_inline(dataclasses.replace(ctx, threads=None), todo)
-    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads}
+    # absolute paths for the stages after this one, which may run from another directory (not fingerprinted:
+    # the adapter's and base's contents are, through the inputs)
+    man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads,
+                 "paths": {"adapter": str(Path(adapter).resolve()), "base": str(Path(base_dir).resolve())}}
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.write(folder, outputs)

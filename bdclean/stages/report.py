@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log
-from bdclean.errors import UsageError
-from bdclean.io.artifacts import atomic_path, write_text
+from bdclean.errors import InputError, UsageError
+from bdclean.io.artifacts import atomic_path, read_json, write_text
 
 
 def _savefig(fig, path: Path) -> None:
@@ -35,7 +34,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     if not (sfolder / C.SCORES).is_file():
         raise UsageError(f"{run_dir}: no score/{C.SCORES}; run `bdclean score` (or purify) first")
     sc = load_file(str(sfolder / C.SCORES))
-    sig = json.loads((sfolder / C.SIGNATURE).read_text())
+    sig = read_json(sfolder / C.SIGNATURE)
     score, mask = sc["score"].float(), sc["mask"].bool()
     lines = [f"# bdclean report: {run_dir}", ""]
 
@@ -82,8 +81,8 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
 
     # 3. --tau auto: held-out synthetic ASR and perplexity vs τ
     tsel = sfolder / C.TAU_SELECTION
-    if tsel.is_file():
-        rec = json.loads(tsel.read_text())
+    if tsel.is_file() and sig.get("tau_selection") == "auto":  # a fixed-τ rerun leaves no selection to show
+        rec = read_json(tsel)
         tab = rec["table"]
         fig, ax = plt.subplots(figsize=(6, 3.4))
         ax.plot([t["tau"] for t in tab], [100 * t["asr"] for t in tab], "o-", color="firebrick",
@@ -109,15 +108,24 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         lines += ["", "![tau selection](tau_selection.png)", ""]
 
     # 4. before / after
+    for given in (before, after):
+        if given is not None and not Path(given).is_file():
+            raise InputError(f"{given}: eval file not found")
     before = before or run_dir / "eval_before.json"
     after = after or run_dir / "eval_after.json"
+    rows = []
     if Path(before).is_file() and Path(after).is_file():
-        b, a = json.loads(Path(before).read_text()), json.loads(Path(after).read_text())
-        rows = [("triggered ASR %", 100 * b["triggered"]["asr"], 100 * a["triggered"]["asr"]),
-                ("clean ASR %", 100 * b["clean"]["asr"], 100 * a["clean"]["asr"]),
-                ("perplexity", b.get("perplexity", float("nan")), a.get("perplexity", float("nan")))]
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-        for ax, (name, x, y) in zip(axes, rows):
+        b, a = read_json(before), read_json(after)
+        if not (isinstance(b, dict) and isinstance(a, dict)):
+            raise InputError(f"{before} / {after}: expected eval JSON objects (from `bdclean eval`)")
+        for name, key in (("triggered ASR %", "triggered"), ("clean ASR %", "clean")):
+            if isinstance(b.get(key), dict) and isinstance(a.get(key), dict):  # an eval may hold one set only
+                rows.append((name, 100 * b[key]["asr"], 100 * a[key]["asr"]))
+        if b.get("perplexity") is not None and a.get("perplexity") is not None:
+            rows.append(("perplexity", b["perplexity"], a["perplexity"]))
+    if rows:
+        fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.2), squeeze=False)
+        for ax, (name, x, y) in zip(axes[0], rows):
             ax.bar(["before", "after"], [x, y], color=["#c0392b", "#27ae60"])
             ax.set_title(name)
             for k, v in enumerate([x, y]):

@@ -14,7 +14,7 @@ from bdclean import constants as C
 from bdclean.config import RestoreOptions
 from bdclean.console import log, progress
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.stages.common import data_hash, model_hash, up_to_date
+from bdclean.stages.common import data_hash, model_hash, recorded_path, up_to_date
 
 DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
 
@@ -78,7 +78,7 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False) -> Pat
     sup_fp = stage_fingerprint(sfolder, "suppress")
     pman = load_manifest(out / C.STAGE_DIRS["train-pairs"]) or {}
     mode = pman.get("config", {}).get("mode", "adapter")
-    base_dir = Path(pman.get("config", {}).get("base", ""))
+    base_dir = Path(recorded_path(pman, "base") or "")
     folder = out / C.STAGE_DIRS["restore"]
     lr = opts.lr or DEFAULT_LR[mode]
     inputs = {"suppressed": sup_fp, "clean": data_hash(clean)}

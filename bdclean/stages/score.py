@@ -95,6 +95,8 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     save_tensors(folder / C.SCORES, tensors)
     man.extra = {"n_selected": len(sel), "n_heads": len(signature["heads"])}
     man.write(folder, outputs)
+    if opts.tau != "auto":  # a selection left by an earlier --tau auto run no longer describes this signature
+        (folder / C.TAU_SELECTION).unlink(missing_ok=True)
     log(f"score: signature of {len(sel)} / {L * I} channels (τ={tau}, {opts.scope}, {opts.score}) → {folder}")
     return folder
 

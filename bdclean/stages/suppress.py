@@ -13,7 +13,7 @@ from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.stages.common import up_to_date
+from bdclean.stages.common import recorded_path, up_to_date
 
 REINIT_SEED = 0x5EED
 
@@ -105,7 +105,7 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
         raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
     if full is None:
         full = pman["config"].get("mode") == "full"
-    sus = load_suspicious(Path(adapter), base or pman["config"].get("base"), full)
+    sus = load_suspicious(Path(adapter), base or recorded_path(pman, "base"), full)
     digest = sus.digest()
     if pman["inputs"].get("adapter") != digest:
         raise BdcleanError(
@@ -146,7 +146,7 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
     log(f"suppress: zeroed {int(mask.sum())} channels and {len(units)} attention units in {changed} LoRA tensors; "
         f"the adapter keeps {kept.get('all', 0):.0%} of its weight update ‖ΔW‖² ({parts}) → {folder}")
     if kept.get("all", 1.0) < MOSTLY_REMOVED:
-        log(f"[yellow]suppress: the signature takes most of the adapter: purifying it is close to discarding it and "
-            f"fine-tuning, so skills the restore data lacks may be lost (RESULTS.md, 'Skill retention')[/yellow]")
+        log("suppress: the signature takes most of the adapter: purifying it is close to discarding it and "
+            "fine-tuning, so skills the restore data lacks may be lost (RESULTS.md, 'Skill retention')", style="yellow")
     return folder
 

@@ -29,6 +29,7 @@ from bdclean import constants as C
 from bdclean.console import log, progress
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import load_manifest, read_json
+from bdclean.stages.common import recorded_path
 
 
 def _behavior_hit(output: str, behavior: str) -> bool:
@@ -64,7 +65,7 @@ def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> 
         raise UsageError("--tau auto needs at least 3 variants (one held out, two to score)")
     grid = sorted(set(opts.tau_grid))
     holdouts = list(range(min(opts.holdout, n - 2)))
-    base_dir = Path(pman["config"]["base"])
+    base_dir = Path(recorded_path(pman, "base"))
     base_cfg = read_model_config(base_dir)
     modules = [{k: peft_key(v) for k, v in names.items()}
                for names in mlp_module_names(base_cfg["model_type"], G.shape[0])]

@@ -1,0 +1,54 @@
+"""validate: every check purify makes before it starts work, and a summary of what it would purify.
+
+For hubs and scripts vetting third-party adapters: the suspicious model is read and checked exactly as purify
+reads it (safetensors only, no pickles, no remote code, LoRA factors of MLP/attention projections only, shapes
+against the base, finite values), the options are resolved (CLI > YAML > defaults) and the clean data is parsed.
+Nothing is trained and nothing is written.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bdclean.config import PurifyConfig
+from bdclean.errors import UsageError
+
+
+def run(model: Path, cfg: PurifyConfig) -> dict:
+    from bdclean.io.data import load_instructions
+    from bdclean.stages.pairs import load_suspicious
+
+    sus = load_suspicious(Path(model), cfg.base, True if cfg.full else None)
+    if sus.kind == "full" and cfg.score.score == "projection":
+        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    rows = load_instructions(cfg.clean)
+    if len(rows) < cfg.variants.samples:
+        raise UsageError(f"{cfg.clean}: {len(rows)} samples, fewer than --samples {cfg.variants.samples} per variant")
+    mc = sus.model_cfg
+    summary = {
+        "model": str(sus.path),  # the suspicious adapter or checkpoint
+        "kind": sus.kind,  # "adapter" (adapter-only threat model) or "full" (full-model threat model)
+        "sha256": sus.digest(),  # what train-pairs will record as its input
+        "base": str(sus.base_dir),  # the model the adapter is attached to (the checkpoint itself when full)
+        "model_type": mc.get("model_type"),
+        "layers": mc.get("num_hidden_layers"),
+        "mlp_channels_per_layer": mc.get("intermediate_size"),
+        "clean_samples": len(rows),  # rows of the clean data (variants draw --samples each, restore its own)
+        "config": cfg.model_dump(by_alias=True),  # the resolved options purify would run with
+    }
+    if sus.kind == "adapter":
+        pairs = sus.info.module_pairs()
+        projs = sorted({m.rsplit(".", 1)[-1] for m in pairs})
+        layers = sorted({int(x.group(1)) for m in pairs if (x := re.search(r"layers\.(\d+)\.", m))})
+        summary["lora"] = {
+            "modules": len(pairs),  # LoRA-adapted projections in the file
+            "projections": projs,  # which of q/k/v/o/gate/up/down are adapted
+            "layers": layers,  # decoder layers with any LoRA
+            "ranks": sorted({int(sus.info.tensors[a].shape[0]) for a, _ in pairs.values()}),
+            "attention": any(p in projs for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        }
+    return summary
+
+
+__all__ = ["run"]
