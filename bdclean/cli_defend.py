@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (as restore: 2e-4; the CROW paper "
                                            "used 1e-3)"),
         tau: Optional[float] = typer.Option(None, "--tau", help="fraction of MLP channels pruned (prune, "
-                                            "fine-prune; default 0.5, purify's adapter τ when the grid began)"),
+                                            "fine-prune; the benchmark's setting, not purify's τ: default 0.5)"),
         seed: int = typer.Option(0, "--seed", help="seed for samples, batch order and random pruning"),
         batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
         max_len: int = typer.Option(96, "--max-len", help="tokens per sample"),
