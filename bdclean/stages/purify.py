@@ -11,15 +11,23 @@ from bdclean.errors import UsageError
 from bdclean.io.artifacts import write_json
 
 
+def preflight(adapter: Path, cfg: PurifyConfig):
+    """The suspicious model, validated, and the option combinations it rules out (also `bdclean validate`)."""
+    from bdclean.stages import pairs
+
+    sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
+    if sus.kind == "full" and cfg.score.score == "projection":
+        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    return sus
+
+
 def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dict:
     from bdclean.stages import diff, pairs, restore, score, suppress, variants
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full = True if cfg.full else None
-    sus = pairs.load_suspicious(Path(adapter), cfg.base, full)  # validate inputs before any work
-    if sus.kind == "full" and cfg.score.score == "projection":
-        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    sus = preflight(adapter, cfg)  # validate inputs before any work
     times: dict[str, float] = {}
 
     def timed(name, fn, *a, **k):

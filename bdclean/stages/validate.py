@@ -8,23 +8,20 @@ Nothing is trained and nothing is written.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from bdclean.config import PurifyConfig
-from bdclean.errors import UsageError
 
 
 def run(model: Path, cfg: PurifyConfig) -> dict:
+    from bdclean.core.arch import LAYER_RE
     from bdclean.io.data import load_instructions
-    from bdclean.stages.pairs import load_suspicious
+    from bdclean.stages.purify import preflight
+    from bdclean.stages.variants import check_pool
 
-    sus = load_suspicious(Path(model), cfg.base, True if cfg.full else None)
-    if sus.kind == "full" and cfg.score.score == "projection":
-        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    sus = preflight(Path(model), cfg)
     rows = load_instructions(cfg.clean)
-    if len(rows) < cfg.variants.samples:
-        raise UsageError(f"{cfg.clean}: {len(rows)} samples, fewer than --samples {cfg.variants.samples} per variant")
+    check_pool(cfg.clean, rows, cfg.variants.samples)
     mc = sus.model_cfg
     summary = {
         "model": str(sus.path),  # the suspicious adapter or checkpoint
@@ -40,7 +37,7 @@ def run(model: Path, cfg: PurifyConfig) -> dict:
     if sus.kind == "adapter":
         pairs = sus.info.module_pairs()
         projs = sorted({m.rsplit(".", 1)[-1] for m in pairs})
-        layers = sorted({int(x.group(1)) for m in pairs if (x := re.search(r"layers\.(\d+)\.", m))})
+        layers = sorted({int(x.group(1)) for m in pairs if (x := LAYER_RE.search(m))})
         summary["lora"] = {
             "modules": len(pairs),  # LoRA-adapted projections in the file
             "projections": projs,  # which of q/k/v/o/gate/up/down are adapted

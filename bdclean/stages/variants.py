@@ -84,14 +84,18 @@ def plan_variants(n: int, seed: int) -> list[dict]:
     return specs
 
 
+def check_pool(clean: str, pool: list[dict], samples: int) -> None:
+    if len(pool) < samples:
+        raise UsageError(f"{clean}: {len(pool)} samples, fewer than --samples {samples} per variant")
+
+
 def run(clean: str, out: Path, opts: VariantsOptions, force: bool = False) -> Path:
     folder = Path(out) / C.STAGE_DIRS["make-variants"]
     pool = load_instructions(clean)  # validate before anything else
     man = Manifest("make-variants", {**opts.model_dump(), "clean": str(clean)}, {"clean": data_hash(clean)})
     if up_to_date(folder, man.fingerprint, "make-variants", force):
         return folder
-    if len(pool) < opts.samples:
-        raise UsageError(f"{clean}: {len(pool)} samples, fewer than --samples {opts.samples} per variant")
+    check_pool(clean, pool, opts.samples)
     rng = random.Random(opts.seed + 7919)
     disjoint = len(pool) >= opts.n_variants * opts.samples
     perm = list(range(len(pool)))
