@@ -96,12 +96,12 @@ def parallel_vs_serial(base_dir, examples, batch_size, pad, copies: int) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=48)
-    ap.add_argument("--max-len", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=48, help="clean samples in the one training epoch")
+    ap.add_argument("--max-len", type=int, default=96, help="token cap per sample")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (both loops)")
     ap.add_argument("--base", default="smollm2", help="model directory or 'smollm2'")
-    ap.add_argument("--out", default="bench/results/speed.json")
+    ap.add_argument("--out", default="bench/results/speed.json", help="JSON file the figures are appended to")
     a = ap.parse_args()
     from bdclean.io.data import builtin
     from bdclean.io.models import load_tokenizer, resolve_base

@@ -60,11 +60,11 @@ def run_cell(cell: str, a, bd: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default="badnet-sentiment,badnet-refusal")
-    ap.add_argument("--base", default="smollm2")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--cells", default="badnet-sentiment,badnet-refusal", help="comma list of grid cells already run")
+    ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="the grid's work folder")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where results/tau_auto/*.json go")
+    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="the generated table")
     ap.add_argument("--score-args", default="", help="extra `bdclean score` options, e.g. '--config sel.yaml'")
     a = ap.parse_args(argv)
     bd = str(Path(sys.executable).parent / "bdclean")
