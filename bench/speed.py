@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 
 def lora_model(base_dir):
@@ -129,8 +130,7 @@ def main() -> None:
         results["train_pairs_workers"] = parallel_vs_serial(base, examples, a.batch_size, tok.pad_token_id,
                                                              cpu_count())
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
-              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+              "machine": {**describe(), "torch_threads": torch.get_num_threads()},
               "settings": vars(a), "results": results}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
