@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup test demo demo-quick bench bench-quick bench-speed clean-data help
 
 help:
-	@echo "make demo       implant a BadNets backdoor into SmolLM2, purify it, show before/after (~44 min + setup, 2 CPUs)"
+	@echo "make demo       implant a BadNets backdoor into SmolLM2, purify it, show before/after (18-44 min + setup on 2 CPUs)"
 	@echo "make demo-quick smaller demo (fewer variants and test prompts)"
 	@echo "make test       set up .venv and run the test suite (tiny models + a SmolLM2 smoke test)"
 	@echo "make bench      the attack x task grid with every defense (hours; resumable per cell)"

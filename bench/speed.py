@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 
 def lora_model(base_dir):
@@ -96,12 +97,12 @@ def parallel_vs_serial(base_dir, examples, batch_size, pad, copies: int) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=48)
-    ap.add_argument("--max-len", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=48, help="clean samples in the one training epoch")
+    ap.add_argument("--max-len", type=int, default=96, help="token cap per sample")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (both loops)")
     ap.add_argument("--base", default="smollm2", help="model directory or 'smollm2'")
-    ap.add_argument("--out", default="bench/results/speed.json")
+    ap.add_argument("--out", default="bench/results/speed.json", help="JSON file the figures are appended to")
     a = ap.parse_args()
     from bdclean.io.data import builtin
     from bdclean.io.models import load_tokenizer, resolve_base
@@ -129,8 +130,7 @@ def main() -> None:
         results["train_pairs_workers"] = parallel_vs_serial(base, examples, a.batch_size, tok.pad_token_id,
                                                              cpu_count())
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
-              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+              "machine": {**describe(), "torch_threads": torch.get_num_threads()},
               "settings": vars(a), "results": results}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

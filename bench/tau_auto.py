@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grid import machine, sh, write_markdown  # noqa: E402
+from grid import sh, write_markdown  # noqa: E402
+from machine import describe  # noqa: E402
 
 from bdclean.io.artifacts import write_json  # noqa: E402
 
@@ -48,7 +49,7 @@ def run_cell(cell: str, a, bd: str) -> dict:
     sel = json.loads((dst / "score" / "tau_selection.json").read_text())
     ev = json.loads((dst / "eval.json").read_text())
     ours = next(r for r in fixed["rows"] if r["method"] == "ours")
-    return {"cell": cell, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "limit": fixed["limit"],
+    return {"cell": cell, "date": time.strftime("%Y-%m-%d"), "machine": describe(), "limit": fixed["limit"],
             "commands": [" ".join(c) for c in cmds], "seconds": round(time.time() - t0, 1),
             "chosen_tau": sel["tau"], "reason": sel.get("reason"), "selection_table": sel.get("table"),
             "auto": {"triggered_asr": ev["triggered"]["asr"], "clean_asr": ev["clean"]["asr"],
@@ -60,11 +61,11 @@ def run_cell(cell: str, a, bd: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default="badnet-sentiment,badnet-refusal")
-    ap.add_argument("--base", default="smollm2")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--cells", default="badnet-sentiment,badnet-refusal", help="comma list of grid cells already run")
+    ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="the grid's work folder")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where results/tau_auto/*.json go")
+    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="the generated table")
     ap.add_argument("--score-args", default="", help="extra `bdclean score` options, e.g. '--config sel.yaml'")
     a = ap.parse_args(argv)
     bd = str(Path(sys.executable).parent / "bdclean")

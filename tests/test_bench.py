@@ -69,6 +69,23 @@ def test_target_check_reports_met_and_missed():
     assert "lowest triggered ASR of all methods: not checked" in grid.target_check(cell)
 
 
+def test_machines_are_listed_per_cell_when_they_differ():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grid
+
+    new = {"cpu": {"name": "AMD EPYC", "family": "26", "model": "2", "vector": ["avx2", "avx512f"]}, "cores": 2,
+           "platform": "Linux", "torch": "2.13.0+cpu"}
+    old = {"cpu": "AMD EPYC", "cores": 2, "platform": "Linux", "torch": "2.13.0+cpu"}  # before family was kept
+    one = grid.machines_lines([{"cell": "a", "date": "d1", "machine": new},
+                               {"cell": "b", "date": "d2", "machine": new}])
+    assert one == ["Machine: AMD EPYC (family 26, model 2; avx2, avx512f), 2 cores, Linux, torch 2.13.0+cpu."]
+    two = grid.machines_lines([{"cell": "a", "date": "d1", "machine": new},
+                               {"cell": "b", "date": "d2", "machine": old}])
+    assert two[0].startswith("Machines (wall times compare only within one machine")
+    assert "- AMD EPYC (CPU generation not recorded), 2 cores, Linux, torch 2.13.0+cpu: b (d2)" in two
+    assert any(line.endswith(": a (d1)") and "family 26" in line for line in two)
+
+
 def test_speed_benchmark_runs_on_tiny_model(tiny_base, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     import speed
@@ -83,4 +100,4 @@ def test_speed_benchmark_runs_on_tiny_model(tiny_base, tmp_path, monkeypatch, ca
     assert r["bare"]["tokens"] == r["bdclean"]["tokens"] > 0 and r["speedup"] > 0
     w = r["train_pairs_workers"]
     assert w["copies"] == 2 and w["serial"]["tokens"] == w["parallel"]["tokens"] == 2 * r["bdclean"]["tokens"]
-    assert rec["machine"]["cpus"] and rec["command"]
+    assert rec["machine"]["cores"] and rec["machine"]["cpu"]["name"] and rec["command"]
