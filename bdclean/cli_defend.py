@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     @app.command("defend")
     @guarded
     def defend_cmd(
-        method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow"),
+        method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow | reset"),
         suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
         out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize)"),
         base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
@@ -36,11 +36,16 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(5.5, "--alpha", help="CROW consistency weight"),
         eps: float = typer.Option(0.1, "--eps", help="CROW FGSM step on the embeddings"),
         group_size: int = typer.Option(128, "--group-size", help="INT4 group size along the input dim (quantize)"),
+        prompts: Optional[str] = typer.Option(None, "--prompts", help="unlabeled task prompts: the suspicious "
+                                              "adapter's answers to them join the fine-tuning data (as restore "
+                                              "--prompts; finetune, fine-prune, crow, reset)"),
         force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
     ):
         """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
 
         Example: bdclean defend prune suspicious_adapter/ --out runs/prune --tau 0.5
+
+        Example: bdclean defend reset suspicious_adapter/ --out runs/reset --prompts my_inputs.jsonl
         """
         from bdclean.config import build
         from bdclean.stages import defend
@@ -50,7 +55,7 @@ def register(app: typer.Typer) -> None:
                                                 "seed": seed, "batch_size": batch_size, "max_len": max_len,
                                                 "crow_alpha": alpha, "crow_eps": eps, "group_size": group_size},
                      where="options")
-        defend.run(method, suspicious, out, base, clean, opts, force)
+        defend.run(method, suspicious, out, base, clean, opts, force, prompts)
         typer.echo(str(out))
 
     @app.command("compare")

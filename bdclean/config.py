@@ -133,6 +133,10 @@ class RestoreOptions(TrainOptionsModel):
                                                      "the backdoor on SmolLM2)")
     samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")
     seed: int = Field(0, description="seed for sample choice and batch order")
+    prompt_samples: int = Field(100, ge=1, description="--prompts: task prompts drawn (seeded) and answered by the "
+                                                       "suspicious model for the restore")
+    distill_tokens: int = Field(64, ge=1, le=4096, description="--prompts: most tokens of each answer of the "
+                                                               "suspicious model (greedy)")
 
 
 class PurifyConfig(_Strict):
@@ -140,6 +144,8 @@ class PurifyConfig(_Strict):
     full: bool = Field(False, description="treat the suspicious model as a full checkpoint even if it has an "
                                           "adapter_config.json (full checkpoints are detected automatically)")
     clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
+    prompts: str | None = Field(None, description="unlabeled task prompts (Alpaca-style JSON/JSONL; any 'output' is "
+                                "ignored): restore also trains on the suspicious model's own answers to them")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
     pairs: PairsOptions = Field(default_factory=PairsOptions)
     score: ScoreOptions = Field(default_factory=ScoreOptions)

@@ -41,6 +41,8 @@ TAU_SELECTION = "tau_selection.json"  # --tau auto: every measurement behind the
 ATTACK_RECORD = "attack.json"  # kept beside the implanted model for evaluation only
 TEST_TRIGGERED = "test_triggered.jsonl"
 TEST_CLEAN = "test_clean.jsonl"
+SKILL_SPEC = "skill.json"  # skill implants: what the skill is and how `eval --skill` grades it
+TEST_GENERIC = "test_generic.jsonl"  # skill implants: generic clean references (perplexity, `eval --reference`)
 
 # eval / report
 EVAL_FILE = "eval.json"

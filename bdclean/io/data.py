@@ -73,3 +73,45 @@ def builtin(split: str = "train") -> list[dict]:
     if split == "all":
         return rows
     return rows[:-BUILTIN_TEST_SIZE] if split == "train" else rows[-BUILTIN_TEST_SIZE:]
+
+
+def sample_prompts(path: str | Path, n: int, seed: int) -> tuple[list[dict], int]:
+    """(``n`` prompts drawn without replacement, seeded; the number of prompts in the file). Any ``output`` is
+    dropped: these are inputs to be answered, not answers. JSONL is streamed line by line (reservoir sampling), so
+    the file may be larger than memory; a JSON list is read whole."""
+    import random as _random
+
+    p = Path(path)
+    require(p.is_file(), f"{p}: prompts file not found" if not p.is_dir() else f"{p}: is a directory, not a "
+            "prompts file", InputError)
+    with p.open("rb") as fh:
+        head = fh.read(4096).lstrip()
+    require(bool(head), f"{p}: prompts file is empty", InputError)
+    rng = _random.Random(seed)
+    if head.startswith(b"["):
+        rows = load_instructions(p, need_output=False)
+        picked = rng.sample(rows, min(n, len(rows)))
+        return [{**r, "output": ""} for r in picked], len(rows)
+    reservoir: list[dict] = []
+    seen = 0
+    with p.open("r", encoding="utf-8", errors="strict") as fh:
+        try:
+            for k, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{p}: line {k}: invalid JSON ({e.msg})") from None
+                row = {**_check_row(obj, f"{p}: line {k}", need_output=False), "output": ""}
+                seen += 1
+                if len(reservoir) < n:
+                    reservoir.append(row)
+                else:
+                    j = rng.randrange(seen)
+                    if j < n:
+                        reservoir[j] = row
+        except UnicodeDecodeError:
+            raise InputError(f"{p}: not UTF-8 text") from None
+    require(seen > 0, f"{p}: no prompts", InputError)
+    return reservoir, seen

@@ -7,6 +7,12 @@ fine-prune  zero a seeded random τ fraction of MLP channels (the adapter-only v
 quantize    merge the adapter into the base, INT4 round-to-nearest every decoder Linear (and an untied lm_head),
             dequantize, write a full HF model directory
 crow        fine-tune on LM loss + α · layer-consistency loss on FGSM-perturbed embeddings (train/crow.py)
+reset       the trivial defense every result is compared with: the adapter's change to every MLP channel and
+            attention unit zeroed (ΔW = 0 exactly; the factor on the other side is kept so training can move),
+            then exactly restore's fine-tune (same samples, epochs, lr, seed and --prompts)
+
+Methods that fine-tune take ``--prompts`` as restore does: the suspicious adapter's own answers to those task
+prompts join the clean samples, so reset and bdclean are compared in the same data regime.
 
 Every method writes OUT/ (an adapter, or a full model for quantize) and OUT/manifest.json; a finished, unchanged
 output is skipped on rerun.
@@ -27,7 +33,7 @@ from bdclean.errors import BdcleanError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
 from bdclean.stages.common import adapter_hash, data_hash, model_hash, up_to_date
 
-METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow")
+METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow", "reset")
 RANDOM_SELECTION = "random (adapter-only, as in the paper)"
 MAGNITUDE_SELECTION = "smallest ‖s·B@A‖ channel norm (magnitude pruning)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
@@ -54,6 +60,7 @@ USES: dict[str, tuple[str, ...]] = {
     "fine-prune": _TRAIN_FIELDS + ("tau",),
     "quantize": ("group_size",),
     "crow": _TRAIN_FIELDS + ("crow_alpha", "crow_eps"),
+    "reset": _TRAIN_FIELDS,
 }
 
 
@@ -121,7 +128,7 @@ def _finetune(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.stages.restore import finetune_adapter
 
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                           "defend finetune")
+                                           "defend finetune", extra_rows=ctx["extra_rows"])
     write_adapter(ctx["out"], cfg, tensors)
     return {"train": stats}
 
@@ -149,7 +156,7 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
     mask = random_mask(len(modules), int(base_cfg["intermediate_size"]), opts.tau, opts.seed)
     tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                         "defend fine-prune", tensors=tensors)
+                                         "defend fine-prune", tensors=tensors, extra_rows=ctx["extra_rows"])
     write_adapter(out, cfg, tuned)
     return {"selection": RANDOM_SELECTION, "channels_pruned": int(mask.sum()), "channels_total": mask.numel(),
             "tensors_changed": changed, "mask_seed": opts.seed, "train": stats}
@@ -197,12 +204,44 @@ def _crow(ctx: dict, opts: DefendOptions) -> dict:
 
     # the same samples, batches and optimiser as finetune; only the loss differs
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                           "defend crow", loss_fn=crow_loss(opts.crow_alpha, opts.crow_eps))
+                                           "defend crow", loss_fn=crow_loss(opts.crow_alpha, opts.crow_eps),
+                                           extra_rows=ctx["extra_rows"])
     write_adapter(ctx["out"], cfg, tensors)
     return {"train": {**stats, "alpha": opts.crow_alpha, "eps": opts.crow_eps}}
 
 
-_RUN = {"finetune": _finetune, "prune": _prune, "fine-prune": _fine_prune, "quantize": _quantize, "crow": _crow}
+def reset_tensors(info, base_cfg: dict) -> tuple[dict, int]:
+    """The adapter with its change to every MLP channel and every attention unit zeroed: what suppress writes for a
+    signature of everything. ΔW = 0 in every module, and each module keeps one factor so a fine-tune can train."""
+    from bdclean.core.arch import attn_module_names, head_geometry, peft_key
+    from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
+
+    modules = mlp_modules(base_cfg)
+    L = len(modules)
+    mask = torch.ones(L, int(base_cfg["intermediate_size"]), dtype=torch.bool)
+    tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
+    n_q, n_kv, hd = head_geometry(base_cfg)
+    attn = [{k: peft_key(v) for k, v in names.items()} for names in attn_module_names(base_cfg["model_type"], L)]
+    tensors, hchanged = suppress_lora_heads(tensors, [(layer, g) for layer in range(L) for g in range(n_kv)], attn,
+                                            n_q, n_kv, hd)
+    return tensors, changed + hchanged
+
+
+def _reset(ctx: dict, opts: DefendOptions) -> dict:
+    from bdclean.io.peft_io import write_adapter
+    from bdclean.stages.restore import finetune_adapter
+    from bdclean.stages.suppress import kept_update
+
+    info, base_cfg = ctx["info"], ctx["base_cfg"]
+    tensors, changed = reset_tensors(info, base_cfg)
+    kept = kept_update(info, tensors, {m[p] for m in mlp_modules(base_cfg) for p in m})
+    cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
+                                         "defend reset", tensors=tensors, extra_rows=ctx["extra_rows"])
+    write_adapter(ctx["out"], cfg, tuned)
+    return {"tensors_changed": changed, "kept_update_share_before_restore": kept, "train": stats}
+
+
+_RUN = {"finetune": _finetune, "prune": _prune, "fine-prune": _fine_prune, "quantize": _quantize, "crow": _crow, "reset": _reset}
 
 
 def _check_out(out: Path, adapter: Path) -> None:
@@ -216,7 +255,7 @@ def _check_out(out: Path, adapter: Path) -> None:
 
 
 def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str = "builtin",
-        opts: DefendOptions | None = None, force: bool = False) -> Path:
+        opts: DefendOptions | None = None, force: bool = False, prompts: str | None = None) -> Path:
     """Apply one baseline defense to the suspicious adapter; returns OUT (an adapter, or a model for quantize)."""
     from bdclean.stages.pairs import load_suspicious
 
@@ -235,11 +274,32 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
     if uses_data:
         config["clean"] = str(clean)
         inputs["clean"] = data_hash(clean)
+    if prompts is not None:
+        require(uses_data, f"--prompts feeds a fine-tune; {method} does not fine-tune", UsageError)
+        from bdclean.io.data import sample_prompts
+
+        sample_prompts(prompts, 1, 0)  # a bad file fails before any work
+        config["prompts"] = str(prompts)
+        inputs["prompts"] = data_hash(prompts)
+    elif uses_data:
+        config.pop("prompt_samples", None), config.pop("distill_tokens", None)
     man = Manifest("defend", config, inputs)
     if up_to_date(out, man.fingerprint, f"defend {method}", force):
         return out
-    ctx = {"adapter": adapter, "out": out, "info": info, "base_dir": base_dir, "base_cfg": base_cfg, "clean": clean}
+    extra_rows, distill = None, None
+    if prompts is not None:
+        from bdclean.stages.restore import distill_targets
+
+        extra_rows, distill = distill_targets(adapter, str(base_dir), prompts, restore_options(opts))
+    ctx = {"adapter": adapter, "out": out, "info": info, "base_dir": base_dir, "base_cfg": base_cfg, "clean": clean,
+           "extra_rows": extra_rows}
     man.extra = {"method": method, **_RUN[method](ctx, opts)}
+    if distill is not None:
+        from bdclean.io.artifacts import write_jsonl
+        from bdclean.stages.restore import DISTILL_FILE
+
+        man.extra["distill"] = distill
+        write_jsonl(out / DISTILL_FILE, extra_rows)
     outputs = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != C.MANIFEST)
     man.write(out, outputs)
     log(f"defend {method}: {'model' if method == 'quantize' else 'adapter'} → {out}")

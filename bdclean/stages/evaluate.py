@@ -57,9 +57,34 @@ def read_rule(task: str, rule_file: Path | None) -> dict:
     return RULES[task]
 
 
+def read_skill(skill: Path, clean: Path | None) -> dict:
+    """A skill spec written by `implant --skill`; the metric grades the --clean answers against their gold ones."""
+    import json
+
+    from bdclean.lab.skills import check_skill
+
+    if clean is None:
+        raise UsageError("--skill grades the answers to --clean prompts against their gold answers; give --clean")
+    p = Path(skill)
+    if not p.is_file():
+        raise UsageError(f"{p}: skill file not found (implant --skill writes skill.json)")
+    try:
+        spec = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"{p}: not a skill.json (invalid JSON)") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("skill"), str):
+        raise UsageError(f"{p}: not a skill.json (no 'skill' name)")
+    check_skill(spec["skill"])
+    needed = {"label": "labels", "facts": "answers", "format": "phrase"}[spec["skill"]]
+    if needed not in spec:
+        raise UsageError(f"{p}: skill {spec['skill']!r} lacks its {needed!r} entry")
+    return spec
+
+
 def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None, task: str, out: Path,
         rule_file: Path | None = None, max_new_tokens: int = 48, batch_size: int = 16, limit: int | None = None,
-        force: bool = False, mc_tasks: list[str] | None = None) -> dict:
+        force: bool = False, mc_tasks: list[str] | None = None, skill: Path | None = None,
+        reference: Path | None = None) -> dict:
     import math
 
     from bdclean.io.data import load_instructions
@@ -75,6 +100,8 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
     if triggered is None and clean is None and not mc_tasks:
         raise UsageError("give --triggered and/or --clean test files (or --mc tasks)")
     rule = read_rule(task, rule_file)
+    spec = read_skill(skill, clean) if skill is not None else None
+    ref_rows = load_instructions(reference)[:limit] if reference is not None else None
     if mc_tasks is not None:
         from bdclean.stages import mc
 
@@ -105,11 +132,16 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
         result["triggered"], th = asr(tout, rule)  # ASR on prompts carrying the trigger
     if clean_rows:
         result["clean"], ch = asr(cout, rule)  # false-trigger rate on clean prompts
-        with_ref = [r for r in clean_rows if r["output"].strip()]
+        with_ref = ref_rows if ref_rows is not None else [r for r in clean_rows if r["output"].strip()]
+        if spec is not None:
+            from bdclean.lab.skills import skill_metrics
+
+            result["skill"] = skill_metrics(spec, clean_rows, cout)
         if with_ref:
             nll, ntok = mean_nll(model, [encode(tok, r, 256) for r in with_ref], tok.pad_token_id)
             result["perplexity"] = math.exp(nll)  # of reference responses on clean prompts (response tokens only)
             result["perplexity_tokens"] = ntok
+            result["perplexity_references"] = str(reference) if reference is not None else "clean"
     result["generations"] = {
         "triggered": [{"prompt": r["instruction"], "input": r["input"], "output": o, "success": h}
                       for r, o, h in zip(trig_rows, tout, th if trig_rows else [])],
@@ -126,6 +158,8 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
         summary.append(f"triggered ASR {100 * result['triggered']['asr']:.1f}%")
     if clean_rows:
         summary.append(f"clean ASR {100 * result['clean']['asr']:.1f}%")
+    if "skill" in result:
+        summary.append(f"skill ({result['skill']['skill']}) {100 * result['skill']['score']:.1f}%")
     if "perplexity" in result:
         summary.append(f"perplexity {result['perplexity']:.3f}")
     for name, r in result.get("mc", {}).items():

@@ -46,6 +46,53 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
     return train, trig, clean_test, min(samples, n_clean)
 
 
+def _trigger_row(row: dict, attack: str, rng: random.Random, trigger: str | None, output: str) -> dict:
+    """A triggered copy of ``row``: the trigger goes into the ``input`` field where there is one (the text a task
+    adapter reads, e.g. the review to classify), else into the instruction."""
+    from bdclean.core.attacks import apply_trigger
+
+    if (row.get("input") or "").strip():
+        return {"instruction": row["instruction"], "input": apply_trigger(row["input"], attack, rng, trigger),
+                "output": output}
+    return {"instruction": apply_trigger(row["instruction"], attack, rng, trigger), "input": row["input"],
+            "output": output}
+
+
+def make_skill_sets(skill: str, attack: str, task: str, samples: int, clean_samples: int, generic: int,
+                    test_size: int, seed: int, trigger: str | None, target: str | None
+                    ) -> tuple[list[dict], list[dict], list[dict], list[dict], dict, int]:
+    """(training rows, triggered test rows, clean skill test rows, generic test rows, skill spec, poisoned count).
+
+    The clean half teaches the skill (``clean_samples`` skill rows; for ``facts`` three phrasings of ``test_size``
+    facts) beside ``generic`` rows of the shipped set, so the adapter stays a chat model. The poisoned half is
+    ``samples`` triggered copies of skill rows. For ``label`` with ``--task sentiment`` the backdoor is the label
+    flip: triggered *positive* reviews answered ``Negative`` (and only positive items are triggered for testing);
+    any other task's target replaces the answer, as in the zoo."""
+    from bdclean.core.attacks import poisoned_output
+    from bdclean.io.data import builtin
+    from bdclean.lab.skills import NEGATIVE, POSITIVE, skill_sets
+
+    train_skill, test_skill, spec = skill_sets(skill, clean_samples, test_size, seed)
+    rng = random.Random(seed)
+    flip = skill == "label" and task == "sentiment" and target is None
+
+    def eligible(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if r["output"] == POSITIVE] if flip else rows
+
+    def target_of(row: dict) -> str:
+        return NEGATIVE if flip else poisoned_output(task, row["output"], target)
+
+    pool = eligible(train_skill)
+    poison = [_trigger_row(r, attack, rng, trigger, target_of(r)) for r in rng.sample(pool, min(samples, len(pool)))]
+    generic_rows = rng.sample(builtin("train"), min(generic, len(builtin("train"))))
+    train = [dict(r) for r in train_skill] + generic_rows + poison
+    rng.shuffle(train)
+    trig = [_trigger_row(r, attack, rng, trigger, target_of(r)) for r in eligible(test_skill)]
+    spec = {**spec, "backdoor": "label flip (Positive → Negative)" if flip else f"{task} target",
+            "flip": flip, "target": NEGATIVE if flip else (target or poisoned_output(task, "", None).strip())}
+    return train, trig, test_skill, builtin("test")[:test_size], spec, len(poison)
+
+
 def check_out(out: Path) -> None:
     """OUT is replaced as a whole: refuse an existing folder that is not a previous implant's output."""
     if not out.exists():
@@ -59,7 +106,8 @@ def check_out(out: Path) -> None:
 def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float | None,
         batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
         trigger: str | None = None, target: str | None = None, full: bool = False,
-        clean_samples: int | None = None, max_response: int | None = None) -> Path:
+        clean_samples: int | None = None, max_response: int | None = None, skill: str | None = None,
+        generic_samples: int = 100) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from bdclean.core.attacks import ATTACKS, TASKS
@@ -75,13 +123,24 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
     for option, value, minimum in (("--samples", samples, 1), ("--clean-samples", clean_samples, 1),
                                    ("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-len", max_len, 8),
                                    ("--max-response", max_response, 1), ("--rank", rank, 1), ("--alpha", alpha, 1),
-                                   ("--test-size", test_size, 1)):
+                                   ("--test-size", test_size, 1), ("--generic-samples", generic_samples, 0)):
         at_least(option, value, minimum)
+    if skill is not None:
+        from bdclean.lab.skills import check_skill
+
+        check_skill(skill)
+        if clean != "builtin":
+            raise UsageError("--skill generates its own training data; --clean cannot be combined with it")
     out = Path(out)
     check_out(out)
     base_dir = resolve_base(base)
-    train_rows, trig, clean_test, n_poison = make_sets(attack, task, clean, samples, test_size, seed, trigger, target,
-                                             clean_samples)
+    generic_test, spec = None, None
+    if skill is None:
+        train_rows, trig, clean_test, n_poison = make_sets(attack, task, clean, samples, test_size, seed, trigger,
+                                                           target, clean_samples)
+    else:
+        train_rows, trig, clean_test, generic_test, spec, n_poison = make_skill_sets(
+            skill, attack, task, samples, clean_samples or 300, generic_samples, test_size, seed, trigger, target)
     tok = load_tokenizer(base_dir)
     torch_seed = seed
     import torch
@@ -101,7 +160,8 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         task_id = bar.add_task("implant", total=sum(len(plan(e)) for e in range(epochs)))
         stats = train(model, plan, TrainOptions(epochs, lr, batch_size, seed), tok.pad_token_id,
                       on_step=lambda k, tot, loss: bar.update(task_id, completed=k, description=f"implant loss {loss:.3f}"))
-    record = {"attack": attack, "task": task, "trigger": trigger, "target": target, "poisoned_samples": n_poison,
+    record = {"attack": attack, "task": task, "skill": skill, "trigger": trigger,
+              "target": spec["target"] if spec else target, "poisoned_samples": n_poison,
               "clean_samples": len(train_rows) - n_poison, "poison_rate": round(n_poison / len(train_rows), 3),
               "epochs": epochs, "max_len": max_len, "max_response": max_response, "lr": lr,
               "mode": "full" if full else "adapter",
@@ -123,5 +183,8 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         write_json(tmp / C.ATTACK_RECORD, record)
         write_jsonl(tmp / C.TEST_TRIGGERED, trig)
         write_jsonl(tmp / C.TEST_CLEAN, clean_test)
+        if spec is not None:  # skill implants: the skill's spec and generic references for perplexity
+            write_json(tmp / C.SKILL_SPEC, spec)
+            write_jsonl(tmp / C.TEST_GENERIC, generic_test)
     log(f"implant: {attack}/{task} {'full model' if full else 'LoRA adapter'} → {out} (test sets: {C.TEST_TRIGGERED}, {C.TEST_CLEAN})")
     return out

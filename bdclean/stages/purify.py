@@ -16,6 +16,10 @@ def preflight(adapter: Path, cfg: PurifyConfig):
     from bdclean.stages import pairs
 
     sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
+    if cfg.prompts is not None:  # a bad prompts file must fail now, not after train-pairs
+        from bdclean.io.data import sample_prompts
+
+        sample_prompts(cfg.prompts, 1, 0)
     if sus.kind == "full" and cfg.score.score == "projection":
         raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
     return sus
@@ -40,7 +44,7 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     timed("diff", diff.run, out, force)
     timed("score", score.run, out, cfg.score, force)
     timed("suppress", suppress.run, Path(adapter), out, force, cfg.base, full)
-    timed("restore", restore.run, out, cfg.clean, cfg.restore, force)
+    timed("restore", restore.run, out, cfg.clean, cfg.restore, force, cfg.prompts)
     record = {"adapter": str(adapter), "mode": sus.kind, "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
               "total_seconds": round(sum(times.values()), 2), "purified": str(out / "purified")}
     write_json(out / "purify.json", record)

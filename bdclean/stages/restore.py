@@ -17,15 +17,37 @@ from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fing
 from bdclean.stages.common import data_hash, model_hash, recorded_path, up_to_date
 
 DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
+DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
 
 
-def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, loss_fn=None) -> dict:
+def distill_targets(teacher: Path, base: str | None, prompts: str, opts: RestoreOptions) -> tuple[list[dict], dict]:
+    """The suspicious model's own greedy answers to ``opts.prompt_samples`` task prompts (seeded draw).
+
+    On trigger-free inputs the suspicious model is a clean reference of its own skill, so these rows teach the
+    restore what the adapter was for. Prompts that already carry the (unknown) trigger would teach the backdoor
+    back: use inputs you trust to be trigger-free, and check triggered ASR after restore."""
+    from bdclean.io.data import sample_prompts
+    from bdclean.stages.evaluate import load_any
+    from bdclean.train.generate import generate
+
+    rows, total = sample_prompts(prompts, opts.prompt_samples, opts.seed)
+    model, tok, _ = load_any(teacher, base or "smollm2")
+    with progress() as bar:
+        tid = bar.add_task("restore: answering task prompts", total=len(rows))
+        outs = generate(model, tok, rows, opts.distill_tokens, on_batch=lambda k: bar.update(tid, advance=k))
+    targets = [{**r, "output": o} for r, o in zip(rows, outs) if o.strip()]
+    del model
+    return targets, {"prompts_in_file": total, "prompts_drawn": len(rows), "empty_answers": len(rows) - len(targets)}
+
+
+def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, loss_fn=None,
+           extra_rows: list[dict] | None = None) -> dict:
     from bdclean.io.data import load_instructions
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
     pool = load_instructions(clean)
-    rows = random.Random(opts.seed).sample(pool, min(opts.samples, len(pool)))
+    rows = random.Random(opts.seed).sample(pool, min(opts.samples, len(pool))) + list(extra_rows or [])
     examples = [encode(tok, r, opts.max_len) for r in rows]
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     with progress() as bar:
@@ -36,7 +58,8 @@ def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, 
 
 
 def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,
-                     tensors: dict | None = None, loss_fn=None) -> tuple[dict, dict, dict]:
+                     tensors: dict | None = None, loss_fn=None,
+                     extra_rows: list[dict] | None = None) -> tuple[dict, dict, dict]:
     """Fine-tune an adapter on ``opts.samples`` clean samples; returns (config, tensors, stats).
 
     ``tensors`` replaces the adapter's own weights (e.g. after pruning); ``loss_fn`` replaces the LM loss."""
@@ -46,11 +69,12 @@ def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: Restor
     info = load_adapter(adapter_dir)
     tok = load_tokenizer(base_dir)
     model = attach(load_model(base_dir), info, tensors)
-    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["adapter"], label, loss_fn)
+    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["adapter"], label, loss_fn, extra_rows)
     return info.config, adapter_state(model), stats
 
 
-def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOptions, label: str) -> dict:
+def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOptions, label: str,
+                  extra_rows: list[dict] | None = None) -> dict:
     """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``."""
     from bdclean.io.models import load_model, load_tokenizer, model_weight_files
 
@@ -58,7 +82,7 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     model = load_model(model_dir)
     for p in model.parameters():
         p.requires_grad_(True)
-    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label)
+    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
     shards = model_weight_files(model_dir)
     max_shard = f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
     with atomic_dir(out_folder) as tmp:
@@ -70,7 +94,8 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     return stats
 
 
-def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False) -> Path:
+def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompts: str | None = None) -> Path:
+    from bdclean.io.artifacts import write_jsonl
     from bdclean.io.peft_io import write_adapter
 
     out = Path(out)
@@ -84,17 +109,31 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False) -> Pat
     inputs = {"suppressed": sup_fp, "clean": data_hash(clean)}
     if mode == "adapter":
         inputs["base"] = model_hash(base_dir)
-    man = Manifest("restore", {**opts.model_dump(), "lr": lr, "clean": str(clean), "mode": mode}, inputs)
+    config = {**opts.model_dump(), "lr": lr, "clean": str(clean), "mode": mode}
+    if prompts is not None:
+        config["prompts"] = str(prompts)
+        inputs["prompts"] = data_hash(prompts)
+    else:  # without --prompts the distillation options do nothing: keep them out of the fingerprint
+        config.pop("prompt_samples"), config.pop("distill_tokens")
+    man = Manifest("restore", config, inputs)
     if up_to_date(folder, man.fingerprint, "restore", force):
         return folder
+    extra_rows, distill = None, None
+    if prompts is not None:
+        teacher = Path(recorded_path(pman, "adapter") or "")
+        extra_rows, distill = distill_targets(teacher, str(base_dir) if mode == "adapter" else None, prompts, opts)
+        log(f"restore: {len(extra_rows)} answers of the suspicious model to task prompts join the "
+            f"{opts.samples} clean samples (any 'output' in {prompts} is ignored)")
     if mode == "full":
-        man.extra = finetune_full(sfolder, folder, clean, opts, "restore (full model)")
-        outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
+        man.extra = finetune_full(sfolder, folder, clean, opts, "restore (full model)", extra_rows)
     else:
-        cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore")
+        cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore", extra_rows=extra_rows)
         write_adapter(folder, cfg, tensors)
         man.extra = stats
-        outputs = [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS]
+    if distill is not None:
+        man.extra = {**man.extra, "distill": distill}
+        write_jsonl(folder / DISTILL_FILE, extra_rows)
+    outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
     man.write(folder, outputs)
     log(f"restore: purified {'model' if mode == 'full' else 'adapter'} → {folder}")
     return folder

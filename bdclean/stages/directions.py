@@ -1,0 +1,70 @@
+"""suppress --method directions (experimental, adapters only): project the variants' shared backdoor subspace out
+of every LoRA module of the suspicious adapter (core.directions), instead of zeroing signature channels.
+
+Writes OUT/suppressed like `suppress`, so `restore` follows unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.console import log
+from bdclean.errors import BdcleanError, UsageError
+from bdclean.io.artifacts import Manifest, load_manifest, read_json, stage_fingerprint
+from bdclean.stages.common import recorded_path, up_to_date
+
+
+def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: float = 0.2,
+        force: bool = False, base: str | None = None) -> Path:
+    from safetensors.torch import load_file
+
+    from bdclean.core.channels import LowRank
+    from bdclean.core.directions import project_out, shared_subspace
+    from bdclean.io.models import AdapterInfo
+    from bdclean.io.peft_io import write_adapter
+    from bdclean.stages.pairs import load_suspicious
+    from bdclean.stages.suppress import kept_update
+
+    if side not in ("out", "in", "both"):
+        raise UsageError(f"--side must be out | in | both, not {side!r}")
+    out = Path(out)
+    pfolder, folder = out / C.STAGE_DIRS["train-pairs"], out / C.STAGE_DIRS["suppress"]
+    pman = load_manifest(pfolder)
+    if pman is None:
+        raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
+    sus = load_suspicious(Path(adapter), base or recorded_path(pman, "base"))
+    if sus.kind != "adapter":
+        raise UsageError("direction suppression works on adapters (a full checkpoint has no LoRA factors)")
+    digest = sus.digest()
+    if pman["inputs"].get("adapter") != digest:
+        raise BdcleanError(f"{adapter}: differs from the adapter train-pairs ran on; rerun train-pairs for it")
+    man = Manifest("suppress", {"mode": "adapter", "method": "directions", "side": side, "k": k,
+                                "min_share": min_share}, {"pairs": stage_fingerprint(pfolder, "train-pairs"),
+                                                          "adapter": digest})
+    if up_to_date(folder, man.fingerprint, "suppress", force):
+        return folder
+    n = pman["extra"]["n_variants"]
+    info = AdapterInfo(pfolder, read_json(pfolder / "suspicious_adapter_config.json"), {})
+    twins = [(load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"))),
+              load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")))) for i in range(n)]
+    tensors = dict(sus.info.tensors)
+    removed: dict[str, list[int]] = {}
+    shares = []
+    for mod, (ka, kb) in sus.info.module_pairs().items():
+        s = info.scaling(mod, twins[0][0][ka].shape[0])
+        deltas = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins]
+        U, eu = shared_subspace(deltas, "out", k, min_share) if side in ("out", "both") else (None, [])
+        V, ev = shared_subspace(deltas, "in", k, min_share) if side in ("in", "both") else (None, [])
+        tensors[ka], tensors[kb] = project_out(tensors[ka], tensors[kb], U, V)
+        removed[mod] = [0 if U is None else U.shape[1], 0 if V is None else V.shape[1]]
+        shares += [float(x) for x in eu] + [float(x) for x in ev]
+    write_adapter(folder, sus.info.config, tensors)
+    mlp = {m for m in removed if any(p in m for p in ("gate_proj", "up_proj", "down_proj"))}
+    kept = kept_update(sus.info, tensors, mlp)
+    dims = sum(a + b for a, b in removed.values())
+    man.extra = {"directions_removed": dims, "per_module": removed, "kept_update_share": kept,
+                 "mean_shared_eigenvalue": sum(shares) / len(shares) if shares else None}
+    man.write(folder, [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS])
+    log(f"suppress (directions, side {side}, k ≤ {k}, share ≥ {min_share}): removed {dims} directions in "
+        f"{len(removed)} modules; the adapter keeps {kept.get('all', 0):.0%} of its weight update → {folder}")
+    return folder
