@@ -14,7 +14,7 @@ def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
     assert (sus / "config.json").is_file() and not (sus / "adapter_config.json").exists()
     # the projection score ranks an adapter's own update: refused up front for a full checkpoint, nothing written
     code, _, err = run_cli("purify", sus, "--clean", tiny_data, "--out", tmp_path / "p", "--score", "projection")
-    assert code == 2 and "full checkpoint" in err and not any((tmp_path / "p").iterdir())
+    assert code == 2 and "full checkpoint" in err and not (tmp_path / "p").exists()
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("pairs: {epochs: 1, max_len: 48}\nrestore: {samples: 6, epochs: 1, max_len: 48}\n"

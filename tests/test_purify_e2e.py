@@ -208,11 +208,14 @@ def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_c
     """layers_to_transform=[1]: layer 0 has no LoRA, so its channels cannot move and are never suppressed."""
     from tests.common import make_adapter
 
-    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=3, layers=[1])
     out = tmp_path / "run"
+    # `make demo`'s layout: the suspicious adapter and the user's notes inside OUT, beside the stage folders
+    adapter = make_adapter(tiny_base, out / "suspicious", seed=3, layers=[1])
+    (out / "notes.txt").write_text("mine")
     code, _, err = run_cli("purify", adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
                            "--config", _fast_yaml(tmp_path), *FAST)
     assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "suspicious" / "adapter_config.json").is_file()
     sig = json.loads((out / "score" / "signature.json").read_text())
     assert sig["channels"] and {c["layer"] for c in sig["channels"]} == {1}
     assert sig["heads"]  # attention units are found although layer 0 has no attention LoRA

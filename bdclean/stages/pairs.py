@@ -12,7 +12,7 @@ from bdclean import constants as C
 from bdclean.config import PairsOptions
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
-from bdclean.stages.common import adapter_hash, model_hash, up_to_date
+from bdclean.stages.common import adapter_hash, check_out_inputs, model_hash, up_to_date
 
 TWINS = ("bd", "clean")
 
@@ -52,7 +52,7 @@ def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> S
         raise InputError(f"{path}: neither a PEFT adapter (no {C.ADAPTER_CONFIG}) nor a full model (no {C.MODEL_CONFIG})")
     if is_adapter:
         info = load_adapter(path)
-        base_dir = resolve_base(base or "smollm2")
+        base_dir = resolve_base("smollm2" if base is None else base)  # '' is refused there, not read as the alias
         cfg = read_model_config(base_dir)
         family(cfg.get("model_type"))
         check_adapter_fits(info, cfg, base_dir)
@@ -80,6 +80,7 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     folder = out / C.STAGE_DIRS["train-pairs"]
     sus = load_suspicious(Path(adapter), base, full)
     base_dir = sus.base_dir
+    check_out_inputs(out, ("train-pairs",), sus.path, base_dir)
     lcfg = variant_lora_config(sus)
     inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": sus.digest(),
               "base": model_hash(base_dir)}

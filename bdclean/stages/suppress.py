@@ -13,7 +13,7 @@ from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.stages.common import recorded_path, up_to_date
+from bdclean.stages.common import check_out_inputs, recorded_path, up_to_date
 
 REINIT_SEED = 0x5EED
 
@@ -105,7 +105,8 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
         raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
     if full is None:
         full = pman["config"].get("mode") == "full"
-    sus = load_suspicious(Path(adapter), base or recorded_path(pman, "base"), full)
+    sus = load_suspicious(Path(adapter), recorded_path(pman, "base") if base is None else base, full)
+    check_out_inputs(out, ("suppress",), sus.path, sus.base_dir)
     digest = sus.digest()
     if pman["inputs"].get("adapter") != digest:
         raise BdcleanError(
