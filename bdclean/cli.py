@@ -63,6 +63,20 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from bdclean import __version__
+
+        typer.echo(f"bdclean {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="print the version and exit")):
+    pass
+
+
 def guarded(fn):
     """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1."""
 

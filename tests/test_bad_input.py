@@ -493,3 +493,24 @@ def test_resumes_an_interrupted_stage_folder_and_keeps_files_beside_it(tmp_path,
         assert code == 0, err
     assert json.loads((out / "variants" / "manifest.json").read_text())["stage"] == "make-variants"
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["purify"], "Missing argument"),
+    (["score", "--out"], "requires an argument"),
+    (["score", "--out", "x", "--bogus"], "No such option"),
+    (["no-such-command"], "No such command"),
+    (["--bogus"], "No such option"),
+    (["score", "--out", "x", "--lambda", "abc"], "--lambda"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_click_usage_errors_are_one_line(argv, needle, run_cli):
+    got, out, err = run_cli(*argv)
+    assert got == 2 and "Traceback" not in err + out and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "╭" not in err, err
+
+
+def test_version(run_cli):
+    from bdclean import __version__
+
+    got, out, err = run_cli("--version")
+    assert got == 0 and out.strip() == f"bdclean {__version__}", (out, err)
