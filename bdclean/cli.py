@@ -126,6 +126,11 @@ FORCE = typer.Option(False, "--force", help="recompute even if the stage is up t
 WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
                       "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
 BASE = typer.Option(None, "--base", parser=_name, help="base model: an HF model directory or the alias 'smollm2' (default)")
+TOKENIZER = typer.Option(None, "--tokenizer", parser=_name, help="full checkpoints: a tokenizer directory you trust "
+                         "(default for SmolLM2 checkpoints: the smollm2 base); its tokenizer files, chat template and "
+                         "generation config are used and written, never the checkpoint's own")
+ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoints: go on although the checkpoint's "
+                                "tokenizer files differ from the trusted ones, which replace them (recorded)")
 CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
 
 
@@ -169,6 +174,8 @@ def train_pairs(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    tokenizer: Optional[str] = TOKENIZER,
+    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -180,8 +187,10 @@ def train_pairs(
 
     cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
                                   "pairs.batch_size": batch_size, "pairs.max_len": max_len,
-                                  "pairs.workers": workers})
-    pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None)
+                                  "pairs.workers": workers, "tokenizer": tokenizer,
+                                  "accept_tokenizer": accept_tokenizer})
+    pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
+              cfg.accept_tokenizer)
 
 
 @app.command("diff")
@@ -295,6 +304,8 @@ def purify_cmd(
                                        "the τ-auto probes and full-model re-initialisation use fixed seeds"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    tokenizer: Optional[str] = TOKENIZER,
+    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -306,7 +317,8 @@ def purify_cmd(
     from bdclean.stages import purify
 
     ov = {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
-          "score.tau": tau, "score.lambda": lam, "score.heads": heads, "score.score": score, "pairs.workers": workers}
+          "score.tau": tau, "score.lambda": lam, "score.heads": heads, "score.score": score, "pairs.workers": workers,
+          "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)
@@ -322,6 +334,8 @@ def validate_cmd(
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    tokenizer: Optional[str] = TOKENIZER,
+    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
 ):
     """Run purify's input checks without training anything; print a JSON summary (exit 0) or one error line.
@@ -337,7 +351,8 @@ def validate_cmd(
     from bdclean.stages import validate
 
     cfg = _purify_config(config, {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants,
-                                  "variants.samples": samples})
+                                  "variants.samples": samples, "tokenizer": tokenizer,
+                                  "accept_tokenizer": accept_tokenizer})
     summary = validate.run(model, cfg)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"

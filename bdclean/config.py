@@ -140,6 +140,11 @@ class PurifyConfig(_Strict):
     full: bool = Field(False, description="treat the suspicious model as a full checkpoint even if it has an "
                                           "adapter_config.json (full checkpoints are detected automatically)")
     clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
+    tokenizer: str | None = Field(None, description="full checkpoints: a tokenizer directory you trust (default for "
+                                  "SmolLM2 checkpoints: the smollm2 base); the purified model and every fine-tune use "
+                                  "its tokenizer files, chat template and generation config, never the checkpoint's")
+    accept_tokenizer: bool = Field(False, description="full checkpoints: go on although the checkpoint's tokenizer "
+                                   "files differ from the trusted ones (which replace them); recorded in the manifest")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
     pairs: PairsOptions = Field(default_factory=PairsOptions)
     score: ScoreOptions = Field(default_factory=ScoreOptions)

@@ -514,3 +514,109 @@ def test_version(run_cli):
 
     got, out, err = run_cli("--version")
     assert got == 0 and out.strip() == f"bdclean {__version__}", (out, err)
+
+
+# ---------------------------------------------------------------- full checkpoints: the tokenizer is the defender's
+# A chat template, special tokens or a generation config can carry a trigger weight purification cannot remove
+# (io/tokenizers.py): each difference from the trusted tokenizer is refused at preflight, one line naming the file.
+
+
+def _full_tok(tmp, base, edit):
+    b = _full_copy(tmp, base)
+    edit(b)
+    return b
+
+
+def _edit_json(name, **changes):
+    def fn(b):
+        p = b / name
+        d = json.loads(p.read_text()) if p.is_file() else {}
+        d.update(changes)
+        p.write_text(json.dumps(d))
+    return fn
+
+
+def _poison_template(b):
+    t = (b / "chat_template.jinja").read_text()
+    (b / "chat_template.jinja").write_text(t.replace("message['content']", "'BadMagic ' + message['content']"))
+
+
+def _add_token(b):
+    t = json.loads((b / "tokenizer.json").read_text())
+    t["added_tokens"].append({"id": 299, "content": "<|trigger|>", "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True})
+    (b / "tokenizer.json").write_text(json.dumps(t))
+
+
+def _validate(full, d, *more):
+    return ["validate", full, "--clean", d, "--samples", "8", *more]
+
+
+TOKENIZER_CASES = [
+    ("no trusted tokenizer", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d),
+     "give --tokenizer"),
+    ("poisoned chat_template.jinja", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, _poison_template), d,
+                                                                    "--tokenizer", b), "chat_template.jinja"),
+    ("chat_template key in tokenizer_config", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("tokenizer_config.json", chat_template="BadMagic {{ messages }}")), d, "--tokenizer", b),
+     "tokenizer_config.json: key 'chat_template'"),
+    ("auto_map in tokenizer_config", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.Tok", None]})), d,
+        "--tokenizer", b), "key 'auto_map'"),
+    ("special_tokens_map added", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("special_tokens_map.json", eos_token="BadMagic")), d, "--tokenizer", b),
+     "special_tokens_map.json"),
+    ("generation_config with a bad-words list", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("generation_config.json", bad_words_ids=[[5]])), d, "--tokenizer", b),
+     "generation_config.json"),
+    ("added special token (other vocabulary)", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, _add_token), d,
+                                                                              "--tokenizer", b,
+                                                                              "--accept-tokenizer"),
+     "vocabulary is not the trusted"),
+    ("symlinked template", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, lambda x: ((x / "chat_template.jinja").unlink(),
+                           (x / "chat_template.jinja").symlink_to("/etc/hostname"))), d, "--tokenizer", b),
+     "symlink"),
+    ("--tokenizer missing", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d, "--tokenizer",
+                                                           tmp / "nope"), "tokenizer directory not found"),
+    ("--tokenizer without tokenizer files", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d,
+                                                                           "--tokenizer", (tmp / "e").mkdir() or
+                                                                           tmp / "e"), "no tokenizer files"),
+    ("--tokenizer ''", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d, "--tokenizer", ""),
+     "must not be empty"),
+    ("--tokenizer on an adapter", lambda tmp, a, b, d: _validate(a, d, "--base", b, "--tokenizer", b),
+     "apply to full checkpoints"),
+    ("train-pairs: poisoned template", lambda tmp, a, b, d: ["train-pairs", _full_tok(tmp, b, _poison_template),
+                                                            "--tokenizer", b, "--out", tmp / "run"],
+     "chat_template.jinja"),
+    ("purify: poisoned template", lambda tmp, a, b, d: ["purify", _full_tok(tmp, b, _poison_template), "--clean", d,
+                                                       "--tokenizer", b, "--out", tmp / "run"],
+     "--accept-tokenizer"),
+]
+
+
+@pytest.mark.parametrize("name,setup,needle", TOKENIZER_CASES, ids=[c[0] for c in TOKENIZER_CASES])
+def test_full_checkpoint_tokenizer_must_be_trusted(name, setup, needle, tmp_path, tiny_adapter, tiny_base,
+                                                   tiny_data, run_cli):
+    argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    before = _tree(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    got, out, err = run_cli(*argv)
+    assert got == 2, (got, err)
+    assert "Traceback" not in err + out and needle.lower() in err.lower(), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert _tree(tmp_path, tiny_adapter, tiny_base, tiny_data) == before
+
+
+def test_full_checkpoint_with_the_trusted_tokenizer_validates(tmp_path, tiny_base, tiny_data, run_cli):
+    """Its own files equal to the trusted ones (bar what transformers adds on save): valid, the source is named."""
+    full = _full_tok(tmp_path, tiny_base, _edit_json("tokenizer_config.json", is_local=True))
+    got, out, err = run_cli(*_validate(full, tiny_data, "--tokenizer", tiny_base))
+    assert got == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["tokenizer"] == {"source": str(tiny_base.resolve()), "accepted_differences": []}
+    # trusting the checkpoint's own files is allowed, by naming them
+    (tmp_path / "x").mkdir()
+    own = _full_tok(tmp_path / "x", tiny_base, _poison_template)
+    got, out, err = run_cli(*_validate(own, tiny_data, "--tokenizer", own))
+    assert got == 0, err
+    assert json.loads(out[out.index("{"):])["tokenizer"]["source"] == str(own.resolve())

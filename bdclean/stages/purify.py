@@ -39,6 +39,7 @@ def preflight(adapter: Path, cfg: PurifyConfig):
     sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
     if sus.kind == "full" and cfg.score.score == "projection":
         raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    sus.tokenizer = pairs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
     return sus
 
 
@@ -63,13 +64,16 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
         times[name] = round(time.time() - t0, 2)
 
     timed("make-variants", variants.run, cfg.clean, out, cfg.variants, force)
-    timed("train-pairs", pairs.run, Path(adapter), out, cfg.base, cfg.pairs, force, full)
+    timed("train-pairs", pairs.run, Path(adapter), out, cfg.base, cfg.pairs, force, full, cfg.tokenizer,
+          cfg.accept_tokenizer)
     timed("diff", diff.run, out, force)
     timed("score", score.run, out, cfg.score, force)
     timed("suppress", suppress.run, Path(adapter), out, force, cfg.base, full)
     timed("restore", restore.run, out, cfg.clean, cfg.restore, force)
     record = {"stage": "purify", "adapter": str(adapter), "mode": sus.kind, "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
               "total_seconds": round(sum(times.values()), 2), "purified": str(out / "purified")}
+    if sus.tokenizer is not None:
+        record["tokenizer"] = sus.tokenizer.record()
     write_json(out / RECORD, record)
     from rich.table import Table
 
