@@ -151,6 +151,27 @@ class PurifyConfig(_Strict):
     restore: RestoreOptions = Field(default_factory=RestoreOptions)
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (yaml keeps the last one silently, so a second
+    `score:` block would drop the first one's values)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` is resolved by SafeLoader itself
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path | None) -> dict:
     if path is None:
         return {}
@@ -160,7 +181,7 @@ def load_yaml(path: str | Path | None) -> dict:
     if not p.is_file():
         raise UsageError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise UsageError(f"{p}: not UTF-8 text; expected a YAML file") from None
     except yaml.YAMLError as e:
