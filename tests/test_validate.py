@@ -17,9 +17,12 @@ def test_validate_adapter_summary(tiny_base, tiny_adapter, tiny_data, run_cli):
 
 
 def test_validate_full_checkpoint_and_refusals(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    # a full checkpoint's tokenizer must come from a source the defender names (SECURITY.md, guarantee 2)
     code, out, err = run_cli("validate", tiny_base, "--clean", tiny_data, "--samples", "8")
+    assert code == 2 and "give --tokenizer" in err and out == ""
+    code, out, err = run_cli("validate", tiny_base, "--clean", tiny_data, "--samples", "8", "--tokenizer", tiny_base)
     assert code == 0, err
-    assert json.loads(out)["kind"] == "full"
+    assert json.loads(out)["kind"] == "full" and json.loads(out)["tokenizer"]["source"] == str(tiny_base.resolve())
     # what purify would refuse, validate refuses the same way, before any work
     code, out, err = run_cli("validate", tiny_base, "--clean", tiny_data, "--samples", "8", "--config",
                              _yaml(tmp_path, "score: {score: projection}"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bdclean import constants as C
-from bdclean.errors import BdcleanError, InputError, require
+from bdclean.errors import BdcleanError, InputError, UsageError, require
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -53,6 +53,9 @@ def _smollm2_gguf() -> Path:
 
 def resolve_base(name_or_dir: str) -> Path:
     """An HF model directory, or the alias ``smollm2`` converted once from the shipped GGUF into the cache."""
+    # an empty name would resolve to the current directory (or be mistaken for "unset" and become the alias)
+    require(name_or_dir.strip() != "", "the base model name is empty (--base or 'base:' in a config); give a model "
+                                       "directory or 'smollm2'", UsageError)
     if name_or_dir == C.SMOLLM2_ALIAS:
         target = cache_root() / C.SMOLLM2_CACHE_DIR
         if not (target / C.MODEL_CONFIG).is_file():

@@ -12,7 +12,7 @@ from bdclean import constants as C
 from bdclean.config import PairsOptions
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
-from bdclean.stages.common import adapter_hash, model_hash, up_to_date
+from bdclean.stages.common import adapter_hash, check_out_inputs, model_hash, up_to_date
 
 TWINS = ("bd", "clean")
 
@@ -26,6 +26,7 @@ class Suspicious:
     base_dir: Path  # the model the LoRA (suspicious, or the variants' own) is attached to
     model_cfg: dict  # config.json of base_dir
     info: object = None  # AdapterInfo for adapters
+    tokenizer: object = None  # TokenizerChoice of a full checkpoint, once chosen (purify's preflight)
 
     def digest(self) -> str:
         return adapter_hash(self.path) if self.kind == "adapter" else model_hash(self.path)
@@ -52,7 +53,7 @@ def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> S
         raise InputError(f"{path}: neither a PEFT adapter (no {C.ADAPTER_CONFIG}) nor a full model (no {C.MODEL_CONFIG})")
     if is_adapter:
         info = load_adapter(path)
-        base_dir = resolve_base(base or "smollm2")
+        base_dir = resolve_base("smollm2" if base is None else base)  # '' is refused there, not read as the alias
         cfg = read_model_config(base_dir)
         family(cfg.get("model_type"))
         check_adapter_fits(info, cfg, base_dir)
@@ -63,6 +64,19 @@ def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> S
     return Suspicious("full", path, path, cfg)
 
 
+def trusted_tokenizer(sus: Suspicious, tokenizer: str | None, accept: bool):
+    """A full checkpoint's trusted tokenizer (io/tokenizers.py); None for an adapter, which uses its base's."""
+    from bdclean.errors import UsageError
+    from bdclean.io.tokenizers import choose
+
+    if sus.kind == "adapter":
+        if tokenizer is not None or accept:
+            raise UsageError("--tokenizer and --accept-tokenizer apply to full checkpoints; an adapter is always used "
+                             "with its base's tokenizer (--base)")
+        return None
+    return choose(sus.path, sus.model_cfg, tokenizer, accept)
+
+
 def variant_lora_config(sus: Suspicious) -> dict:
     """The LoRA config the variants train: the suspicious adapter's own, or FULL_VARIANT_LORA for checkpoints."""
     if sus.kind == "adapter":
@@ -71,7 +85,7 @@ def variant_lora_config(sus: Suspicious) -> dict:
 
 
 def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: bool = False,
-        full: bool | None = None) -> Path:
+        full: bool | None = None, tokenizer: str | None = None, accept_tokenizer: bool = False) -> Path:
     from bdclean.stages.pairs_jobs import JobContext, plan_workers, run_inline, run_parallel
     from bdclean.train.loop import cpu_count
 
@@ -80,6 +94,8 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     folder = out / C.STAGE_DIRS["train-pairs"]
     sus = load_suspicious(Path(adapter), base, full)
     base_dir = sus.base_dir
+    check_out_inputs(out, ("train-pairs",), sus.path, base_dir)
+    tok = trusted_tokenizer(sus, tokenizer, accept_tokenizer)
     lcfg = variant_lora_config(sus)
     inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": sus.digest(),
               "base": model_hash(base_dir)}
@@ -87,6 +103,9 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
     config = {**opts.model_dump(exclude={"workers"}), "adapter": str(adapter), "base": str(base_dir),
               "mode": sus.kind, "variant_lora": lcfg}
+    if tok is not None:  # full checkpoints only: adapter fingerprints stay as they were
+        inputs["tokenizer"] = tok.digest
+        config["tokenizer"] = tok.record()
     man = Manifest("train-pairs", config, inputs)
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
@@ -112,7 +131,7 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     if todo:
         workers, threads = plan_workers(opts.workers, len(todo), base_dir)
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
-                         man.fingerprint, threads)
+                         man.fingerprint, threads, str(tok.source if tok is not None else base_dir))
         if workers > 1:
             log(f"train-pairs: {len(todo)} twins on {workers} processes × {threads} thread(s)")
             times = run_parallel(ctx, todo, workers)
@@ -123,6 +142,8 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     # the adapter's and base's contents are, through the inputs)
     man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads,
                  "paths": {"adapter": str(Path(adapter).resolve()), "base": str(Path(base_dir).resolve())}}
+    if tok is not None:
+        man.extra["paths"]["tokenizer"] = str(tok.source)
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.write(folder, outputs)

@@ -38,6 +38,7 @@ class JobContext:
     folder: str
     fingerprint: str
     threads: int | None  # torch threads per twin; None = every core
+    tokenizer: str = ""  # the folder whose tokenizer trains the twins: the base's, or a full checkpoint's trusted one
 
 
 def available_memory() -> int | None:
@@ -76,7 +77,8 @@ def _load(ctx: JobContext):
     from bdclean.io.models import load_adapter, load_model, load_tokenizer
     from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict
 
-    tok = load_tokenizer(Path(ctx.base_dir))
+    # never a full checkpoint's own tokenizer files: its chat template could carry the trigger (io/tokenizers.py)
+    tok = load_tokenizer(Path(ctx.tokenizer or ctx.base_dir))
     if ctx.kind == "adapter":
         model = attach(load_model(Path(ctx.base_dir)), load_adapter(Path(ctx.adapter)))
     else:

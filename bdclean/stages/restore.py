@@ -75,8 +75,11 @@ def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: Restor
 
 def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOptions, label: str,
                   extra_rows: list[dict] | None = None) -> dict:
-    """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``."""
+    """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``.
+
+    ``model_dir`` is suppress's output, whose tokenizer files are the trusted source's (io/tokenizers.py)."""
     from bdclean.io.models import load_model, load_tokenizer, model_weight_files
+    from bdclean.io.tokenizers import install
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir)
@@ -87,10 +90,10 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     max_shard = f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
     with atomic_dir(out_folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
-        for f in model_dir.iterdir():  # tokenizer and friends
-            if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" \
-                    and f.suffix not in C.PICKLE_SUFFIXES and f.name not in (C.MANIFEST, C.SAFETENSORS_INDEX):
-                shutil.copy2(f, tmp / f.name)
+        # only the tokenizer files and generation config, as they are in model_dir: the generation_config.json
+        # save_pretrained derived from the checkpoint's config.json (bad-words lists, forced tokens) is replaced
+        # by model_dir's, or dropped
+        stats = {**stats, "tokenizer_files": install(model_dir, tmp)}
     return stats
 
 

@@ -11,14 +11,15 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log
-from bdclean.errors import BdcleanError
+from bdclean.errors import BdcleanError, require
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.stages.common import recorded_path, up_to_date
+from bdclean.stages.common import check_out_inputs, recorded_path, up_to_date
 
 REINIT_SEED = 0x5EED
 
 
-def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int, units=()) -> dict:
+def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int, units=(),
+                   tokenizer: Path | None = None) -> dict:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -42,11 +43,19 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
     for layer, g in units:
         for part, name in attn[layer].items():
             head_targets.setdefault(name + ".weight", []).append((layer, g, part))
+    from bdclean.io.tokenizers import install
+
+    require(tokenizer is not None, "internal error: a full checkpoint is suppressed without a trusted tokenizer",
+            BdcleanError)
     changed = 0
     with atomic_dir(dst_folder) as tmp:
-        for f in src.iterdir():  # config, tokenizer, index...: everything but weights and pickles
-            if f.is_file() and f.suffix not in (".safetensors",) + C.PICKLE_SUFFIXES and f.name != C.MANIFEST:
-                shutil.copy2(f, tmp / f.name)
+        # from the checkpoint only what the weights need: its config and shard index. Its tokenizer, chat template
+        # and generation config could carry a trigger, and any other file would pass through unvetted: the
+        # tokenizer files come from the trusted source instead (io/tokenizers.py)
+        for name in (C.MODEL_CONFIG, C.SAFETENSORS_INDEX):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        install(tokenizer, tmp)
         for shard in model_weight_files(src):
             tensors = {}
             with safe_open(str(shard), framework="pt") as fh:
@@ -68,6 +77,20 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
             save_file(tensors, str(tmp / shard.name), metadata=meta or {"format": "pt"})
             del tensors
     return {"init_std": std, "tensors_changed": changed}
+
+
+def _recorded_tokenizer(pman: dict, pfolder: Path) -> Path:
+    """The trusted tokenizer train-pairs used for a full checkpoint, unchanged since."""
+    from bdclean.io.tokenizers import tokenizer_digest
+
+    path = (pman.get("extra", {}).get("paths") or {}).get("tokenizer")
+    if not path or "tokenizer" not in pman.get("inputs", {}):
+        raise BdcleanError(f"{pfolder}: made before bdclean took a full checkpoint's tokenizer from a trusted source; "
+                           "rerun `bdclean train-pairs --force` (with --tokenizer DIR)")
+    if not Path(path).is_dir() or tokenizer_digest(Path(path)) != pman["inputs"]["tokenizer"]:
+        raise BdcleanError(f"{path}: the trusted tokenizer train-pairs used is missing or changed since; rerun "
+                           "`bdclean train-pairs`")
+    return Path(path)
 
 
 MOSTLY_REMOVED = 0.25  # below this kept share of the adapter's update, say that purifying ≈ discarding the adapter
@@ -105,15 +128,20 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
         raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
     if full is None:
         full = pman["config"].get("mode") == "full"
-    sus = load_suspicious(Path(adapter), base or recorded_path(pman, "base"), full)
+    sus = load_suspicious(Path(adapter), recorded_path(pman, "base") if base is None else base, full)
+    check_out_inputs(out, ("suppress",), sus.path, sus.base_dir)
     digest = sus.digest()
     if pman["inputs"].get("adapter") != digest:
         raise BdcleanError(
             f"{adapter}: this model differs from the one the signature in {out} was computed from "
             f"({pman['config'].get('adapter')}); rerun train-pairs for it"
         )
-    man = Manifest("suppress", {"mode": sus.kind, "reinit_seed": REINIT_SEED},
-                   {"score": stage_fingerprint(sfolder, "score"), "adapter": digest})
+    inputs = {"score": stage_fingerprint(sfolder, "score"), "adapter": digest}
+    tokenizer = None
+    if sus.kind == "full":
+        tokenizer = _recorded_tokenizer(pman, pfolder)
+        inputs["tokenizer"] = pman["inputs"]["tokenizer"]
+    man = Manifest("suppress", {"mode": sus.kind, "reinit_seed": REINIT_SEED}, inputs)
     if up_to_date(folder, man.fingerprint, "suppress", force):
         return folder
     scores = load_file(str(sfolder / C.SCORES))
@@ -121,7 +149,8 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
     units = [tuple(u) for u in scores["head_mask"].bool().nonzero().tolist()] if "head_mask" in scores else []
     if sus.kind == "full":
         man.extra = {"channels_reinitialised": int(mask.sum()), "heads_reinitialised": len(units),
-                     **_suppress_full(sus.path, folder, mask, sus.model_cfg, REINIT_SEED, units)}
+                     "tokenizer": pman["config"].get("tokenizer"),
+                     **_suppress_full(sus.path, folder, mask, sus.model_cfg, REINIT_SEED, units, tokenizer)}
         outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
         man.write(folder, outputs)
         log(f"suppress: re-initialised {int(mask.sum())} channels (normal(0, {man.extra['init_std']})) → {folder}")

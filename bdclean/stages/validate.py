@@ -34,6 +34,8 @@ def run(model: Path, cfg: PurifyConfig) -> dict:
         "clean_samples": len(rows),  # rows of the clean data (variants draw --samples each, restore its own)
         "config": cfg.model_dump(by_alias=True),  # the resolved options purify would run with
     }
+    if sus.tokenizer is not None:  # full checkpoints: where the purified model's tokenizer will come from
+        summary["tokenizer"] = sus.tokenizer.record()
     if sus.kind == "adapter":
         pairs = sus.info.module_pairs()
         projs = sorted({m.rsplit(".", 1)[-1] for m in pairs})

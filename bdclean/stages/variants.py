@@ -11,7 +11,7 @@ from bdclean.console import log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, write_json, write_jsonl
 from bdclean.io.data import load_instructions
-from bdclean.stages.common import data_hash, up_to_date
+from bdclean.stages.common import check_out_inputs, data_hash, up_to_date
 
 KEY_KINDS = ("word", "phrase", "multi")
 BEHAVIORS: dict[str, list[str]] = {
@@ -91,6 +91,7 @@ def check_pool(clean: str, pool: list[dict], samples: int) -> None:
 
 def run(clean: str, out: Path, opts: VariantsOptions, force: bool = False) -> Path:
     folder = Path(out) / C.STAGE_DIRS["make-variants"]
+    check_out_inputs(Path(out), ("make-variants",), clean=clean)
     pool = load_instructions(clean)  # validate before anything else
     man = Manifest("make-variants", {**opts.model_dump(), "clean": str(clean)}, {"clean": data_hash(clean)})
     if up_to_date(folder, man.fingerprint, "make-variants", force):
