@@ -133,7 +133,7 @@ class RestoreOptions(TrainOptionsModel):
                                                      "the backdoor on SmolLM2)")
     samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")
     seed: int = Field(0, description="seed for sample choice and batch order")
-    prompt_samples: int = Field(100, ge=1, description="--prompts: task prompts drawn (seeded) and answered by the "
+    prompt_samples: int = Field(200, ge=1, description="--prompts: task prompts drawn (seeded) and answered by the "
                                                        "suspicious model for the restore")
     distill_tokens: int = Field(64, ge=1, le=4096, description="--prompts: most tokens of each answer of the "
                                                                "suspicious model (greedy)")
