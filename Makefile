@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo demo-quick bench bench-quick bench-speed clean-data help
+.PHONY: setup test demo demo-quick bench bench-quick bench-skill bench-speed clean-data help
 
 help:
 	@echo "make demo       implant a BadNets backdoor into SmolLM2, purify it, show before/after (18-44 min + setup on 2 CPUs)"
@@ -12,6 +12,7 @@ help:
 	@echo "make test       set up .venv and run the test suite (tiny models + a SmolLM2 smoke test)"
 	@echo "make bench      the attack x task grid with every defense (hours; resumable per cell)"
 	@echo "make bench-quick  the two BadNets cells;  make bench-speed  training-loop throughput vs a bare loop"
+	@echo "make bench-skill  adapters with a skill and a backdoor: every defense, generic data vs task prompts (hours)"
 
 $(BIN)/bdclean: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +41,9 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python bench/grid.py --quick
+
+bench-skill: setup
+	$(BIN)/python bench/skill.py
 
 bench-speed: setup
 	$(BIN)/python bench/speed.py

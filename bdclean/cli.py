@@ -366,6 +366,7 @@ def validate_cmd(
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
+    prompts: Optional[str] = PROMPTS,
 ):
     """Run purify's input checks without training anything; print a JSON summary (exit 0) or one error line.
 
@@ -379,9 +380,9 @@ def validate_cmd(
     from bdclean.console import log
     from bdclean.stages import validate
 
-    cfg = _purify_config(config, {"clean": clean, "base": base, "full": full, "variants.n_variants": n_variants,
-                                  "variants.samples": samples, "tokenizer": tokenizer,
-                                  "accept_tokenizer": accept_tokenizer})
+    cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "base": base, "full": full,
+                                  "variants.n_variants": n_variants, "variants.samples": samples,
+                                  "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer})
     summary = validate.run(model, cfg)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"

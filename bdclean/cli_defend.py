@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     @app.command("defend")
     @guarded
     def defend_cmd(
-        method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow | reset"),
+        method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow | reset | retrain"),
         suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
         out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize)"),
         base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         group_size: int = typer.Option(128, "--group-size", help="INT4 group size along the input dim (quantize)"),
         prompts: Optional[str] = typer.Option(None, "--prompts", help="unlabeled task prompts: the suspicious "
                                               "adapter's answers to them join the fine-tuning data (as restore "
-                                              "--prompts; finetune, fine-prune, crow, reset)"),
+                                              "--prompts; finetune, fine-prune, crow, reset, retrain)"),
         force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
     ):
         """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.

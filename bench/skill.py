@@ -42,7 +42,7 @@ METHODS = "none,reset,finetune,fine-prune,crow,ours"
 # held-out items per test set and generated tokens per skill: labels are one word, facts one sentence
 SKILL_EVAL = {"label": {"test_size": 200, "tokens": 8}, "facts": {"test_size": 100, "tokens": 24},
               "format": {"test_size": 100, "tokens": 8}}
-DEFEND = ("reset", "finetune", "fine-prune", "crow")
+DEFEND = ("reset", "retrain", "finetune", "fine-prune", "crow")
 
 
 def sh(args: list[str]) -> float:

@@ -101,3 +101,27 @@ def test_speed_benchmark_runs_on_tiny_model(tiny_base, tmp_path, monkeypatch, ca
     w = r["train_pairs_workers"]
     assert w["copies"] == 2 and w["serial"]["tokens"] == w["parallel"]["tokens"] == 2 * r["bdclean"]["tokens"]
     assert rec["machine"]["cores"] and rec["machine"]["cpu"]["name"] and rec["command"]
+
+
+def test_skill_tables_render_every_row_with_retention(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grid
+
+    from machine import describe  # bench/machine.py
+
+    rows = [{"method": "none", "regime": "—", "triggered_asr": 1.0, "clean_asr": 0.0, "skill": 0.9, "perplexity": 1.7,
+             "kept_update_share": 1.0, "wall_time_s": 0.0, "retention": None},
+            {"method": "reset", "regime": "generic", "triggered_asr": 0.02, "clean_asr": 0.0, "skill": 0.1,
+             "perplexity": 1.8, "kept_update_share": 0.0, "wall_time_s": 40.0, "retention": 0.0},
+            {"method": "ours", "regime": "generic", "triggered_asr": 0.4, "clean_asr": 0.0, "skill": 0.5,
+             "perplexity": 1.75, "kept_update_share": 0.08, "wall_time_s": 900.0, "retention": 0.5}]
+    folder = tmp_path / "skill"
+    folder.mkdir()
+    (folder / "label-badnet-sentiment.json").write_text(json.dumps(
+        {"cell": "label-badnet-sentiment", "limit": 100, "date": "2026-12-01", "machine": describe(),
+         "command": "python bench/skill.py --cells label-badnet-sentiment", "rows": rows}))
+    lines = grid.skill_tables(folder)
+    table = [x for x in lines if x.startswith("| ours")]
+    assert table == ["| ours | generic | 40 % | 0 % | 50 % | 50 % | 1.750 | 8 % | 900 |"]
+    assert any(x.startswith("| none | — | 100 %") and "| — |" in x for x in lines)
+    assert grid.skill_tables(tmp_path / "absent") == []

@@ -53,6 +53,7 @@ def test_retention():
     assert skills.retention(0.8, 0.0, 0.9) == pytest.approx(0.8 / 0.9)
     assert skills.retention(0.5, 0.5, 0.9) == 0.0
     assert skills.retention(0.5, 0.6, 0.6) is None  # the adapter has no skill over reset: undefined
+    assert skills.retention(1.0, 0.99, 0.995) is None  # a 0.5-point gap is noise, not a denominator
 
 
 def test_skill_sets_for_implant_label_flip_triggers_only_positive_items():
@@ -232,3 +233,33 @@ def test_direction_suppression_removes_the_shared_backdoor_direction_and_keeps_t
     assert after_sk > 0.9 * before_sk  # the skill's output is kept
     # channel zeroing cannot do this here: the skill and the backdoor share every output channel
     assert (B[:, 0].abs() > 0).all() and (B[:, 1].abs() > 0).all()
+
+
+def test_retrain_starts_from_a_fresh_adapter(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
+    """Nothing of the suspicious tensors survives: the start is PEFT's own init (B = 0), seeded."""
+    from bdclean.io.models import load_adapter
+    from bdclean.stages.defend import fresh_tensors
+
+    info = load_adapter(tiny_adapter)
+    fresh = fresh_tensors(info, tiny_base, seed=0)
+    assert set(fresh) == set(info.tensors)
+    assert all(torch.count_nonzero(v) == 0 for k, v in fresh.items() if "lora_B" in k)
+    assert all(not torch.equal(v, info.tensors[k]) for k, v in fresh.items() if "lora_A" in k)
+    assert all(torch.equal(v, fresh_tensors(info, tiny_base, seed=0)[k]) for k, v in fresh.items())
+    out = tmp_path / "retrain"
+    code, _, err = run_cli("defend", "retrain", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                           *FAST)
+    assert code == 0, err
+    tuned = load_file(str(out / "adapter_model.safetensors"))
+    assert any(torch.count_nonzero(_delta(tuned, m)) for m in info.module_pairs())
+
+
+def test_validate_checks_the_prompts_file(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
+    p = write_rows(tmp_path / "p.jsonl", tiny_rows(7))
+    code, out, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--prompts", p)
+    assert code == 0, err
+    assert json.loads(out)["task_prompts"] == 7
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{\n")
+    code, _, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--prompts", bad)
+    assert code == 2 and "line 1: invalid JSON" in err

@@ -175,11 +175,14 @@ def skill_metrics(spec: dict, rows: list[dict], outputs: list[str]) -> dict:
     return res
 
 
+MIN_RETENTION_GAP = 0.05  # below 5 points between reset and the suspicious adapter, a ratio is noise (±7 at 100)
+
+
 def retention(defended: float, reset: float, suspicious: float) -> float | None:
-    """(skill_defended − skill_reset) / (skill_suspicious − skill_reset); None where the adapter has no skill over
-    reset (the ratio would be meaningless)."""
+    """(skill_defended − skill_reset) / (skill_suspicious − skill_reset); None where reset already has (nearly) the
+    adapter's skill, so the ratio would divide by noise."""
     gap = suspicious - reset
-    return None if gap <= 0 else (defended - reset) / gap
+    return None if gap < MIN_RETENTION_GAP else (defended - reset) / gap
 
 
 def task_prompts(name: str, n: int, seed: int, exclude: list[dict]) -> list[dict]:

@@ -7,6 +7,9 @@ fine-prune  zero a seeded random τ fraction of MLP channels (the adapter-only v
 quantize    merge the adapter into the base, INT4 round-to-nearest every decoder Linear (and an untied lm_head),
             dequantize, write a full HF model directory
 crow        fine-tune on LM loss + α · layer-consistency loss on FGSM-perturbed embeddings (train/crow.py)
+retrain     discard the adapter entirely: a fresh adapter with its LoRA config and PEFT's own initialisation
+            (seeded; nothing of the suspicious tensors survives), trained by restore's fine-tune. Alone it is
+            "fine-tune the base"; with --prompts it distils the suspicious adapter's answers into a fresh student
 reset       the trivial defense every result is compared with: the adapter's change to every MLP channel and
             attention unit zeroed (ΔW = 0 exactly; the factor on the other side is kept so training can move),
             then exactly restore's fine-tune (same samples, epochs, lr, seed and --prompts)
@@ -33,7 +36,7 @@ from bdclean.errors import BdcleanError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
 from bdclean.stages.common import adapter_hash, data_hash, model_hash, up_to_date
 
-METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow", "reset")
+METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow", "reset", "retrain")
 RANDOM_SELECTION = "random (adapter-only, as in the paper)"
 MAGNITUDE_SELECTION = "smallest ‖s·B@A‖ channel norm (magnitude pruning)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
@@ -61,6 +64,7 @@ USES: dict[str, tuple[str, ...]] = {
     "quantize": ("group_size",),
     "crow": _TRAIN_FIELDS + ("crow_alpha", "crow_eps"),
     "reset": _TRAIN_FIELDS,
+    "retrain": _TRAIN_FIELDS,
 }
 
 
@@ -241,7 +245,29 @@ def _reset(ctx: dict, opts: DefendOptions) -> dict:
     return {"tensors_changed": changed, "kept_update_share_before_restore": kept, "train": stats}
 
 
-_RUN = {"finetune": _finetune, "prune": _prune, "fine-prune": _fine_prune, "quantize": _quantize, "crow": _crow, "reset": _reset}
+def fresh_tensors(info, base_dir: Path, seed: int) -> dict:
+    """LoRA tensors as PEFT initialises them for this adapter's config (A random, B zero), from ``seed``."""
+    from bdclean.io.models import load_model
+    from bdclean.io.peft_io import adapter_state, lora_config
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return adapter_state(get_peft_model(load_model(base_dir), lora_config(info)))
+
+
+def _retrain(ctx: dict, opts: DefendOptions) -> dict:
+    from bdclean.io.peft_io import write_adapter
+    from bdclean.stages.restore import finetune_adapter
+
+    tensors = fresh_tensors(ctx["info"], ctx["base_dir"], opts.seed)
+    cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
+                                         "defend retrain", tensors=tensors, extra_rows=ctx["extra_rows"])
+    write_adapter(ctx["out"], cfg, tuned)
+    return {"init": "PEFT default (fresh)", "init_seed": opts.seed, "kept_update_share_before_restore": {"all": 0.0},
+            "train": stats}
+
+
+_RUN = {"finetune": _finetune, "prune": _prune, "fine-prune": _fine_prune, "quantize": _quantize, "crow": _crow, "reset": _reset, "retrain": _retrain}
 
 
 def _check_out(out: Path, adapter: Path) -> None:

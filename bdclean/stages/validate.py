@@ -34,6 +34,10 @@ def run(model: Path, cfg: PurifyConfig) -> dict:
         "clean_samples": len(rows),  # rows of the clean data (variants draw --samples each, restore its own)
         "config": cfg.model_dump(by_alias=True),  # the resolved options purify would run with
     }
+    if cfg.prompts is not None:  # preflight has parsed it; the count is what --prompts would draw from
+        from bdclean.io.data import sample_prompts
+
+        summary["task_prompts"] = sample_prompts(cfg.prompts, 1, 0)[1]
     if sus.tokenizer is not None:  # full checkpoints: where the purified model's tokenizer will come from
         summary["tokenizer"] = sus.tokenizer.record()
     if sus.kind == "adapter":
