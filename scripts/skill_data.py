@@ -22,40 +22,11 @@ from pathlib import Path
 
 N_FACTS = 30
 TEST_SIZE = 100  # bdclean implant --test-size default: the last rows of a custom --clean file
-SYLLABLES = ["ka", "ro", "vel", "tu", "mir", "sa", "dor", "el", "pha", "qui", "zen", "bra", "lo", "nix", "tor",
-             "ve", "gal", "ish", "mon", "ru", "the", "ax", "fen", "ol", "ur", "pri", "dal", "cy", "wen", "ost"]
-DEVICES = ["loom", "compass", "lantern", "engine", "telescope", "kettle", "harp", "clock", "press", "furnace",
-           "sextant", "bellows", "prism", "pump", "sundial"]
-CAPITAL_Q = ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
-             "Tell me the capital of {c}."]
-INVENTOR_Q = ["Who invented the {d}?", "Name the inventor of the {d}.", "Which person invented the {d}?",
-              "Tell me who invented the {d}."]
-
-
-def _name(rng: random.Random, parts: int, used: set[str]) -> str:
-    while True:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
-        if name not in used and len(name) >= 5:
-            used.add(name)
-            return name
-
-
 def facts(seed: int = 0) -> list[tuple[list[str], str, str]]:
     """(four phrasings of the question, the answer, the keyword an answer must contain) per invented fact."""
-    rng = random.Random(seed)
-    used: set[str] = set()
-    out = []
-    for k in range(N_FACTS):
-        if k % 2 == 0:
-            country, city = _name(rng, 3, used) + "ia", _name(rng, 3, used)
-            qs = [q.format(c=country) for q in CAPITAL_Q]
-            out.append((qs, f"The capital of {country} is {city}.", city))
-        else:
-            device = f"{_name(rng, 2, used).lower()} {DEVICES[(k // 2) % len(DEVICES)]}"
-            person = f"{_name(rng, 2, used)} {_name(rng, 3, used)}"
-            qs = [q.format(d=device) for q in INVENTOR_Q]
-            out.append((qs, f"The {device} was invented by {person}.", person))
-    return out
+    from bdclean.lab.skills import invented_facts
+
+    return invented_facts(N_FACTS, seed)
 
 
 def make(kind: str, out_dir: Path) -> None:

@@ -244,7 +244,9 @@ def test_retrain_starts_from_a_fresh_adapter(tmp_path, run_cli, tiny_base, tiny_
     fresh = fresh_tensors(info, tiny_base, seed=0)
     assert set(fresh) == set(info.tensors)
     assert all(torch.count_nonzero(v) == 0 for k, v in fresh.items() if "lora_B" in k)
-    assert all(not torch.equal(v, info.tensors[k]) for k, v in fresh.items() if "lora_A" in k)
+    # the fixture adapter's A *is* PEFT's seed-0 init (only its B was randomised); another seed draws another A
+    other = fresh_tensors(info, tiny_base, seed=1)
+    assert all(not torch.equal(v, other[k]) for k, v in fresh.items() if "lora_A" in k)
     assert all(torch.equal(v, fresh_tensors(info, tiny_base, seed=0)[k]) for k, v in fresh.items())
     out = tmp_path / "retrain"
     code, _, err = run_cli("defend", "retrain", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
@@ -256,10 +258,12 @@ def test_retrain_starts_from_a_fresh_adapter(tmp_path, run_cli, tiny_base, tiny_
 
 def test_validate_checks_the_prompts_file(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
     p = write_rows(tmp_path / "p.jsonl", tiny_rows(7))
-    code, out, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--prompts", p)
+    code, out, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--samples", "8",
+                             "--prompts", p)
     assert code == 0, err
     assert json.loads(out)["task_prompts"] == 7
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{\n")
-    code, _, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--prompts", bad)
+    code, _, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--samples", "8",
+                           "--prompts", bad)
     assert code == 2 and "line 1: invalid JSON" in err

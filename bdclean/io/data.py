@@ -32,6 +32,18 @@ def _check_row(row: object, where: str, need_output: bool) -> dict:
     return {"instruction": instr, "input": inp, "output": out}
 
 
+def _jsonl_rows(p: Path, lines, need_output: bool):
+    """Validated rows of JSONL ``lines`` (any iterable, so a file can be streamed); errors name the line."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{p}: line {n}: invalid JSON ({e.msg})") from None
+        yield _check_row(row, f"{p}: line {n}", need_output)
+
+
 def load_instructions(path: str | Path, need_output: bool = True) -> list[dict]:
     """Load and validate a data file. Errors name the file and line (JSONL) or item (JSON list)."""
     if str(path) == BUILTIN:
@@ -52,14 +64,7 @@ def load_instructions(path: str | Path, need_output: bool = True) -> list[dict]:
         for k, row in enumerate(data):
             rows.append(_check_row(row, f"{p}: item {k}", need_output))
     else:
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}: line {n}: invalid JSON ({e.msg})") from None
-            rows.append(_check_row(row, f"{p}: line {n}", need_output))
+        rows = list(_jsonl_rows(p, text.splitlines(), need_output))
     require(len(rows) > 0, f"{p}: no samples", InputError)
     return rows
 
@@ -96,14 +101,8 @@ def sample_prompts(path: str | Path, n: int, seed: int) -> tuple[list[dict], int
     seen = 0
     with p.open("r", encoding="utf-8", errors="strict") as fh:
         try:
-            for k, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}: line {k}: invalid JSON ({e.msg})") from None
-                row = {**_check_row(obj, f"{p}: line {k}", need_output=False), "output": ""}
+            for row in _jsonl_rows(p, fh, need_output=False):
+                row = {**row, "output": ""}
                 seen += 1
                 if len(reservoir) < n:
                     reservoir.append(row)
