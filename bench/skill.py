@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                 reset = next((x for x in rec["rows"] if x["method"] == "reset" and x["regime"] == r["regime"]), None)
                 r["retention"] = (retention(r["skill"], reset["skill"], none["skill"])
                                   if reset is not None and none is not None else None)
+        rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first
+        methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))  # every method the cell's rows come from
+        rec["command"] = f".venv/bin/python bench/skill.py --cells {cell} --methods {','.join(methods)} --limit {a.limit}"
         write_json(out / f"{cell}.json", rec)
     from grid import write_markdown  # noqa: E402  (bench/grid.py writes every table of BENCHMARKS.md)
 
