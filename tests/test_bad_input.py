@@ -473,10 +473,8 @@ OUT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,setup,needle", OUT_CASES, ids=[c[0] for c in OUT_CASES])
-def test_out_never_loses_user_files(name, setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli,
-                                    monkeypatch):
-    monkeypatch.chdir(tmp_path)  # `--out ''` would mean the current directory
+def _refused_leaving_all_unchanged(setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli):
+    """Exit 2, one stderr line naming ``needle``, no traceback, and no file of the inputs or tmp_path changed."""
     argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
     before = _tree(tmp_path, tiny_adapter, tiny_base, tiny_data)
     got, out, err = run_cli(*argv)
@@ -484,6 +482,13 @@ def test_out_never_loses_user_files(name, setup, needle, tmp_path, tiny_adapter,
     assert "Traceback" not in err + out and needle.lower() in err.lower(), err
     assert len(err.strip().splitlines()) == 1, err
     assert _tree(tmp_path, tiny_adapter, tiny_base, tiny_data) == before
+
+
+@pytest.mark.parametrize("name,setup,needle", OUT_CASES, ids=[c[0] for c in OUT_CASES])
+def test_out_never_loses_user_files(name, setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli,
+                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--out ''` would mean the current directory
+    _refused_leaving_all_unchanged(setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli)
 
 
 def test_resumes_an_interrupted_stage_folder_and_keeps_files_beside_it(tmp_path, tiny_data, run_cli):
@@ -604,13 +609,7 @@ TOKENIZER_CASES = [
 @pytest.mark.parametrize("name,setup,needle", TOKENIZER_CASES, ids=[c[0] for c in TOKENIZER_CASES])
 def test_full_checkpoint_tokenizer_must_be_trusted(name, setup, needle, tmp_path, tiny_adapter, tiny_base,
                                                    tiny_data, run_cli):
-    argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
-    before = _tree(tmp_path, tiny_adapter, tiny_base, tiny_data)
-    got, out, err = run_cli(*argv)
-    assert got == 2, (got, err)
-    assert "Traceback" not in err + out and needle.lower() in err.lower(), err
-    assert len(err.strip().splitlines()) == 1, err
-    assert _tree(tmp_path, tiny_adapter, tiny_base, tiny_data) == before
+    _refused_leaving_all_unchanged(setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli)
 
 
 def test_full_checkpoint_with_the_trusted_tokenizer_validates(tmp_path, tiny_base, tiny_data, run_cli):
