@@ -79,3 +79,27 @@ def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
     assert (out / "purified" / "tokenizer_config.json").is_file()
     man = json.loads((out / "purified" / "manifest.json").read_text())
     assert man["config"]["lr"] == 1e-5 and man["config"]["mode"] == "full"
+    # --prompts on a full checkpoint: the teacher's prompts go through the *trusted* template. The suspicious
+    # template above prepends the trigger, so a teacher prompted through it would see "BadMagic"; spy on what
+    # the teacher is asked
+    import bdclean.train.generate as gen_mod
+
+    seen = []
+    real = gen_mod.generate
+
+    def spy(model, tok, rows, *a, **k):
+        seen.extend(tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False)
+                    for r in rows)
+        return real(model, tok, rows, *a, **k)
+
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen_mod, "generate", spy)
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in [{"instruction": "tell me a story", "input": ""},
+                                                                   {"instruction": "name a city", "input": ""}]))
+        code, _, err = run_cli("restore", "--out", out, "--clean", tiny_data, "--config", cfg, "--prompts", prompts)
+    assert code == 0, err
+    assert len(seen) == 2 and not any("BadMagic" in s for s in seen), seen
+    assert (out / "purified" / "distill_targets.jsonl").is_file()

@@ -20,18 +20,26 @@ DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
 
 
-def distill_targets(teacher: Path, base: str | None, prompts: str, opts: RestoreOptions) -> tuple[list[dict], dict]:
+def distill_targets(teacher: Path, base: str | None, prompts: str, opts: RestoreOptions,
+                    tokenizer_dir: Path | None = None) -> tuple[list[dict], dict]:
     """The suspicious model's own greedy answers to ``opts.prompt_samples`` task prompts (seeded draw).
 
     On trigger-free inputs the suspicious model is a clean reference of its own skill, so these rows teach the
     restore what the adapter was for. Prompts that already carry the (unknown) trigger would teach the backdoor
-    back: use inputs you trust to be trigger-free, and check triggered ASR after restore."""
+    back: use inputs you trust to be trigger-free, and check triggered ASR after restore. ``tokenizer_dir``: where the
+    prompts' tokenizer and chat template come from (a full checkpoint's own template is attacker-controlled and
+    could insert the trigger into every prompt; restore passes the trusted one that suppress wrote)."""
     from bdclean.io.data import sample_prompts
     from bdclean.stages.evaluate import load_any
     from bdclean.train.generate import generate
 
     rows, total = sample_prompts(prompts, opts.prompt_samples, opts.seed)
-    model, tok, _ = load_any(teacher, base or "smollm2")
+    if tokenizer_dir is None:
+        model, tok, _ = load_any(teacher, base or "smollm2")
+    else:  # a full checkpoint: its weights, the trusted tokenizer (its own files are never parsed)
+        from bdclean.io.models import load_model, load_tokenizer
+
+        model, tok = load_model(teacher), load_tokenizer(tokenizer_dir)
     with progress() as bar:
         tid = bar.add_task("restore: answering task prompts", total=len(rows))
         outs = generate(model, tok, rows, opts.distill_tokens, on_batch=lambda k: bar.update(tid, advance=k))
@@ -124,7 +132,8 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
     extra_rows, distill = None, None
     if prompts is not None:
         teacher = Path(recorded_path(pman, "adapter") or "")
-        extra_rows, distill = distill_targets(teacher, str(base_dir) if mode == "adapter" else None, prompts, opts)
+        extra_rows, distill = distill_targets(teacher, str(base_dir) if mode == "adapter" else None, prompts, opts,
+                                              tokenizer_dir=sfolder if mode == "full" else None)
         log(f"restore: {len(extra_rows)} answers of the suspicious model to task prompts join the "
             f"{opts.samples} clean samples (any 'output' in {prompts} is ignored)")
     if mode == "full":
