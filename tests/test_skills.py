@@ -267,3 +267,23 @@ def test_validate_checks_the_prompts_file(tmp_path, run_cli, tiny_base, tiny_ada
     code, _, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--samples", "8",
                            "--prompts", bad)
     assert code == 2 and "line 1: invalid JSON" in err
+
+
+def test_purify_with_prompts_restores_on_the_suspicious_answers_and_reruns_only_restore(tmp_path, run_cli, tiny_base,
+                                                                                         tiny_adapter, tiny_data):
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("pairs:\n  epochs: 1\n  batch_size: 4\n  max_len: 48\nrestore:\n  samples: 8\n  epochs: 1\n"
+                   "  max_len: 48\n  prompt_samples: 5\nscore:\n  tau: 0.25\n")
+    out = tmp_path / "run"
+    args = ["purify", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out, "--config", cfg,
+            "--n-variants", "2", "--samples", "8"]
+    assert run_cli(*args)[0] == 0
+    assert not (out / "purified" / "distill_targets.jsonl").exists()
+    prompts = write_rows(tmp_path / "p.jsonl", tiny_rows(9, seed=3))
+    code, _, err = run_cli(*args, "--prompts", prompts)
+    assert code == 0, err
+    assert err.count("skip") == 5  # only restore reruns: the prompts are a restore input, nothing else
+    targets = (out / "purified" / "distill_targets.jsonl").read_text().splitlines()
+    assert 0 < len(targets) <= 5
+    man = json.loads((out / "purified" / "manifest.json").read_text())
+    assert man["config"]["prompts"] == str(prompts) and man["extra"]["distill"]["prompts_in_file"] == 9
