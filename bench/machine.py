@@ -37,3 +37,18 @@ def describe() -> dict:
            "vector": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))}
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable(obj):
+    """``obj`` with every path under the repository made relative to it and the home folder written ``~``, so a
+    results file names no machine's folders (commands stay runnable from the repository root)."""
+    if isinstance(obj, str):
+        return obj.replace(str(ROOT) + "/", "").replace(str(ROOT), ".").replace(str(Path.home()), "~")
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    return obj

