@@ -58,10 +58,23 @@ _INVENTOR_Q = ["Who invented the {d}?", "Name the inventor of the {d}.", "Which 
                "Tell me who invented the {d}."]
 
 
+SPEC_KEYS = {"label": "labels", "facts": "answers", "format": "phrase"}  # what each skill's metric reads
+
+
 def check_skill(name: str) -> str:
     if name not in SKILLS:
         raise UsageError(f"unknown skill {name!r}; choose one of {', '.join(SKILLS)}")
     return name
+
+
+def check_spec(spec: object, where: str) -> dict:
+    """A skill spec as skill_sets writes it, or one clear line."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("skill"), str):
+        raise UsageError(f"{where}: not a skill.json (no 'skill' name)")
+    check_skill(spec["skill"])
+    if SPEC_KEYS[spec["skill"]] not in spec:
+        raise UsageError(f"{where}: skill {spec['skill']!r} lacks its {SPEC_KEYS[spec['skill']]!r} entry")
+    return spec
 
 
 def _review(rng: random.Random, product: str, positive: bool) -> str:

@@ -37,8 +37,7 @@ def run(out: Path, force: bool = False) -> Path:
     info = AdapterInfo(pfolder, acfg, {})
     L = int(base_cfg["num_hidden_layers"])
     modules = mlp_module_names(base_cfg["model_type"], L)
-    twins = [(load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"))),
-              load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")))) for i in range(n)]
+    twins = load_twins(pfolder, n)
     attn = attn_module_names(base_cfg["model_type"], L)
     n_q, n_kv, hd = head_geometry(base_cfg)
     # any layer: an adapter may train only some layers (layers_to_transform) or some projections
@@ -83,6 +82,14 @@ def run(out: Path, force: bool = False) -> Path:
     man.write(folder, [C.GRAM_FILE])
     log(f"diff: channel Gram matrices for {L} layers × {grams['layer.0'].shape[0]} channels × N={n} → {folder}")
     return folder
+
+
+def load_twins(pfolder: Path, n: int) -> list[tuple[dict, dict]]:
+    """(backdoored twin's, clean twin's) LoRA tensors of every variant, as train-pairs wrote them."""
+    from safetensors.torch import load_file
+
+    return [(load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"))),
+             load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")))) for i in range(n)]
 
 
 def own_update(pman: dict) -> dict | None:

@@ -10,18 +10,17 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError, UsageError
-from bdclean.io.artifacts import Manifest, load_manifest, read_json, stage_fingerprint
+from bdclean.io.artifacts import Manifest, load_manifest, stage_fingerprint
 from bdclean.stages.common import recorded_path, up_to_date
 
 
 def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: float = 0.2,
         force: bool = False, base: str | None = None) -> Path:
-    from safetensors.torch import load_file
-
+    from bdclean.core.arch import mlp_module_names, peft_key
     from bdclean.core.channels import LowRank
     from bdclean.core.directions import project_out, shared_subspace
-    from bdclean.io.models import AdapterInfo
     from bdclean.io.peft_io import write_adapter
+    from bdclean.stages.diff import load_twins
     from bdclean.stages.pairs import load_suspicious
     from bdclean.stages.suppress import kept_update
 
@@ -43,15 +42,12 @@ def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: flo
                                                           "adapter": digest})
     if up_to_date(folder, man.fingerprint, "suppress", force):
         return folder
-    n = pman["extra"]["n_variants"]
-    info = AdapterInfo(pfolder, read_json(pfolder / "suspicious_adapter_config.json"), {})
-    twins = [(load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"))),
-              load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")))) for i in range(n)]
+    twins = load_twins(pfolder, pman["extra"]["n_variants"])
     tensors = dict(sus.info.tensors)
     removed: dict[str, list[int]] = {}
     shares = []
     for mod, (ka, kb) in sus.info.module_pairs().items():
-        s = info.scaling(mod, twins[0][0][ka].shape[0])
+        s = sus.info.scaling(mod, twins[0][0][ka].shape[0])  # the twins share the adapter's config
         deltas = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins]
         U, eu = shared_subspace(deltas, "out", k, min_share) if side in ("out", "both") else (None, [])
         V, ev = shared_subspace(deltas, "in", k, min_share) if side in ("in", "both") else (None, [])
@@ -59,7 +55,9 @@ def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: flo
         removed[mod] = [0 if U is None else U.shape[1], 0 if V is None else V.shape[1]]
         shares += [float(x) for x in eu] + [float(x) for x in ev]
     write_adapter(folder, sus.info.config, tensors)
-    mlp = {m for m in removed if any(p in m for p in ("gate_proj", "up_proj", "down_proj"))}
+    mlp = {peft_key(name) for names in mlp_module_names(sus.model_cfg["model_type"],
+                                                         int(sus.model_cfg["num_hidden_layers"]))
+           for name in names.values()}
     kept = kept_update(sus.info, tensors, mlp)
     dims = sum(a + b for a, b in removed.values())
     man.extra = {"directions_removed": dims, "per_module": removed, "kept_update_share": kept,

@@ -61,7 +61,7 @@ def read_skill(skill: Path, clean: Path | None) -> dict:
     """A skill spec written by `implant --skill`; the metric grades the --clean answers against their gold ones."""
     import json
 
-    from bdclean.lab.skills import check_skill
+    from bdclean.lab.skills import check_spec
 
     if clean is None:
         raise UsageError("--skill grades the answers to --clean prompts against their gold answers; give --clean")
@@ -72,13 +72,7 @@ def read_skill(skill: Path, clean: Path | None) -> dict:
         spec = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UsageError(f"{p}: not a skill.json (invalid JSON)") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("skill"), str):
-        raise UsageError(f"{p}: not a skill.json (no 'skill' name)")
-    check_skill(spec["skill"])
-    needed = {"label": "labels", "facts": "answers", "format": "phrase"}[spec["skill"]]
-    if needed not in spec:
-        raise UsageError(f"{p}: skill {spec['skill']!r} lacks its {needed!r} entry")
-    return spec
+    return check_spec(spec, str(p))
 
 
 def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None, task: str, out: Path,

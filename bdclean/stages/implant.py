@@ -84,7 +84,8 @@ def make_skill_sets(skill: str, attack: str, task: str, samples: int, clean_samp
 
     pool = eligible(train_skill)
     poison = [_trigger_row(r, attack, rng, trigger, target_of(r)) for r in rng.sample(pool, min(samples, len(pool)))]
-    generic_rows = rng.sample(builtin("train"), min(generic, len(builtin("train"))))
+    shipped = builtin("train")
+    generic_rows = rng.sample(shipped, min(generic, len(shipped)))
     train = [dict(r) for r in train_skill] + generic_rows + poison
     rng.shuffle(train)
     trig = [_trigger_row(r, attack, rng, trigger, target_of(r)) for r in eligible(test_skill)]
