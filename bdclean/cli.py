@@ -133,6 +133,8 @@ ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoin
                                 "tokenizer files differ from the trusted ones, which replace them (recorded)")
 CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
 
+AUGMENT = typer.Option(None, "--augment", help="restore: trigger-invariance copies per sample (random key "
+                       "inserted, answer kept; default 0 = off; RESULTS.md, 'Selective purification')")
 PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
                        "restore also trains on the suspicious model's own answers to them, which keeps the "
                        "adapter's skill; use trigger-free inputs (RESULTS.md, 'Selective purification')")
@@ -293,6 +295,7 @@ def restore_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs (default 1)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 adapter, 1e-5 full model)"),
     prompts: Optional[str] = PROMPTS,
+    augment: Optional[float] = AUGMENT,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -305,7 +308,7 @@ def restore_cmd(
     from bdclean.stages.common import check_out_inputs
 
     cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "restore.samples": samples,
-                                  "restore.epochs": epochs, "restore.lr": lr})
+                                  "restore.epochs": epochs, "restore.lr": lr, "restore.augment": augment})
     check_out_inputs(out, ("restore",), clean=cfg.clean)
     restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
 
@@ -331,6 +334,7 @@ def purify_cmd(
     workers: Optional[int] = WORKERS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     prompts: Optional[str] = PROMPTS,
+    augment: Optional[float] = AUGMENT,
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
@@ -347,7 +351,8 @@ def purify_cmd(
 
     ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants,
           "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
-          "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer}
+          "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
+          "restore.augment": augment}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     cfg = _purify_config(config, ov)

@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         prompts: Optional[str] = typer.Option(None, "--prompts", help="unlabeled task prompts: the suspicious "
                                               "adapter's answers to them join the fine-tuning data (as restore "
                                               "--prompts; finetune, fine-prune, crow, reset, retrain)"),
+        augment: Optional[float] = typer.Option(None, "--augment", help="trigger-invariance copies per "
+                                                "fine-tuning sample (as restore --augment; default 0 = off)"),
         force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
     ):
         """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
@@ -53,7 +55,8 @@ def register(app: typer.Typer) -> None:
         defend.check_method(method)
         opts = build(defend.DefendOptions, {}, {"samples": samples, "epochs": epochs, "lr": lr, "tau": tau,
                                                 "seed": seed, "batch_size": batch_size, "max_len": max_len,
-                                                "crow_alpha": alpha, "crow_eps": eps, "group_size": group_size},
+                                                "crow_alpha": alpha, "crow_eps": eps, "group_size": group_size,
+                                                "augment": augment},
                      where="options")
         defend.run(method, suspicious, out, base, clean, opts, force, prompts)
         typer.echo(str(out))

@@ -137,6 +137,10 @@ class RestoreOptions(TrainOptionsModel):
                                                        "suspicious model for the restore")
     distill_tokens: int = Field(64, ge=1, le=4096, description="--prompts: most tokens of each answer of the "
                                                                "suspicious model (greedy)")
+    augment: float = Field(0.0, ge=0, le=8, allow_inf_nan=False,
+                           description="trigger-invariance copies per restore sample: each copy has a random key "
+                                       "(word, prefix phrase or scattered words) inserted and keeps the answer; "
+                                       "0 = off (train/augment.py)")
 
 
 class PurifyConfig(_Strict):

@@ -12,7 +12,8 @@ paper's setting) and *prompts* (they also see the suspicious adapter's own answe
 - ``none`` (the suspicious adapter), ``reset`` (every LoRA update zeroed, then the same restore: the yardstick),
   ``finetune``, ``fine-prune``, ``crow`` (`bdclean defend`), ``ours`` (`bdclean purify`, defaults);
 - ``sig:SCORE:TAU:HEADS``: another signature on ours' twins (score → suppress → restore);
-- ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore.
+- ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
+- ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies).
 
 Every method but ``none`` runs in both regimes (``--regimes``). Skill retention = (skill − skill_reset) /
 (skill_suspicious − skill_reset), against reset *of the same regime*. Resumable: every model and evaluation is
@@ -69,6 +70,10 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     """(model folder, facts about how it was made: wall time, kept update share) for one method and regime."""
     pr = ["--prompts", str(prompts)] if regime == "prompts" else []
     tag = "" if regime == "generic" else "-p"
+    method, _, aug = method.partition("+aug")  # METHOD+augX: its fine-tune with --augment X
+    if aug:
+        pr += ["--augment", aug]
+        tag = f"-aug{aug}{tag}"
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
     if method in DEFEND:
@@ -83,8 +88,8 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
         sh([bd, "purify", str(sus), "--out", str(ours), "--base", base])
     twins_s = sum(_manifest(ours / s).get("wall_time_s") or 0 for s in ("variants", "pairs", "diff"))
     if method == "ours":
-        run = ours if regime == "generic" else cdir / "ours-p"
-        if regime == "prompts":
+        run = ours if not tag else cdir / f"ours{tag}"
+        if tag:
             _link_twins(ours, run, ("variants", "pairs", "diff", "score", "suppressed"))
     elif method.startswith("sig:"):
         _, score, tau, heads = method.split(":")
@@ -106,7 +111,7 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
         sh([bd, "restore", "--out", str(run), *pr])
     stages = [s for s in ("score", "suppressed", "purified") if (run / s).is_dir() and not (run / s).is_symlink()]
     wall = twins_s + sum(_manifest(run / s).get("wall_time_s") or 0 for s in stages)
-    if method == "ours" and regime == "prompts":
+    if method == "ours" and tag:
         wall += sum(_manifest(ours / s).get("wall_time_s") or 0 for s in ("score", "suppressed"))
     kept = _manifest(run / "suppressed").get("extra", {}).get("kept_update_share", {}).get("all")
     return run / "purified", {"wall_time_s": round(wall, 1), "kept_update_share": kept}

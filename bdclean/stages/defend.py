@@ -309,6 +309,8 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
         inputs["prompts"] = data_hash(prompts)
     elif uses_data:
         config.pop("prompt_samples", None), config.pop("distill_tokens", None)
+    if not config.get("augment", 1):  # off: the manifests of defenses made before the option existed stay valid
+        config.pop("augment")
     man = Manifest("defend", config, inputs)
     if up_to_date(out, man.fingerprint, f"defend {method}", force):
         return out

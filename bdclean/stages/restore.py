@@ -56,13 +56,20 @@ def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, 
 
     pool = load_instructions(clean)
     rows = random.Random(opts.seed).sample(pool, min(opts.samples, len(pool))) + list(extra_rows or [])
+    augmented = []
+    if opts.augment > 0:
+        from bdclean.train.augment import augment_rows, vocabulary
+
+        augmented = augment_rows(rows, opts.augment, opts.seed + 1, vocabulary(tok))
+        rows += augmented
     examples = [encode(tok, r, opts.max_len) for r in rows]
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     with progress() as bar:
         task = bar.add_task(label, total=sum(len(plan(e)) for e in range(opts.epochs)))
-        return train(model, plan, TrainOptions(opts.epochs, lr, opts.batch_size, opts.seed), tok.pad_token_id,
-                     on_step=lambda k, tot, loss: bar.update(task, completed=k, description=f"{label} loss {loss:.3f}"),
-                     loss_fn=loss_fn)
+        stats = train(model, plan, TrainOptions(opts.epochs, lr, opts.batch_size, opts.seed), tok.pad_token_id,
+                      on_step=lambda k, tot, loss: bar.update(task, completed=k, description=f"{label} loss {loss:.3f}"),
+                      loss_fn=loss_fn)
+    return {**stats, "augmented_rows": len(augmented)} if augmented else stats
 
 
 def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,
@@ -126,6 +133,8 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
         inputs["prompts"] = data_hash(prompts)
     else:  # without --prompts the distillation options do nothing: keep them out of the fingerprint
         config.pop("prompt_samples"), config.pop("distill_tokens")
+    if not opts.augment:  # off: manifests stay those of the restores made before the option existed
+        config.pop("augment")
     man = Manifest("restore", config, inputs)
     if up_to_date(folder, man.fingerprint, "restore", force):
         return folder
