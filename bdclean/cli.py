@@ -359,6 +359,31 @@ def purify_cmd(
     purify.run(adapter, out, cfg, force)
 
 
+@app.command("extract")
+@guarded
+def extract_cmd(
+    checkpoint: Path = typer.Argument(..., help="full HF checkpoint that fine-tunes --base (safetensors)"),
+    out: Path = typer.Option(..., "--out", "-o", parser=_path, metavar="<path>", help="adapter folder to write"),
+    base: str = typer.Option(..., "--base", parser=_name, help="the public base the checkpoint was fine-tuned "
+                             "from: an HF model directory or 'smollm2'"),
+    rank: int = typer.Option(64, "--rank", min=1, help="LoRA rank of each projection's update (truncated SVD)"),
+    force: bool = FORCE,
+):
+    """A full checkpoint's own update over a known base (θ_checkpoint − θ_base) as a PEFT LoRA adapter on that base,
+    so the adapter threat model applies: its signature, its defaults, and a true reset (the base). Embeddings,
+    norms and biases are dropped (the base's are used); the manifest lists each that changed and the share of the
+    update the rank keeps.
+
+    Example: bdclean extract hub_checkpoint/ --base smollm2 --out runs/x-adapter
+
+    Then: bdclean purify runs/x-adapter --base smollm2 --out runs/x
+    """
+    from bdclean.stages import extract
+
+    extract.run(checkpoint, out, base, rank, force)
+    typer.echo(str(out))
+
+
 @app.command("validate")
 @guarded
 def validate_cmd(
