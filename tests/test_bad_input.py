@@ -625,3 +625,36 @@ def test_full_checkpoint_with_the_trusted_tokenizer_validates(tmp_path, tiny_bas
     got, out, err = run_cli(*_validate(own, tiny_data, "--tokenizer", own))
     assert got == 0, err
     assert json.loads(out[out.index("{"):])["tokenizer"]["source"] == str(own.resolve())
+
+
+# ---------------------------------------------------------------- data files and messages that say what is wrong
+# (name, setup(tmp, adapter, base, data) -> argv, text of the one line): refused at load time, nothing written.
+
+
+def _mv(data, tmp):
+    return ["make-variants", "--clean", data, "--out", tmp / "run", "--samples", "2"]
+
+
+DATA_CASES = [
+    ("lone UTF-16 surrogate", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": "hi \\ud800", "output": "b"}\n'),
+                                                       tmp), "lone UTF-16 surrogate"),
+    ("JSON list nested 200 000 deep", lambda tmp, a, b, d: _mv(_data(tmp, "[" * 200_000 + "]" * 200_000, "d.json"),
+                                                               tmp), "nested too deeply"),
+    ("JSONL line nested 200 000 deep", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": ' + "[" * 200_000 + "\n"),
+                                                                tmp), "line 1: JSON nested too deeply"),
+    ("instruction an int", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": 5, "output": "b"}\n'), tmp),
+     "'instruction' must be a string, not int"),
+    ("instruction a list", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": ["a"], "output": "b"}\n'), tmp),
+     "'instruction' must be a string, not list"),
+    ("data file a directory", lambda tmp, a, b, d: _mv((tmp / "dd").mkdir() or tmp / "dd", tmp), "is a directory"),
+    ("prompts file a directory", lambda tmp, a, b, d: ["validate", a, "--base", b, "--clean", d, "--samples", "8",
+                                                      "--prompts", (tmp / "pp").mkdir() or tmp / "pp"],
+     "is a directory, not a prompts file"),
+    ("--lr nan", lambda tmp, a, b, d: ["train-pairs", a, "--base", b, "--lr", "nan", "--out", tmp / "run"],
+     "pairs.lr: Input should be a finite number"),
+]
+
+
+@pytest.mark.parametrize("name,setup,needle", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_refused_at_load_time(name, setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli):
+    _refused_leaving_all_unchanged(setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli)
