@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a log line is never broken at the console width (when stderr is not a terminal rich assumes 80
+# columns, and would cut lines inside paths that scripts and people then copy)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def quiet_library_warnings() -> None:
@@ -14,6 +17,25 @@ def quiet_library_warnings() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def quiet_library_output():
+    """Silence Python warnings and transformers' logging (PEFT's UserWarnings name site-packages paths,
+    transformers' load report prints tables with terminal codes) while library code runs on bdclean's behalf:
+    what the user needs to know, bdclean says itself."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def log(msg: str, style: str | None = None) -> None:
