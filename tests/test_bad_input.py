@@ -787,3 +787,26 @@ DATA_CASES = [
 @pytest.mark.parametrize("name,setup,needle", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_refused_at_load_time(name, setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli):
     _refused_leaving_all_unchanged(setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli)
+
+
+def test_library_output_does_not_reach_the_user(tmp_path, tiny_base, tiny_adapter):
+    """transformers' LOAD REPORT (a table with terminal codes) and PEFT's UserWarnings stay out of stderr. In a
+    fresh process: the libraries' log handlers hold the stderr of the moment they were imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    full = _full_copy(tmp_path, tiny_base)
+    t = load_file(str(full / "model.safetensors"))
+    t["model.layers.0.mlp.extra.weight"] = torch.zeros(3, 3)  # an unexpected key: transformers reports it
+    save_file(t, str(full / "model.safetensors"), metadata={"format": "pt"})
+    script = ("import sys; from pathlib import Path; from bdclean.io.models import load_adapter, load_model; "
+              "from bdclean.io.peft_io import attach; load_model(Path(sys.argv[1])); "
+              "attach(load_model(Path(sys.argv[2])), load_adapter(Path(sys.argv[3])))")
+    repo = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", script, str(full), str(tiny_base), str(tiny_adapter)], cwd=repo,
+                       capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": repo})
+    assert r.returncode == 0, r.stderr
+    assert "LOAD REPORT" not in r.stdout + r.stderr and "Warning" not in r.stderr and "\x1b[" not in r.stderr, r.stderr

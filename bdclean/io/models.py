@@ -156,10 +156,13 @@ def load_model(model_dir: Path, dtype: str = "float32"):
     cfg = read_model_config(model_dir)
     require(bool(cfg.get("model_type")), f"{model_dir}: config.json has no model_type", InputError)
     model_weight_files(model_dir)
+    from bdclean.console import quiet_library_output
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
-        )
+        with quiet_library_output():  # its load report is a table with terminal codes; bdclean checked the keys
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
+            )
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise InputError(f"{model_dir}: cannot load model ({str(e).splitlines()[0][:300]})") from None
     model.eval()

@@ -68,12 +68,25 @@ def check_structure(info: AdapterInfo, base_dir: Path) -> None:
                              f"{list(shape)} on base {base_dir}")
 
 
+def new_lora(base_model, lcfg):
+    """``get_peft_model`` without its UserWarnings (they name site-packages paths and PEFT internals)."""
+    from peft import get_peft_model
+
+    from bdclean.console import quiet_library_output
+
+    with quiet_library_output():
+        return get_peft_model(base_model, lcfg)
+
+
 def attach(base_model, info: AdapterInfo, tensors: dict | None = None):
     """Wrap ``base_model`` with the adapter's LoRA structure and load ``tensors`` (default: the adapter's own)."""
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
-    model = get_peft_model(base_model, lora_config(info))
-    res = set_peft_model_state_dict(model, tensors if tensors is not None else info.tensors)
+    from bdclean.console import quiet_library_output
+
+    model = new_lora(base_model, lora_config(info))
+    with quiet_library_output():
+        res = set_peft_model_state_dict(model, tensors if tensors is not None else info.tensors)
     unexpected = [k for k in res.unexpected_keys if "lora_" in k]
     if unexpected:
         raise InputError(f"{info.folder}: adapter tensors do not fit the base model (e.g. {unexpected[0]})")

@@ -66,17 +66,15 @@ def _load(ctx: JobContext):
     import torch
 
     from bdclean.io.models import load_adapter, load_model, load_tokenizer
-    from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict
+    from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict, new_lora
 
     # never a full checkpoint's own tokenizer files: its chat template could carry the trigger (io/tokenizers.py)
     tok = load_tokenizer(Path(ctx.tokenizer or ctx.base_dir))
     if ctx.kind == "adapter":
         model = attach(load_model(Path(ctx.base_dir)), load_adapter(Path(ctx.adapter)))
     else:
-        from peft import get_peft_model
-
         torch.manual_seed(ctx.opts["seed"])  # the variants' shared initial LoRA state
-        model = get_peft_model(load_model(Path(ctx.base_dir)), lora_config_from_dict(ctx.lora, Path(ctx.base_dir)))
+        model = new_lora(load_model(Path(ctx.base_dir)), lora_config_from_dict(ctx.lora, Path(ctx.base_dir)))
     return model, tok, adapter_state(model)
 
 
