@@ -18,10 +18,11 @@ from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BdcleanError
 def _fail(msg: str, code: int) -> None:
     from rich.text import Text
 
-    from bdclean.console import console
+    from bdclean.console import console, printable
 
-    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup
-    console.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
+    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup, nor its control
+    # characters reach the terminal
+    console.print(Text.assemble(("error:", "bold red"), " ", printable(msg)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -38,12 +38,22 @@ def quiet_library_output():
         hf_logging.set_verbosity(level)
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7f, *range(0x80, 0xa0))}
+
+
+def printable(msg: str) -> str:
+    """``msg`` with every control character (terminal escapes, newlines, carriage returns) written as \\xNN: a
+    message quotes names and text from hostile files, which must neither drive the user's terminal nor break the
+    one-line rule. Tensor and module names are also quoted where they appear (io.headers.quote)."""
+    return msg.translate(_CONTROLS)
+
+
 def log(msg: str, style: str | None = None) -> None:
-    """One log line on stderr. ``msg`` is plain text (paths or values with [brackets] are not read as markup);
-    ``style`` colours it (e.g. "yellow" for warnings)."""
+    """One log line on stderr. ``msg`` is plain text (paths or values with [brackets] are not read as markup, control
+    characters are escaped); ``style`` colours it (e.g. "yellow" for warnings)."""
     from rich.text import Text
 
-    console.print(Text.assemble(("bdclean", "dim"), " ", (msg, style or "")))
+    console.print(Text.assemble(("bdclean", "dim"), " ", (printable(msg), style or "")))
 
 
 class LineProgress:

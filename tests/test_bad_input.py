@@ -810,3 +810,21 @@ def test_library_output_does_not_reach_the_user(tmp_path, tiny_base, tiny_adapte
                        capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": repo})
     assert r.returncode == 0, r.stderr
     assert "LOAD REPORT" not in r.stdout + r.stderr and "Warning" not in r.stderr and "\x1b[" not in r.stderr, r.stderr
+
+
+ESC = "\x1b[2J\x1b]0;pwned\x07"  # clear the screen, set the terminal title
+
+
+@pytest.mark.parametrize("name,setup", [
+    ("tensor name", lambda tmp, a, b: _with_tensors(_add_tensor(f"base_model.model.{ESC}.layers.0.mlp.up_proj"
+                                                                ".lora_A.weight"))(tmp, a, b)),
+    ("target_modules regex", _with_cfg(target_modules=f"zzz{ESC}")),
+    ("alpha_pattern key", _with_cfg(alpha_pattern={f"({ESC}": 2})),
+    ("model_type", _with_full(_full_cfg(model_type=f"llama{ESC}"))),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_input_names_never_reach_the_terminal_raw(name, setup, tmp_path, tiny_adapter, tiny_base, tiny_data,
+                                                  run_cli):
+    model, extra = setup(tmp_path, tiny_adapter, tiny_base)
+    got, out, err = run_cli("validate", model, "--clean", tiny_data, "--samples", "8", *extra)
+    assert got == 2 and len(err.strip().splitlines()) == 1, err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err, err
