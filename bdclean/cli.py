@@ -41,11 +41,30 @@ def _one_line_usage():
         _fail(f"{e.format_message()} (see `{where} --help`)", e.exit_code)
 
 
+def _no_flag_metavars(group) -> None:
+    """A flag takes no value, but typer's help shows one (`--force <bool>`): give flags an empty metavar, the
+    --help option (which click makes per context) included."""
+
+    def blank(param):
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        return param
+
+    for cmd in [group, *group.commands.values()]:
+        for param in cmd.params:
+            blank(param)
+        if not getattr(cmd, "_bdclean_help", False):
+            make_help = cmd.get_help_option
+            cmd.get_help_option = lambda ctx, make_help=make_help: blank(make_help(ctx))
+            cmd._bdclean_help = True
+
+
 class _OneLineUsageGroup(TyperGroup):
     """A bad flag or a missing option gets one line and exit 2, like every other error (click's default is a
     usage box of five lines)."""
 
     def make_context(self, *a, **k):
+        _no_flag_metavars(self)
         with _one_line_usage():
             return super().make_context(*a, **k)
 

@@ -828,3 +828,9 @@ def test_input_names_never_reach_the_terminal_raw(name, setup, tmp_path, tiny_ad
     got, out, err = run_cli("validate", model, "--clean", tiny_data, "--samples", "8", *extra)
     assert got == 2 and len(err.strip().splitlines()) == 1, err
     assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err, err
+
+
+@pytest.mark.parametrize("command", ["purify", "validate", "score", "eval", "implant"])
+def test_flags_show_no_value_placeholder(command, run_cli):
+    got, out, err = run_cli(command, "--help")
+    assert got == 0 and "--help" in out + err and "<bool>" not in out + err, out
