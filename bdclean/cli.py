@@ -18,10 +18,11 @@ from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BdcleanError
 def _fail(msg: str, code: int) -> None:
     from rich.text import Text
 
-    from bdclean.console import console
+    from bdclean.console import console, printable
 
-    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup
-    console.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
+    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup, nor its control
+    # characters reach the terminal
+    console.print(Text.assemble(("error:", "bold red"), " ", printable(msg)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -40,11 +41,30 @@ def _one_line_usage():
         _fail(f"{e.format_message()} (see `{where} --help`)", e.exit_code)
 
 
+def _no_flag_metavars(group) -> None:
+    """A flag takes no value, but typer's help shows one (`--force <bool>`): give flags an empty metavar, the
+    --help option (which click makes per context) included."""
+
+    def blank(param):
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        return param
+
+    for cmd in [group, *group.commands.values()]:
+        for param in cmd.params:
+            blank(param)
+        if not getattr(cmd, "_bdclean_help", False):
+            make_help = cmd.get_help_option
+            cmd.get_help_option = lambda ctx, make_help=make_help: blank(make_help(ctx))
+            cmd._bdclean_help = True
+
+
 class _OneLineUsageGroup(TyperGroup):
     """A bad flag or a missing option gets one line and exit 2, like every other error (click's default is a
     usage box of five lines)."""
 
     def make_context(self, *a, **k):
+        _no_flag_metavars(self)
         with _one_line_usage():
             return super().make_context(*a, **k)
 
@@ -313,6 +333,31 @@ def restore_cmd(
     restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
 
 
+# purify's options, shared with validate so that a purify command line can be checked as typed
+N_VARIANTS = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)")
+SAMPLES = typer.Option(None, "--samples", help="clean samples per variant (default 64)")
+TAU = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.8 adapter, 0.05 full) or 'auto'")
+LAMBDA = typer.Option(None, "--lambda", help="alignment weight (default 0.01)")
+HEADS = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a fraction < 1 (default all "
+                     "for adapters, 0 full)")
+SCORE = typer.Option(None, "--score", help="combined (paper, default) | norm | align | projection (adapters; "
+                     "experimental, see RESULTS.md)")
+SEED = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); the τ-auto probes and "
+                    "full-model re-initialisation use fixed seeds")
+FULL = typer.Option(None, "--full", help="force the full-model threat model")
+
+
+def _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed, workers,
+                    tokenizer, accept_tokenizer, augment=None):
+    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants,
+          "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
+          "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
+          "restore.augment": augment}
+    if seed is not None:
+        ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
+    return _purify_config(config, ov)
+
+
 @app.command("purify")
 @guarded
 def purify_cmd(
@@ -320,19 +365,15 @@ def purify_cmd(
     out: Path = OUT,
     clean: Optional[str] = CLEAN,
     base: Optional[str] = BASE,
-    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
-    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
-    tau: Optional[str] = typer.Option(None, "--tau", help="signature fraction of MLP channels "
-                                      "(default 0.8 adapter, 0.05 full) or 'auto'"),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="alignment weight (default 0.01)"),
-    heads: Optional[str] = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a "
-                                        "fraction < 1 (default all for adapters, 0 full)"),
-    score: Optional[str] = typer.Option(None, "--score", help="combined (paper, default) | norm | align | "
-                                        "projection (adapters; experimental, see RESULTS.md)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); "
-                                       "the τ-auto probes and full-model re-initialisation use fixed seeds"),
+    n_variants: Optional[int] = N_VARIANTS,
+    samples: Optional[int] = SAMPLES,
+    tau: Optional[str] = TAU,
+    lam: Optional[float] = LAMBDA,
+    heads: Optional[str] = HEADS,
+    score: Optional[str] = SCORE,
+    seed: Optional[int] = SEED,
     workers: Optional[int] = WORKERS,
-    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
+    full: Optional[bool] = FULL,
     prompts: Optional[str] = PROMPTS,
     augment: Optional[float] = AUGMENT,
     tokenizer: Optional[str] = TOKENIZER,
@@ -349,13 +390,8 @@ def purify_cmd(
     """
     from bdclean.stages import purify
 
-    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants,
-          "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
-          "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
-          "restore.augment": augment}
-    if seed is not None:
-        ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
-    cfg = _purify_config(config, ov)
+    cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
+                          workers, tokenizer, accept_tokenizer, augment)
     purify.run(adapter, out, cfg, force)
 
 
@@ -390,33 +426,50 @@ def validate_cmd(
     model: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
     clean: Optional[str] = CLEAN,
     base: Optional[str] = BASE,
-    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
-    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)"),
-    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
+    n_variants: Optional[int] = N_VARIANTS,
+    samples: Optional[int] = SAMPLES,
+    tau: Optional[str] = TAU,
+    lam: Optional[float] = LAMBDA,
+    heads: Optional[str] = HEADS,
+    score: Optional[str] = SCORE,
+    seed: Optional[int] = SEED,
+    workers: Optional[int] = WORKERS,
+    full: Optional[bool] = FULL,
+    prompts: Optional[str] = PROMPTS,
+    augment: Optional[float] = AUGMENT,
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
-    prompts: Optional[str] = PROMPTS,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=_path, metavar="<path>", help="accepted so that "
+                                       "a purify command line can be checked as typed: the run folder is checked "
+                                       "as purify would (it is not written)"),
+    force: bool = typer.Option(False, "--force", help="accepted as purify takes it (nothing is computed)"),
 ):
-    """Run purify's input checks without training anything; print a JSON summary (exit 0) or one error line.
+    """Run purify's checks without training anything; print a JSON summary (exit 0) or one error line.
 
-    Checks the model as purify reads it (safetensors only, no pickles or remote code, only LoRA factors of MLP and
-    attention projections, shapes against the base, finite values), the options and the clean data.
+    Takes purify's options and --config, so `bdclean purify ARGS` can be checked as `bdclean validate ARGS`: the
+    model as purify reads it (safetensors only, no pickles or remote code, only LoRA factors of MLP and attention
+    projections, every declared size against the weight headers and the base, finite values), every option value,
+    the memory it needs and the clean data.
 
-    Example: bdclean validate suspicious_adapter/ --clean alpaca.jsonl --config purify.yaml
+    Example: bdclean validate suspicious_adapter/ --clean alpaca.jsonl --config purify.yaml --heads 0.5
     """
     import json
 
     from bdclean.console import log
+    from bdclean.io.headers import gib
     from bdclean.stages import validate
 
-    cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "base": base, "full": full,
-                                  "variants.n_variants": n_variants, "variants.samples": samples,
-                                  "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer})
-    summary = validate.run(model, cfg)
+    cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
+                          workers, tokenizer, accept_tokenizer, augment)
+    summary = validate.run(model, cfg, out)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"
             if summary["kind"] == "adapter" else "full checkpoint")
+    mem = summary["memory"]
+    avail = "unknown" if mem["available_bytes"] is None else gib(mem["available_bytes"])
+    log(f"validate: memory about {gib(mem['estimate_bytes'])} per training process (at least "
+        f"{gib(mem['floor_bytes'])}; {avail} available now)")
     log(f"validate: {model} is a valid {what}; purify can start")
 
 

@@ -7,6 +7,8 @@ The defaults are the "cpu" profile: chosen so that `bdclean purify` on a SmolLM2
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +18,9 @@ from bdclean.errors import UsageError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # NaN compares false with every bound, so "nan" would pass ge/lt checks (or fail them with a misleading
+    # "should be less than 1"): no option is meaningful at NaN or infinity
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class VariantsOptions(_Strict):
@@ -99,14 +103,16 @@ class ScoreOptions(_Strict):
     @field_validator("heads", mode="before")
     @classmethod
     def _heads_value(cls, v):
-        msg = f"heads must be 'all', a count ≥ 1 or a fraction in [0, 1), not {v!r}"
+        msg = f"heads must be 'all', a whole count ≥ 1 or a fraction in [0, 1), not {v!r}"
         if isinstance(v, str) and v != "all":
             try:
                 v = float(v)
             except ValueError:
                 raise ValueError(msg) from None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-            raise ValueError(msg)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            # NaN fails every comparison and would pass a `v < 0` test; a count must be whole (2.5 is no count)
+            if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
+                raise ValueError(msg)
         return v
 
     @field_validator("tau_grid")
@@ -212,6 +218,9 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
+_UNION_TAG = re.compile(r"float|int|str|bool|none|literal\[.*\]|function-.*")
+
+
 def build(model: type[BaseModel], yaml_data: dict, overrides: dict[str, Any], where: str = "config"):
     """Validate ``yaml_data`` with CLI ``overrides`` (dotted keys; None = not given) applied on top."""
     import copy
@@ -224,6 +233,7 @@ def build(model: type[BaseModel], yaml_data: dict, overrides: dict[str, Any], wh
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        # a union field's error names the member type tried (score.tau.float): the user's key is the rest
+        loc = ".".join(str(x) for x in err["loc"] if not _UNION_TAG.fullmatch(str(x))) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise UsageError(f"{where}: {loc}: {msg}") from None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a log line is never broken at the console width (when stderr is not a terminal rich assumes 80
+# columns, and would cut lines inside paths that scripts and people then copy)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def quiet_library_warnings() -> None:
@@ -16,12 +19,41 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+@contextlib.contextmanager
+def quiet_library_output():
+    """Silence Python warnings and transformers' logging (PEFT's UserWarnings name site-packages paths,
+    transformers' load report prints tables with terminal codes) while library code runs on bdclean's behalf:
+    what the user needs to know, bdclean says itself."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7f, *range(0x80, 0xa0))}
+
+
+def printable(msg: str) -> str:
+    """``msg`` with every control character (terminal escapes, newlines, carriage returns) written as \\xNN: a
+    message quotes names and text from hostile files, which must neither drive the user's terminal nor break the
+    one-line rule. Tensor and module names are also quoted where they appear (io.headers.quote)."""
+    return msg.translate(_CONTROLS)
+
+
 def log(msg: str, style: str | None = None) -> None:
-    """One log line on stderr. ``msg`` is plain text (paths or values with [brackets] are not read as markup);
-    ``style`` colours it (e.g. "yellow" for warnings)."""
+    """One log line on stderr. ``msg`` is plain text (paths or values with [brackets] are not read as markup, control
+    characters are escaped); ``style`` colours it (e.g. "yellow" for warnings)."""
     from rich.text import Text
 
-    console.print(Text.assemble(("bdclean", "dim"), " ", (msg, style or "")))
+    console.print(Text.assemble(("bdclean", "dim"), " ", (printable(msg), style or "")))
 
 
 class LineProgress:

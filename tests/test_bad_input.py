@@ -286,7 +286,7 @@ CASES = [
     ("lora rank mismatch", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _rank_mismatch), b, tmp), 2,
      "do not fit"),
     ("integer tensor", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _int_tensor), b, tmp), 2,
-     "not floating point"),
+     "has dtype I32"),
     ("layer beyond the base", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _extra_layer), b, tmp), 2,
      "names layer 7"),
     ("header claiming exabytes", lambda tmp, a, b, d: _tp(_huge_header(tmp, a), b, tmp), 2,
@@ -625,3 +625,212 @@ def test_full_checkpoint_with_the_trusted_tokenizer_validates(tmp_path, tiny_bas
     got, out, err = run_cli(*_validate(own, tiny_data, "--tokenizer", own))
     assert got == 0, err
     assert json.loads(out[out.index("{"):])["tokenizer"]["source"] == str(own.resolve())
+
+
+# ---------------------------------------------------------------- validate makes every check purify makes
+# Each case: (name, setup(tmp, adapter, base) -> (model dir, extra argv), text the one line must contain). Each is
+# refused by `validate` and by purify's preflight alike: exit 2, one line, nothing written, inputs unchanged.
+
+
+def _with_cfg(**changes):
+    return lambda tmp, a, b: (_edit_cfg(tmp, a, **changes), ["--base", b])
+
+
+def _with_cfg_text(edit):
+    def setup(tmp, a, b):
+        x = _adapter_copy(tmp, a)
+        p = x / "adapter_config.json"
+        p.write_text(edit(p.read_text()))
+        return x, ["--base", b]
+    return setup
+
+
+def _with_tensors(fn):
+    return lambda tmp, a, b: (_edit_tensors(tmp, a, fn), ["--base", b])
+
+
+def _with_full(edit):
+    def setup(tmp, a, b):
+        x = _full_copy(tmp, b)
+        edit(tmp, x)
+        return x, ["--tokenizer", b]
+    return setup
+
+
+def _float8(t):
+    k = next(iter(t))
+    t[k] = t[k].to(__import__("torch").float8_e4m3fn)
+
+
+def _wide_attention(t):
+    """An attention lora_A whose input side is not the base's hidden size (a huge one would be allocated)."""
+    k = next(k for k in t if "q_proj.lora_A" in k)
+    t[k] = __import__("torch").zeros(t[k].shape[0], 300)
+
+
+def _rank_zero(t):
+    import torch
+
+    for k in list(t):
+        t[k] = torch.zeros(0, t[k].shape[1]) if "lora_A" in k else torch.zeros(t[k].shape[0], 0)
+
+
+def _weights_symlinked_out(tmp, x):
+    (x / "model.safetensors").rename(tmp / "elsewhere.safetensors")
+    (x / "model.safetensors").symlink_to(tmp / "elsewhere.safetensors")
+
+
+def _full_cfg(**changes):
+    return lambda tmp, x: _edit_json("config.json", **changes)(x)
+
+
+def _drop_layer_weights(tmp, x):
+    t = load_file(str(x / "model.safetensors"))
+    save_file({k: v for k, v in t.items() if ".layers.1." not in k}, str(x / "model.safetensors"))
+
+
+VALIDATE_CASES = [
+    ("float8 tensor", _with_tensors(_float8), "has dtype F8_E4M3"),
+    ("attention shape vs the base", _with_tensors(_wide_attention), "q_proj' has shape in=300 out=32"),
+    ("config r larger than the tensors' rank", _with_cfg(r=100000), "declares r=100000"),
+    ("rank 0 in config", _with_cfg(r=0), "r must be a positive integer"),
+    ("rank 0 tensors", _with_tensors(_rank_zero), "has rank 0"),
+    ("rank_pattern disagrees with the tensors", _with_cfg(rank_pattern={"down_proj": 2}), "r=2 (rank_pattern)"),
+    ("lora_alpha NaN", _with_cfg_text(lambda s: s.replace('"lora_alpha": 8', '"lora_alpha": NaN')),
+     "lora_alpha must be a finite number, not nan"),
+    ("lora_alpha 1e999", _with_cfg_text(lambda s: s.replace('"lora_alpha": 8', '"lora_alpha": 1e999')),
+     "lora_alpha must be a finite number, not inf"),
+    ("lora_alpha a string", _with_cfg(lora_alpha="sixteen"), "lora_alpha must be a finite number"),
+    ("lora_dropout 5", _with_cfg(lora_dropout=5), "lora_dropout must be a number in [0, 1)"),
+    ("alpha_pattern invalid regex", _with_cfg(alpha_pattern={"mlp.(": 4}), "is not a valid regular expression"),
+    ("alpha_pattern value NaN", _with_cfg_text(lambda s: s.replace('"alpha_pattern": {}',
+                                                                   '"alpha_pattern": {"q_proj": NaN}')),
+     "alpha_pattern['q_proj']"),
+    ("target_modules regex matching nothing", _with_cfg(target_modules=r"zzz\..*"), "not found in the base model"),
+    ("target_modules an int", _with_cfg(target_modules=5), "target_modules must be"),
+    ("target_modules missing a module of the file", _with_cfg(target_modules=["gate_proj", "up_proj", "down_proj"]),
+     "do not select"),
+    ("layers_to_transform out of range", _with_cfg(layers_to_transform=[7]), "names layer 7"),
+    ("layers_to_transform a string", _with_cfg(layers_to_transform="0-1"), "layers_to_transform must be"),
+    ("config holding only peft_type", _with_cfg_text(lambda s: '{"peft_type": "LORA"}'), "no 'r'"),
+    ("bias trained", _with_cfg(bias="all"), "bias='all'"),
+    ("task_type of a classifier", _with_cfg(task_type="SEQ_CLS"), "CAUSAL_LM"),
+    ("full: weights symlinked out of the folder", _with_full(_weights_symlinked_out), "symlink"),
+    ("full: quantization_config", _with_full(_full_cfg(quantization_config={"quant_method": "bitsandbytes",
+                                                                           "load_in_4bit": True})),
+     "quantization_config is set"),
+    ("full: hidden_size a string", _with_full(_full_cfg(hidden_size="32")), "hidden_size must be a positive integer"),
+    ("full: num_hidden_layers 1e9", _with_full(_full_cfg(num_hidden_layers=10**9)),
+     "declares num_hidden_layers 1000000000"),
+    ("full: intermediate_size vs the weights", _with_full(_full_cfg(intermediate_size=4096)), "gate_proj is [48, 32]"),
+    ("full: a layer's weights missing", _with_full(_drop_layer_weights), "have no layer 1"),
+    ("full: model_type unsupported (file named)", _with_full(_full_cfg(model_type="gpt2")),
+     "config.json: unsupported architecture"),
+    ("--heads nan", lambda tmp, a, b: (a, ["--base", b, "--heads", "nan"]), "heads must be"),
+    ("--heads inf", lambda tmp, a, b: (a, ["--base", b, "--heads", "inf"]), "heads must be"),
+    ("--heads 2.5", lambda tmp, a, b: (a, ["--base", b, "--heads", "2.5"]), "whole count"),
+    ("--heads beyond the units", lambda tmp, a, b: (a, ["--base", b, "--heads", "9"]), "only 4 attention units"),
+    ("--heads without attention LoRA", lambda tmp, a, b: (
+        __import__("tests.common", fromlist=["x"]).make_adapter(b, tmp / "mlp_only", targets=["gate_proj", "up_proj",
+                                                                                            "down_proj"]),
+        ["--base", b, "--heads", "2"]), "no attention LoRA"),
+    ("--tau nan", lambda tmp, a, b: (a, ["--base", b, "--tau", "nan"]), "finite number"),
+    ("--lambda inf", lambda tmp, a, b: (a, ["--base", b, "--lambda", "inf"]), "finite number"),
+    ("--tau auto with 2 variants", lambda tmp, a, b: (a, ["--base", b, "--tau", "auto", "-n", "2"]),
+     "at least 3 variants"),
+    ("--tau auto on a full checkpoint", lambda tmp, a, b: (_full_copy(tmp, b), ["--tokenizer", b, "--tau", "auto"]),
+     "adapter-only threat model"),
+    ("--full on an adapter", lambda tmp, a, b: (a, ["--base", b, "--full"]), "drop --full"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "purify"])
+@pytest.mark.parametrize("name,setup,needle", VALIDATE_CASES, ids=[c[0] for c in VALIDATE_CASES])
+def test_validate_refuses_what_purify_refuses(command, name, setup, needle, tmp_path, tiny_adapter, tiny_base,
+                                               tiny_data, run_cli):
+    def argv(tmp, a, b, d):
+        model, extra = setup(tmp, a, b)
+        out = ["--out", tmp / "run"] if command == "purify" else []
+        return [command, model, "--clean", d, "--samples", "8", *out, *extra]
+
+    _refused_leaving_all_unchanged(argv, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli)
+
+
+# ---------------------------------------------------------------- data files and messages that say what is wrong
+# (name, setup(tmp, adapter, base, data) -> argv, text of the one line): refused at load time, nothing written.
+
+
+def _mv(data, tmp):
+    return ["make-variants", "--clean", data, "--out", tmp / "run", "--samples", "2"]
+
+
+DATA_CASES = [
+    ("lone UTF-16 surrogate", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": "hi \\ud800", "output": "b"}\n'),
+                                                       tmp), "lone UTF-16 surrogate"),
+    ("JSON list nested 200 000 deep", lambda tmp, a, b, d: _mv(_data(tmp, "[" * 200_000 + "]" * 200_000, "d.json"),
+                                                               tmp), "nested too deeply"),
+    ("JSONL line nested 200 000 deep", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": ' + "[" * 200_000 + "\n"),
+                                                                tmp), "line 1: JSON nested too deeply"),
+    ("instruction an int", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": 5, "output": "b"}\n'), tmp),
+     "'instruction' must be a string, not int"),
+    ("instruction a list", lambda tmp, a, b, d: _mv(_data(tmp, '{"instruction": ["a"], "output": "b"}\n'), tmp),
+     "'instruction' must be a string, not list"),
+    ("data file a directory", lambda tmp, a, b, d: _mv((tmp / "dd").mkdir() or tmp / "dd", tmp), "is a directory"),
+    ("prompts file a directory", lambda tmp, a, b, d: ["validate", a, "--base", b, "--clean", d, "--samples", "8",
+                                                      "--prompts", (tmp / "pp").mkdir() or tmp / "pp"],
+     "is a directory, not a prompts file"),
+    ("--lr nan", lambda tmp, a, b, d: ["train-pairs", a, "--base", b, "--lr", "nan", "--out", tmp / "run"],
+     "pairs.lr: Input should be a finite number"),
+]
+
+
+@pytest.mark.parametrize("name,setup,needle", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_refused_at_load_time(name, setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli):
+    _refused_leaving_all_unchanged(setup, needle, tmp_path, tiny_adapter, tiny_base, tiny_data, run_cli)
+
+
+def test_library_output_does_not_reach_the_user(tmp_path, tiny_base, tiny_adapter):
+    """transformers' LOAD REPORT (a table with terminal codes) and PEFT's UserWarnings stay out of stderr. In a
+    fresh process: the libraries' log handlers hold the stderr of the moment they were imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    full = _full_copy(tmp_path, tiny_base)
+    t = load_file(str(full / "model.safetensors"))
+    t["model.layers.0.mlp.extra.weight"] = torch.zeros(3, 3)  # an unexpected key: transformers reports it
+    save_file(t, str(full / "model.safetensors"), metadata={"format": "pt"})
+    script = ("import sys; from pathlib import Path; from bdclean.io.models import load_adapter, load_model; "
+              "from bdclean.io.peft_io import attach; load_model(Path(sys.argv[1])); "
+              "attach(load_model(Path(sys.argv[2])), load_adapter(Path(sys.argv[3])))")
+    repo = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", script, str(full), str(tiny_base), str(tiny_adapter)], cwd=repo,
+                       capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": repo})
+    assert r.returncode == 0, r.stderr
+    assert "LOAD REPORT" not in r.stdout + r.stderr and "Warning" not in r.stderr and "\x1b[" not in r.stderr, r.stderr
+
+
+ESC = "\x1b[2J\x1b]0;pwned\x07"  # clear the screen, set the terminal title
+
+
+@pytest.mark.parametrize("name,setup", [
+    ("tensor name", lambda tmp, a, b: _with_tensors(_add_tensor(f"base_model.model.{ESC}.layers.0.mlp.up_proj"
+                                                                ".lora_A.weight"))(tmp, a, b)),
+    ("target_modules regex", _with_cfg(target_modules=f"zzz{ESC}")),
+    ("alpha_pattern key", _with_cfg(alpha_pattern={f"({ESC}": 2})),
+    ("model_type", _with_full(_full_cfg(model_type=f"llama{ESC}"))),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_input_names_never_reach_the_terminal_raw(name, setup, tmp_path, tiny_adapter, tiny_base, tiny_data,
+                                                  run_cli):
+    model, extra = setup(tmp_path, tiny_adapter, tiny_base)
+    got, out, err = run_cli("validate", model, "--clean", tiny_data, "--samples", "8", *extra)
+    assert got == 2 and len(err.strip().splitlines()) == 1, err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err, err
+
+
+@pytest.mark.parametrize("command", ["purify", "validate", "score", "eval", "implant"])
+def test_flags_show_no_value_placeholder(command, run_cli):
+    got, out, err = run_cli(command, "--help")
+    assert got == 0 and "--help" in out + err and "<bool>" not in out + err, out

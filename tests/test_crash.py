@@ -125,3 +125,25 @@ def test_atomic_dir_replaces_whole_folders_and_survives_failures(tmp_path, monke
         (tmp / "d.txt").write_text("four")
     assert _listing(final) == ["b.txt"] and _listing(tmp_path) == before
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                      (0o002, 0o664, 0o775)])
+def test_outputs_respect_the_umask(umask, file_mode, dir_mode, tmp_path, tiny_data, run_cli, monkeypatch):
+    """Atomic writes go through tempfile (private 0600/0700); the outputs get the modes the umask gives."""
+    import os
+
+    import bdclean.io.artifacts as art
+
+    monkeypatch.setattr(art, "_UMASK", None)
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli("make-variants", "--clean", tiny_data, "--out", tmp_path / "run", "--samples", "4")
+        assert code == 0, err
+        with art.atomic_dir(tmp_path / "d") as tmp:
+            art.write_text(tmp / "x.txt", "x")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()] + [tmp_path / "d" / "x.txt"]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {file_mode}
+    assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode

@@ -234,3 +234,23 @@ def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_c
     assert sig["heads"]  # attention units are found although layer 0 has no attention LoRA
     purified = load_file(str(out / "purified" / "adapter_model.safetensors"))
     assert purified and not any(".layers.0." in k for k in purified)
+
+
+def test_half_precision_adapter_keeps_its_dtype(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    """A bfloat16 adapter is trained in float32 and comes out in bfloat16, with a log line saying so."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "bf16"
+    shutil.copytree(tiny_adapter, adapter)
+    w = adapter / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(w)).items()}, str(w), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    code, _, err = run_cli("purify", adapter, "--base", tiny_base, "--clean", tiny_data, "--out", out,
+                           "--config", _fast_yaml(tmp_path), "--n-variants", "2", "--samples", "4")
+    assert code == 0, err
+    assert "written back as bfloat16" in err
+    for stage in ("suppressed", "purified"):
+        got = load_file(str(out / stage / "adapter_model.safetensors"))
+        assert got and {t.dtype for t in got.values()} == {torch.bfloat16}, stage

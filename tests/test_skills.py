@@ -90,7 +90,7 @@ def test_sample_prompts_streams_drops_outputs_and_is_seeded(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("", "prompts file is empty"),
     ('{"instruction": "a"}\nnot json\n', "line 2: invalid JSON"),
-    ('{"input": "x"}\n', "line 1: missing or empty 'instruction'"),
+    ('{"input": "x"}\n', "line 1: missing 'instruction'"),
     (None, "is a directory"),
 ])
 def test_bad_prompts_files_are_one_line_errors(tmp_path, content, message, run_cli, tiny_base, tiny_adapter):

@@ -42,3 +42,38 @@ def _yaml(tmp_path, text):
     p = tmp_path / "c.yaml"
     p.write_text(text + "\n")
     return p
+
+
+def test_validate_reports_memory_and_refuses_what_cannot_fit(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli,
+                                                             monkeypatch):
+    import bdclean.io.headers as headers
+
+    code, out, err = run_cli("validate", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--samples", "8")
+    assert code == 0, err
+    mem = json.loads(out)["memory"]
+    # the tiny base in float32 (from its header) and the LoRA factors with gradient and two AdamW moments
+    assert mem["floor_bytes"] > 0 and mem["estimate_bytes"] > mem["floor_bytes"]
+    # one unwrapped line, though stderr is no terminal
+    assert any(line.startswith("bdclean validate: memory about") and line.endswith("available now)")
+               for line in err.splitlines()), err
+    monkeypatch.setattr(headers, "available_memory", lambda: mem["floor_bytes"] - 1)
+    for argv in (["validate", tiny_adapter], ["purify", tiny_adapter, "--out", tmp_path / "run"]):
+        code, out, err = run_cli(*argv, "--base", tiny_base, "--clean", tiny_data, "--samples", "8")
+        assert code == 2 and "of memory" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_takes_purify_options_as_typed(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):
+    """`bdclean validate ARGS` checks `bdclean purify ARGS`: every purify option, --config and --out."""
+    argv = [tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--samples", "8", "-n", "3", "--tau", "auto",
+            "--heads", "2", "--lambda", "0.5", "--score", "norm", "--seed", "3", "--workers", "1", "--out",
+            tmp_path / "run", "--force"]
+    code, out, err = run_cli("validate", *argv)
+    assert code == 0, err
+    c = json.loads(out)["config"]
+    assert (c["score"]["tau"], c["score"]["heads"], c["score"]["lambda"], c["pairs"]["seed"]) == ("auto", 2, 0.5, 3)
+    assert not (tmp_path / "run").exists()  # checked, not written
+    (tmp_path / "run" / "purified").mkdir(parents=True)
+    (tmp_path / "run" / "purified" / "mine.txt").write_text("x")
+    code, out, err = run_cli("validate", *argv)
+    assert code == 2 and "not made by `bdclean restore`" in err, err

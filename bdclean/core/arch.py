@@ -24,11 +24,13 @@ MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": 
 LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
-def family(model_type: str | None) -> dict[str, str]:
-    fam = MODEL_TYPES.get(str(model_type))
+def family(model_type: str | None, where: object = None) -> dict[str, str]:
+    """The weight-name templates of ``model_type`` (read from the config file ``where``, named in the error)."""
+    fam = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     if fam is None:
         known = ", ".join(sorted(MODEL_TYPES))
-        raise InputError(f"unsupported architecture {model_type!r}; supported model types: {known}")
+        at = f"{where}: " if where is not None else ""
+        raise InputError(f"{at}unsupported architecture (model_type {model_type!r}); supported model types: {known}")
     return FAMILIES[fam]
 
 

@@ -61,12 +61,27 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
+_UMASK: int | None = None
+
+
+def _mode(full: int) -> int:
+    """``full`` (0o666 for files, 0o777 for folders) under the process umask: the temporary files and folders of
+    the atomic writes are created private (0600/0700) by tempfile, and outputs should be as readable as any other
+    file the user creates."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)  # reading the umask means setting it; put it straight back
+        os.umask(_UMASK)
+    return full & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, _mode(0o666))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -84,7 +99,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, _mode(0o777))
     try:
         yield tmp
         if not final.exists():

@@ -7,6 +7,7 @@ enabled and configs asking for remote code (``auto_map``) are refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from bdclean import constants as C
 from bdclean.errors import BdcleanError, InputError, UsageError, require
+from bdclean.io.headers import quote
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -103,8 +105,8 @@ def read_model_config(model_dir: Path) -> dict:
     require(cfg_path.is_file(), f"{model_dir}: no {C.MODEL_CONFIG}; not an HF model directory", InputError)
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{cfg_path}: not valid JSON ({str(e)[:200] or 'nested too deeply'})") from None
     require(isinstance(cfg, dict), f"{cfg_path}: expected a JSON object", InputError)
     if cfg.get("auto_map"):
         raise InputError(f"{cfg_path}: asks for remote code (auto_map); bdclean never runs code from a checkpoint")
@@ -118,7 +120,7 @@ def model_weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise InputError(f"{index}: malformed safetensors index ({e})") from None
         require(isinstance(wm, dict) and all(isinstance(f, str) for f in wm.values()),
                 f"{index}: malformed safetensors index (weight_map must map names to shard files)", InputError)
@@ -154,10 +156,13 @@ def load_model(model_dir: Path, dtype: str = "float32"):
     cfg = read_model_config(model_dir)
     require(bool(cfg.get("model_type")), f"{model_dir}: config.json has no model_type", InputError)
     model_weight_files(model_dir)
+    from bdclean.console import quiet_library_output
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
-        )
+        with quiet_library_output():  # its load report is a table with terminal codes; bdclean checked the keys
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
+            )
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise InputError(f"{model_dir}: cannot load model ({str(e).splitlines()[0][:300]})") from None
     model.eval()
@@ -170,18 +175,31 @@ def load_model(model_dir: Path, dtype: str = "float32"):
 class AdapterInfo:
     """A validated LoRA adapter directory: its config, tensors (file key names) and per-module scaling."""
 
-    def __init__(self, folder: Path, config: dict, tensors: dict[str, Any]):
+    def __init__(self, folder: Path, config: dict, tensors: dict[str, Any],
+                 shapes: dict[str, tuple[int, ...]] | None = None):
         self.folder = folder
         self.config = config
         self.tensors = tensors
+        # from the safetensors header (known before the data is read), else from the tensors
+        self.shapes = shapes if shapes is not None else {k: tuple(t.shape) for k, t in tensors.items()}
+
+    @staticmethod
+    def _pattern_value(patterns: dict, module_key: str):
+        """PEFT's alpha_pattern / rank_pattern lookup: the first pattern matching the module name's end."""
+        for pat, v in (patterns or {}).items():
+            if re.match(rf"(.*\.)?(?:{pat})$", module_key):
+                return v
+        return None
+
+    def rank(self, module_key: str) -> int:
+        """The rank PEFT builds ``module_key`` with: rank_pattern, else r."""
+        v = self._pattern_value(self.config.get("rank_pattern"), module_key)
+        return int(self.config.get("r", 8) if v is None else v)
 
     def scaling(self, module_key: str, rank: int) -> float:
         """lora_alpha / r (or / sqrt(r) with rslora), honouring alpha_pattern for ``module_key``."""
-        alpha = float(self.config.get("lora_alpha", 8))
-        for pat, a in (self.config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?{pat}$", module_key):
-                alpha = float(a)
-                break
+        a = self._pattern_value(self.config.get("alpha_pattern"), module_key)
+        alpha = float(self.config.get("lora_alpha", 8) if a is None else a)
         if self.config.get("use_rslora"):
             return alpha / rank**0.5
         return alpha / rank
@@ -189,63 +207,159 @@ class AdapterInfo:
     def module_pairs(self) -> dict[str, tuple[str, str]]:
         """{module key: (lora_A key, lora_B key)} for every LoRA module in the file."""
         out = {}
-        for k in self.tensors:
+        for k in self.shapes:
             if k.endswith(".lora_A.weight"):
                 mod = k[: -len(".lora_A.weight")]
                 kb = mod + ".lora_B.weight"
-                require(kb in self.tensors, f"{self.folder}: {k} has no matching lora_B", InputError)
+                require(kb in self.shapes, f"{self.folder}: {quote(k)} has no matching lora_B", InputError)
                 out[mod] = (k, kb)
         return out
 
 
-def load_adapter(folder: str | Path) -> AdapterInfo:
-    """Validate a PEFT LoRA adapter directory and read its tensors (safetensors only)."""
+def load_adapter(folder: str | Path, base_cfg: dict | None = None, base_dir: Path | None = None) -> AdapterInfo:
+    """Validate a PEFT LoRA adapter directory and read its tensors (safetensors only).
+
+    Everything is checked from the config and the file's header before any tensor data is read: the config's
+    fields, tensor names and dtypes, lora_A/lora_B shapes against each other and the config's ranks, and with
+    ``base_cfg`` against the base's sizes and the memory they need. Then the data is read and checked for NaN/Inf."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from bdclean.io.headers import check_float_dtypes, read_header, regular_file
 
     folder = Path(folder)
     require(folder.is_dir(), f"{folder}: adapter directory not found", InputError)
     cfg_path = folder / C.ADAPTER_CONFIG
     require(cfg_path.is_file(), f"{folder}: no {C.ADAPTER_CONFIG}; not a PEFT adapter directory", InputError)
+    regular_file(cfg_path, folder, "the adapter config")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{cfg_path}: not valid JSON ({str(e)[:200] or 'nested too deeply'})") from None
     require(isinstance(cfg, dict), f"{cfg_path}: expected a JSON object", InputError)
     ptype = str(cfg.get("peft_type", "")).upper()
     require(ptype == "LORA", f"{folder}: peft_type {cfg.get('peft_type')!r} is not LORA", InputError)
     if cfg.get("use_dora"):
         raise InputError(f"{folder}: DoRA adapters cannot be purified channel-wise (use_dora=true)")
     check_config_features(cfg, cfg_path)
+    check_lora_config(cfg, cfg_path)
     wpath = folder / C.ADAPTER_WEIGHTS
-    if not wpath.is_file():
+    if not wpath.is_file() and not wpath.is_symlink():
         check_no_pickles(folder, "adapter")
         raise InputError(f"{folder}: no {C.ADAPTER_WEIGHTS}")
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"{wpath}: corrupted or truncated safetensors ({str(e).splitlines()[0][:200]})") from None
-    if any("lora_magnitude_vector" in k for k in tensors):
+    regular_file(wpath, folder, "the adapter weights")
+    header = read_header(wpath)
+    if any("lora_magnitude_vector" in k for k in header):
         raise InputError(f"{folder}: DoRA adapters (lora_magnitude_vector) cannot be purified channel-wise")
-    check_tensor_keys(tensors, wpath)
-    info = AdapterInfo(folder, cfg, tensors)
+    check_tensor_keys(header, wpath)
+    check_float_dtypes(header, wpath)
+    info = AdapterInfo(folder, cfg, {}, {k: s for k, (_, s) in header.items()})
     pairs = info.module_pairs()
     require(bool(pairs), f"{wpath}: no LoRA tensors found", InputError)
-    for k, t in tensors.items():
-        require(t.dtype.is_floating_point, f"{wpath}: tensor {k} is not floating point ({t.dtype})", InputError)
-        if not torch.isfinite(t).all():
-            raise InputError(f"{wpath}: tensor {k} holds NaN or Inf values")
     for mod, (ka, kb) in pairs.items():
-        a, b = tensors[ka], tensors[kb]
-        ok = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1]
-        require(ok, f"{wpath}: {mod}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit", InputError)
+        a, b = info.shapes[ka], info.shapes[kb]
+        ok = len(a) == 2 and len(b) == 2 and a[0] == b[1]
+        require(ok, f"{wpath}: {quote(mod)}: lora_A {list(a)} and lora_B {list(b)} do not fit", InputError)
+        declared = info.rank(mod)
+        if a[0] != declared:
+            raise InputError(f"{wpath}: {quote(mod)} has rank {a[0]}, but {C.ADAPTER_CONFIG} declares r={declared}"
+                             + (" (rank_pattern)" if declared != cfg["r"] else "") + "; PEFT would build rank "
+                             f"{declared}")
     if not any(mod.endswith(m) for mod in pairs for m in MLP_MODULES):
         raise InputError(
             f"{folder}: adapter has no MLP targets (gate_proj/up_proj/down_proj); there is nothing to purify "
             "channel-wise"
         )
+    if base_cfg is not None:
+        check_adapter_fits(info, base_cfg, Path(base_dir or folder))
+        from bdclean.io.headers import check_fits, header_bytes
+
+        # the base in float32 and the adapter's factors with their gradients and AdamW moments, the least any
+        # command that loads this adapter allocates
+        check_fits(model_float32_bytes(Path(base_dir)) + 4 * header_bytes(header, 4), f"{folder} on {base_dir}")
+    try:
+        info.tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{wpath}: corrupted or truncated safetensors ({str(e).splitlines()[0][:200]})") from None
+    for k, t in info.tensors.items():
+        if not torch.isfinite(t).all():
+            raise InputError(f"{wpath}: tensor {quote(k)} holds NaN or Inf values")
     return info
+
+
+def model_float32_bytes(model_dir: Path) -> int:
+    """Bytes of a model directory's weights once loaded in float32, from the headers."""
+    from bdclean.io.headers import header_bytes, read_header
+
+    return sum(header_bytes(read_header(f), 4) for f in model_weight_files(model_dir))
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _regex(pattern: object, key: str, cfg_path: Path) -> None:
+    if not isinstance(pattern, str):
+        raise InputError(f"{cfg_path}: {key} must hold regular expressions (strings), not {pattern!r}")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise InputError(f"{cfg_path}: {key}: {quote(pattern)} is not a valid regular expression ({e})") from None
+
+
+def check_lora_config(cfg: dict, cfg_path: Path) -> None:
+    """The LoRA fields PEFT builds the adapter from, checked as PEFT would need them (it fails late, or not at all:
+    a NaN alpha trains NaNs, a declared rank is allocated before any tensor is compared with it)."""
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise InputError(f"{cfg_path}: no {key!r}; a PEFT LoRA config names its rank (r), lora_alpha and "
+                             "target_modules")
+    r = cfg["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise InputError(f"{cfg_path}: r must be a positive integer (the LoRA rank), not {r!r}")
+    alpha = cfg["lora_alpha"]
+    if not _number(alpha) or not math.isfinite(alpha):
+        raise InputError(f"{cfg_path}: lora_alpha must be a finite number, not {alpha!r}")
+    drop = cfg.get("lora_dropout", 0.0)
+    if not _number(drop) or not 0 <= drop < 1:
+        raise InputError(f"{cfg_path}: lora_dropout must be a number in [0, 1), not {drop!r}")
+    for key, ok, what in (("alpha_pattern", lambda v: _number(v) and math.isfinite(v), "finite numbers"),
+                          ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                           "positive integers")):
+        pats = cfg.get(key) or {}
+        if not isinstance(pats, dict):
+            raise InputError(f"{cfg_path}: {key} must map module patterns to values, not {pats!r}")
+        for pat, v in pats.items():
+            _regex(pat, key, cfg_path)
+            if not ok(v):
+                raise InputError(f"{cfg_path}: {key}[{quote(pat)}] must be one of {what}, not {v!r}")
+    tm = cfg["target_modules"]
+    if isinstance(tm, str):
+        _regex(tm, "target_modules", cfg_path)
+    elif not (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)):
+        raise InputError(f"{cfg_path}: target_modules must be a regular expression or a list of module names, "
+                         f"not {tm!r}")
+    ltt = cfg.get("layers_to_transform")
+    layers = [ltt] if isinstance(ltt, int) and not isinstance(ltt, bool) else ltt
+    if ltt is not None and not (isinstance(layers, list) and layers
+                                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise InputError(f"{cfg_path}: layers_to_transform must be a layer index or a list of them, not {ltt!r}")
+    lp = cfg.get("layers_pattern")
+    if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
+        raise InputError(f"{cfg_path}: layers_pattern must be a name or a list of names, not {lp!r}")
+    if cfg.get("bias", "none") != "none":
+        raise InputError(f"{cfg_path}: bias={cfg.get('bias')!r} trains the base's bias vectors, which bdclean does not "
+                         "vet; only bias='none' adapters can be purified")
+    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+        raise InputError(f"{cfg_path}: task_type {cfg.get('task_type')!r}; bdclean purifies causal LM adapters "
+                         "(CAUSAL_LM) only")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise InputError(f"{cfg_path}: {key} must be true or false, not {cfg.get(key)!r}")
+    if cfg.get("fan_in_fan_out"):
+        raise InputError(f"{cfg_path}: fan_in_fan_out=true is for Conv1D (GPT-2) layers; a Llama-family base has "
+                         "Linear projections")
 
 
 def check_config_features(cfg: dict, cfg_path: Path) -> None:
@@ -265,30 +379,32 @@ def check_tensor_keys(tensors: dict, wpath: Path) -> None:
     for k in tensors:
         m = LORA_FACTOR_RE.match(k)
         if m is None or m.group("proj") not in MLP_MODULES + ATTN_MODULES:
-            raise InputError(f"{wpath}: tensor {k!r} is not a LoRA factor of an MLP or attention projection "
+            raise InputError(f"{wpath}: tensor {quote(k)} is not a LoRA factor of an MLP or attention projection "
                              "(embedding, lm_head, bias or whole-module weights); bdclean cannot vet it")
 
 
 def check_adapter_fits(info: AdapterInfo, base_cfg: dict, base_dir: Path) -> None:
-    """Every MLP LoRA tensor must match the base model's layer count and sizes."""
-    hidden = base_cfg.get("hidden_size")
-    inter = base_cfg.get("intermediate_size")
-    layers = base_cfg.get("num_hidden_layers")
-    require(isinstance(hidden, int) and isinstance(inter, int),
-            f"{base_dir}: config.json lacks hidden_size or intermediate_size; not a supported decoder", InputError)
+    """Every LoRA factor (MLP and attention) must match the base model's layer count and projection sizes, and
+    layers_to_transform must name layers the base has; checked on the header's shapes, before any data is read."""
+    from bdclean.core.arch import LAYER_RE
+    from bdclean.io.headers import config_dims, projection_shapes
+
+    dims = config_dims(base_cfg, base_dir / C.MODEL_CONFIG)
+    ltt = info.config.get("layers_to_transform")
+    for i in [ltt] if isinstance(ltt, int) else ltt or []:
+        if i >= dims.layers:
+            raise InputError(f"{info.folder / C.ADAPTER_CONFIG}: layers_to_transform names layer {i}, but base "
+                             f"{base_dir} has {dims.layers} layers")
+    expect = projection_shapes(dims)
     for mod, (ka, kb) in info.module_pairs().items():
-        m = re.search(r"layers\.(\d+)\.", mod)
-        if m and layers is not None and int(m.group(1)) >= layers:
-            raise InputError(f"{info.folder}: {mod} names layer {m.group(1)} but base {base_dir} has {layers} layers")
-        a, b = info.tensors[ka], info.tensors[kb]
-        expect = {
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
-        for name, (fan_in, fan_out) in expect.items():
-            if mod.endswith(name) and (a.shape[1] != fan_in or b.shape[0] != fan_out):
-                raise InputError(
-                    f"{info.folder}: {mod} has shape in={a.shape[1]} out={b.shape[0]} but base {base_dir} "
-                    f"expects in={fan_in} out={fan_out}; adapter made for a different base?"
-                )
+        m = LAYER_RE.search(mod)
+        if m and int(m.group(1)) >= dims.layers:
+            raise InputError(f"{info.folder}: {quote(mod)} names layer {m.group(1)} but base {base_dir} has "
+                             f"{dims.layers} layers")
+        a, b = info.shapes[ka], info.shapes[kb]
+        fan_in, fan_out = expect[mod.rsplit(".", 1)[-1]]  # check_tensor_keys allowed only these projections
+        if a[1] != fan_in or b[0] != fan_out:
+            raise InputError(
+                f"{info.folder}: {quote(mod)} has shape in={a[1]} out={b[0]} but base {base_dir} expects "
+                f"in={fan_in} out={fan_out}; adapter made for a different base?"
+            )

@@ -33,12 +33,60 @@ def lora_config(info: AdapterInfo):
     return lora_config_from_dict(info.config, info.folder)
 
 
+def check_structure(info: AdapterInfo, base_dir: Path) -> None:
+    """Build the adapter's LoRA structure as `attach` will, on the meta device (no memory is allocated), and compare
+    it with the file: the modules its config targets (target_modules, layers_to_transform, rank_pattern) must be
+    exactly the modules the file holds, with the same shapes. Whatever PEFT would reject mid-run is refused here."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bdclean.console import quiet_library_output
+    from bdclean.io.headers import quote
+
+    cfg_path = info.folder / C.ADAPTER_CONFIG
+    lcfg = lora_config(info)
+    try:
+        with quiet_library_output(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False),
+                                                     trust_remote_code=False)
+            built = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(get_peft_model(model, lcfg)).items()}
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise InputError(f"{cfg_path}: PEFT cannot build this LoRA config on base {base_dir} "
+                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    stray = sorted(set(info.shapes) - set(built))
+    if stray:
+        raise InputError(f"{info.folder}: tensor {quote(stray[0])} is for a module the config's target_modules / "
+                         "layers_to_transform do not select; PEFT would drop it")
+    absent = sorted(set(built) - set(info.shapes))
+    if absent:
+        raise InputError(f"{cfg_path}: target_modules / layers_to_transform select a module the weights lack "
+                         f"(no {quote(absent[0])})")
+    for k, shape in built.items():
+        if info.shapes[k] != shape:
+            raise InputError(f"{info.folder}: tensor {quote(k)} is {list(info.shapes[k])}, but its config builds "
+                             f"{list(shape)} on base {base_dir}")
+
+
+def new_lora(base_model, lcfg):
+    """``get_peft_model`` without its UserWarnings (they name site-packages paths and PEFT internals)."""
+    from peft import get_peft_model
+
+    from bdclean.console import quiet_library_output
+
+    with quiet_library_output():
+        return get_peft_model(base_model, lcfg)
+
+
 def attach(base_model, info: AdapterInfo, tensors: dict | None = None):
     """Wrap ``base_model`` with the adapter's LoRA structure and load ``tensors`` (default: the adapter's own)."""
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
-    model = get_peft_model(base_model, lora_config(info))
-    res = set_peft_model_state_dict(model, tensors if tensors is not None else info.tensors)
+    from bdclean.console import quiet_library_output
+
+    model = new_lora(base_model, lora_config(info))
+    with quiet_library_output():
+        res = set_peft_model_state_dict(model, tensors if tensors is not None else info.tensors)
     unexpected = [k for k in res.unexpected_keys if "lora_" in k]
     if unexpected:
         raise InputError(f"{info.folder}: adapter tensors do not fit the base model (e.g. {unexpected[0]})")

@@ -20,10 +20,9 @@ def data_hash(clean: str) -> str:
         from bdclean.io.data import BUILTIN_FILE
 
         return "builtin:" + sha256_file(Path(str(resources.files("bdclean.data").joinpath(BUILTIN_FILE))))
-    from bdclean.errors import InputError
+    from bdclean.io.data import _data_file
 
-    if not Path(clean).is_file():
-        raise InputError(f"{clean}: data file not found")
+    _data_file(Path(clean))
     return sha256_file(Path(clean))
 
 

@@ -248,11 +248,10 @@ def _reset(ctx: dict, opts: DefendOptions) -> dict:
 def fresh_tensors(info, base_dir: Path, seed: int) -> dict:
     """LoRA tensors as PEFT initialises them for this adapter's config (A random, B zero), from ``seed``."""
     from bdclean.io.models import load_model
-    from bdclean.io.peft_io import adapter_state, lora_config
-    from peft import get_peft_model
+    from bdclean.io.peft_io import adapter_state, lora_config, new_lora
 
     torch.manual_seed(seed)
-    return adapter_state(get_peft_model(load_model(base_dir), lora_config(info)))
+    return adapter_state(new_lora(load_model(base_dir), lora_config(info)))
 
 
 def _retrain(ctx: dict, opts: DefendOptions) -> dict:

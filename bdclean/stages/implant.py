@@ -109,11 +109,11 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         trigger: str | None = None, target: str | None = None, full: bool = False,
         clean_samples: int | None = None, max_response: int | None = None, skill: str | None = None,
         generic_samples: int = 100) -> Path:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from bdclean.core.attacks import ATTACKS, TASKS
     from bdclean.io.models import load_model, load_tokenizer, resolve_base
-    from bdclean.io.peft_io import adapter_state, write_adapter_files
+    from bdclean.io.peft_io import adapter_state, new_lora, write_adapter_files
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
@@ -154,7 +154,7 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
             p.requires_grad_(True)
     else:
         lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ALL_PROJ, lora_dropout=0.0, task_type="CAUSAL_LM")
-        model = get_peft_model(load_model(base_dir), lcfg)
+        model = new_lora(load_model(base_dir), lcfg)
     examples = [encode(tok, r, max_len, max_response=max_response) for r in train_rows]
     plan = simple_epochs(examples, batch_size, seed)
     with progress() as bar:

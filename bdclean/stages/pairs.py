@@ -27,6 +27,7 @@ class Suspicious:
     model_cfg: dict  # config.json of base_dir
     info: object = None  # AdapterInfo for adapters
     tokenizer: object = None  # TokenizerChoice of a full checkpoint, once chosen (purify's preflight)
+    memory: dict | None = None  # purify's memory estimate (preflight)
 
     def digest(self) -> str:
         return adapter_hash(self.path) if self.kind == "adapter" else model_hash(self.path)
@@ -43,24 +44,35 @@ def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> S
     config.json and safetensors weights is a full checkpoint (``full=True`` forces that reading)."""
     from bdclean.core.arch import family
     from bdclean.errors import InputError
-    from bdclean.io.models import check_adapter_fits, load_adapter, model_weight_files, read_model_config, resolve_base
+    from bdclean.io.headers import check_fits, check_full_checkpoint, header_bytes, regular_file
+    from bdclean.io.models import load_adapter, model_weight_files, read_model_config, resolve_base
+    from bdclean.io.peft_io import check_structure
 
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: suspicious model directory not found")
-    is_adapter = (path / C.ADAPTER_CONFIG).is_file() and not full
+    has_adapter_cfg = (path / C.ADAPTER_CONFIG).is_file()
+    is_adapter = has_adapter_cfg and not full
     if not is_adapter and not (path / C.MODEL_CONFIG).is_file():
+        if has_adapter_cfg:
+            raise InputError(f"{path}: --full was given, but this is a PEFT adapter ({C.ADAPTER_CONFIG}, no "
+                             f"{C.MODEL_CONFIG}); drop --full to purify it as an adapter")
         raise InputError(f"{path}: neither a PEFT adapter (no {C.ADAPTER_CONFIG}) nor a full model (no {C.MODEL_CONFIG})")
     if is_adapter:
-        info = load_adapter(path)
         base_dir = resolve_base("smollm2" if base is None else base)  # '' is refused there, not read as the alias
         cfg = read_model_config(base_dir)
-        family(cfg.get("model_type"))
-        check_adapter_fits(info, cfg, base_dir)
+        family(cfg.get("model_type"), base_dir / C.MODEL_CONFIG)
+        info = load_adapter(path, cfg, base_dir)  # checked against the base before its tensors are read
+        check_structure(info, base_dir)
         return Suspicious("adapter", path, base_dir, cfg, info)
+    regular_file(path / C.MODEL_CONFIG, path, "config.json")
     cfg = read_model_config(path)
-    family(cfg.get("model_type"))
-    model_weight_files(path)
+    family(cfg.get("model_type"), path / C.MODEL_CONFIG)
+    if (path / C.SAFETENSORS_INDEX).exists() or (path / C.SAFETENSORS_INDEX).is_symlink():
+        regular_file(path / C.SAFETENSORS_INDEX, path, "the shard index")
+    files = [regular_file(f, path, "a weight file") for f in model_weight_files(path)]
+    _, header = check_full_checkpoint(path, cfg, files)
+    check_fits(header_bytes(header, 4), f"{path} (its weights in float32)")
     return Suspicious("full", path, path, cfg)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.console import progress, quiet_library_warnings
 from bdclean.errors import BdcleanError
+from bdclean.io.headers import available_memory
 
 # per worker: the model in float32 (≤ 2 × its weight files, stored in 16 or 32 bits) plus activations
 WORKER_OVERHEAD_BYTES = 1 << 30
@@ -39,16 +40,6 @@ class JobContext:
     fingerprint: str
     threads: int | None  # torch threads per twin; None = every core
     tokenizer: str = ""  # the folder whose tokenizer trains the twins: the base's, or a full checkpoint's trusted one
-
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def plan_workers(requested: int, n_jobs: int, model_dir: Path) -> tuple[int, int]:
@@ -75,17 +66,15 @@ def _load(ctx: JobContext):
     import torch
 
     from bdclean.io.models import load_adapter, load_model, load_tokenizer
-    from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict
+    from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict, new_lora
 
     # never a full checkpoint's own tokenizer files: its chat template could carry the trigger (io/tokenizers.py)
     tok = load_tokenizer(Path(ctx.tokenizer or ctx.base_dir))
     if ctx.kind == "adapter":
         model = attach(load_model(Path(ctx.base_dir)), load_adapter(Path(ctx.adapter)))
     else:
-        from peft import get_peft_model
-
         torch.manual_seed(ctx.opts["seed"])  # the variants' shared initial LoRA state
-        model = get_peft_model(load_model(Path(ctx.base_dir)), lora_config_from_dict(ctx.lora, Path(ctx.base_dir)))
+        model = new_lora(load_model(Path(ctx.base_dir)), lora_config_from_dict(ctx.lora, Path(ctx.base_dir)))
     return model, tok, adapter_state(model)
 
 

@@ -33,7 +33,8 @@ def claim_record(path: Path) -> None:
 
 
 def preflight(adapter: Path, cfg: PurifyConfig):
-    """The suspicious model, validated, and the option combinations it rules out (also `bdclean validate`)."""
+    """The suspicious model, validated, and every option value checked against it (also `bdclean validate`), so
+    what would fail in a later stage fails now rather than after minutes of train-pairs."""
     from bdclean.stages import pairs
 
     sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
@@ -41,24 +42,96 @@ def preflight(adapter: Path, cfg: PurifyConfig):
         from bdclean.io.data import sample_prompts
 
         sample_prompts(cfg.prompts, 1, 0)
-    if sus.kind == "full" and cfg.score.score == "projection":
-        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    check_options(sus, cfg)
     sus.tokenizer = pairs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
+    sus.memory = memory_estimate(sus, cfg)
+    from bdclean.io.headers import check_fits
+
+    check_fits(sus.memory["floor_bytes"], f"purifying {sus.path} (its weights and optimizer states in float32)")
     return sus
+
+
+def has_attention_lora(sus) -> bool:
+    """Whether the variants train attention LoRA: the suspicious adapter's own targets, or FULL_VARIANT_LORA's."""
+    from bdclean.io.models import ATTN_MODULES
+
+    if sus.kind == "full":
+        return True
+    return any(m.rsplit(".", 1)[-1] in ATTN_MODULES for m in sus.info.module_pairs())
+
+
+def check_options(sus, cfg: PurifyConfig) -> None:
+    """The option checks score and tau-auto make on the finished pairs, made on the model instead."""
+    from bdclean.core.score import unit_count
+    from bdclean.io.headers import config_dims
+
+    sc = cfg.score
+    if sus.kind == "full" and sc.score == "projection":
+        raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    if sc.tau == "auto":
+        if sus.kind != "adapter":
+            raise UsageError("--tau auto is implemented for the adapter-only threat model; give a fixed --tau")
+        if cfg.variants.n_variants < 3:
+            raise UsageError("--tau auto needs at least 3 variants (one held out, two to score): raise --n-variants")
+    attn = has_attention_lora(sus)
+    heads = sc.resolved(sus.kind, attn).heads
+    shown = f"{heads:g}" if isinstance(heads, float) else heads
+    if heads:
+        if not attn:
+            raise UsageError(f"--heads {shown}: the adapter has no attention LoRA modules (q/k/v/o_proj) to score; "
+                             "use --heads 0")
+        dims = config_dims(sus.model_cfg, sus.base_dir / C.MODEL_CONFIG)
+        total = dims.layers * dims.n_kv
+        if unit_count(heads, total) > total:
+            raise UsageError(f"--heads {shown}: the model has only {total} attention units ({dims.layers} layers × "
+                             f"{dims.n_kv} kv heads)")
+
+
+def memory_estimate(sus, cfg: PurifyConfig) -> dict:
+    """Memory one training process of purify needs, from the weight headers (nothing is loaded).
+
+    floor: the model in float32 plus every trained tensor's gradient and two AdamW moments (LoRA factors for
+    adapters; every weight in a full checkpoint's restore), which is certain to be allocated; estimate: the floor
+    plus activations kept for the backward pass (a rough 4·hidden + 2·intermediate float32 values per token and
+    layer, for a batch of clean samples and their poisoned copies)."""
+    from bdclean.io.headers import available_memory, config_dims, projection_shapes
+    from bdclean.io.models import model_float32_bytes
+    from bdclean.stages.pairs import FULL_VARIANT_LORA
+
+    dims = config_dims(sus.model_cfg, sus.base_dir / C.MODEL_CONFIG)
+    weights = model_float32_bytes(sus.base_dir)
+    if sus.kind == "adapter":
+        lora = sum(4 * (s[0] * s[1] if len(s) == 2 else 0) for s in sus.info.shapes.values())
+        floor = weights + 4 * lora
+    else:
+        r = FULL_VARIANT_LORA["r"]
+        lora = 4 * r * dims.layers * sum(i + o for i, o in projection_shapes(dims).values())
+        floor = max(weights + 4 * lora, 4 * weights)  # restore trains every weight with AdamW
+    tokens = 2 * max(cfg.pairs.batch_size, cfg.restore.batch_size) * max(cfg.pairs.max_len, cfg.restore.max_len)
+    activations = tokens * dims.layers * (4 * dims.hidden + 2 * dims.inter) * 4
+    avail = available_memory()
+    return {"floor_bytes": floor, "estimate_bytes": floor + activations, "available_bytes": avail,
+            "per": "training process (train-pairs runs --workers of them at once)"}
+
+
+def check_out(out: Path, sus, cfg: PurifyConfig) -> None:
+    """Everything purify will rewrite in ``out`` must be bdclean's, checked before minutes of training rather than
+    at restore (also `bdclean validate --out`)."""
+    from bdclean.stages.common import check_out_inputs, claim_stage_dir
+
+    check_out_inputs(out, PIPELINE, sus.path, sus.base_dir, cfg.clean)
+    for stage in PIPELINE:
+        claim_stage_dir(out / C.STAGE_DIRS[stage], stage)
+    claim_record(out / RECORD)
 
 
 def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dict:
     from bdclean.stages import diff, pairs, restore, score, suppress, variants
-    from bdclean.stages.common import check_out_inputs, claim_stage_dir
 
     out = Path(out)
     full = True if cfg.full else None
     sus = preflight(adapter, cfg)  # validate inputs before any work
-    # everything purify will rewrite must be bdclean's, checked before minutes of training rather than at restore
-    check_out_inputs(out, PIPELINE, Path(adapter), sus.base_dir, cfg.clean)
-    for stage in PIPELINE:
-        claim_stage_dir(out / C.STAGE_DIRS[stage], stage)
-    claim_record(out / RECORD)
+    check_out(out, sus, cfg)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 

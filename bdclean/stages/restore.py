@@ -112,6 +112,22 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     return stats
 
 
+def input_dtypes(tensors: dict, source: Path) -> dict:
+    """``tensors`` (trained in float32) cast back to the dtypes ``source`` stores them in (suppress keeps the
+    suspicious adapter's): a float16 or bfloat16 adapter comes out as it came in, and the log says so."""
+    import torch
+
+    from bdclean.io.headers import DTYPE_NAMES, read_header
+
+    stored = read_header(source)
+    kept = {DTYPE_NAMES[dt] for k, (dt, _) in stored.items() if k in tensors and dt != "F32"}
+    if not kept:
+        return tensors
+    log(f"restore: the adapter stores {', '.join(sorted(kept))} tensors; trained in float32, written back as "
+        f"{', '.join(sorted(kept))}")
+    return {k: t.to(getattr(torch, DTYPE_NAMES[stored[k][0]])) if k in stored else t for k, t in tensors.items()}
+
+
 def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompts: str | None = None) -> Path:
     from bdclean.io.artifacts import write_jsonl
     from bdclean.io.peft_io import write_adapter
@@ -149,7 +165,7 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
         man.extra = finetune_full(sfolder, folder, clean, opts, "restore (full model)", extra_rows)
     else:
         cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore", extra_rows=extra_rows)
-        write_adapter(folder, cfg, tensors)
+        write_adapter(folder, cfg, input_dtypes(tensors, sfolder / C.ADAPTER_WEIGHTS))
         man.extra = stats
     if distill is not None:
         man.extra = {**man.extra, "distill": distill}

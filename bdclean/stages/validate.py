@@ -13,13 +13,15 @@ from pathlib import Path
 from bdclean.config import PurifyConfig
 
 
-def run(model: Path, cfg: PurifyConfig) -> dict:
+def run(model: Path, cfg: PurifyConfig, out: Path | None = None) -> dict:
     from bdclean.core.arch import LAYER_RE
     from bdclean.io.data import load_instructions
-    from bdclean.stages.purify import preflight
+    from bdclean.stages.purify import check_out, preflight
     from bdclean.stages.variants import check_pool
 
     sus = preflight(Path(model), cfg)
+    if out is not None:  # what purify would refuse to overwrite
+        check_out(Path(out), sus, cfg)
     rows = load_instructions(cfg.clean)
     check_pool(cfg.clean, rows, cfg.variants.samples)
     mc = sus.model_cfg
@@ -33,6 +35,7 @@ def run(model: Path, cfg: PurifyConfig) -> dict:
         "mlp_channels_per_layer": mc.get("intermediate_size"),
         "clean_samples": len(rows),  # rows of the clean data (variants draw --samples each, restore its own)
         "config": cfg.model_dump(by_alias=True),  # the resolved options purify would run with
+        "memory": sus.memory,  # bytes per training process, from the weight headers (purify.memory_estimate)
     }
     if cfg.prompts is not None:  # preflight has parsed it; the count is what --prompts would draw from
         from bdclean.io.data import sample_prompts
@@ -48,7 +51,7 @@ def run(model: Path, cfg: PurifyConfig) -> dict:
             "modules": len(pairs),  # LoRA-adapted projections in the file
             "projections": projs,  # which of q/k/v/o/gate/up/down are adapted
             "layers": layers,  # decoder layers with any LoRA
-            "ranks": sorted({int(sus.info.tensors[a].shape[0]) for a, _ in pairs.values()}),
+            "ranks": sorted({int(sus.info.shapes[a][0]) for a, _ in pairs.values()}),
             "attention": any(p in projs for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
         }
     return summary

@@ -1,0 +1,187 @@
+"""Sizes and dtypes of hostile checkpoints, read from safetensors headers and config.json before any tensor data.
+
+A safetensors file starts with a JSON header naming every tensor's dtype and shape; `safe_open` reads and checks it
+(offsets against the file size) without reading the data. Every size a checkpoint or adapter config declares is
+checked against these headers, and against the base model, before a tensor is loaded or a model is built, so a
+declared `r` of 100 000 or `num_hidden_layers` of 10^9 is refused instead of allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bdclean.errors import InputError, UsageError
+
+# dtypes bdclean computes with; anything else (float8, integers, bool) is refused before loading
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+Header = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
+
+
+def quote(text: object) -> str:
+    """A name taken from an input file, safe to print: quoted, with control characters (terminal escapes) escaped."""
+    return repr(str(text))
+
+
+def regular_file(path: Path, folder: Path, what: str) -> Path:
+    """``path`` as a regular file whose real location is inside ``folder``: a symlink out of the folder (to another
+    model's weights, a device, a FIFO) would make what is hashed, checked and read differ from what was vetted."""
+    real, home = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if home not in real.parents:
+        raise InputError(f"{path}: {what} is a symlink to {real}, outside {folder}; copy the real file in "
+                         "(`cp -L`) if you trust it")
+    if not real.is_file():
+        raise InputError(f"{path}: {what} is not a regular file")
+    return path
+
+
+def read_header(path: Path) -> Header:
+    """Every tensor's dtype and shape, from the header only (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(int(x) for x in f.get_slice(k).get_shape()))
+                    for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path}: corrupted or truncated safetensors ({str(e).splitlines()[0][:200]})") from None
+
+
+def check_float_dtypes(header: Header, path: Path) -> None:
+    for k, (dt, _) in header.items():
+        if dt not in FLOAT_DTYPES:
+            raise InputError(f"{path}: tensor {quote(k)} has dtype {dt}; bdclean reads float16, bfloat16, float32 "
+                             "or float64 weights only (convert float8 or quantised weights in a sandbox first)")
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def header_bytes(header: Header, bytes_per_value: int | None = None) -> int:
+    """Bytes of the header's tensors, as stored (``None``) or at ``bytes_per_value`` each (4: in float32)."""
+    return sum(numel(s) * (bytes_per_value or FLOAT_DTYPES.get(dt, 1)) for dt, s in header.values())
+
+
+# ---------------------------------------------------------------- config.json dimensions
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of a decoder from its config.json, each checked to be a positive integer."""
+
+    hidden: int
+    inter: int
+    layers: int
+    n_q: int
+    n_kv: int
+    head_dim: int
+    vocab: int
+
+
+def _positive_int(cfg: dict, key: str, where: Path, default: object = None) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InputError(f"{where}: {key} must be a positive integer, not {v!r}")
+    return v
+
+
+def config_dims(cfg: dict, where: Path) -> Dims:
+    hidden = _positive_int(cfg, "hidden_size", where)
+    n_q = _positive_int(cfg, "num_attention_heads", where)
+    n_kv = _positive_int(cfg, "num_key_value_heads", where, cfg.get("num_attention_heads"))
+    if n_q % n_kv:
+        raise InputError(f"{where}: num_attention_heads {n_q} is not a multiple of num_key_value_heads {n_kv}")
+    head_dim = cfg.get("head_dim")
+    head_dim = hidden // n_q if head_dim is None else _positive_int(cfg, "head_dim", where)
+    return Dims(hidden, _positive_int(cfg, "intermediate_size", where), _positive_int(cfg, "num_hidden_layers", where),
+                n_q, n_kv, head_dim, _positive_int(cfg, "vocab_size", where))
+
+
+def projection_shapes(d: Dims) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder projection."""
+    return {"q_proj": (d.hidden, d.n_q * d.head_dim), "k_proj": (d.hidden, d.n_kv * d.head_dim),
+            "v_proj": (d.hidden, d.n_kv * d.head_dim), "o_proj": (d.n_q * d.head_dim, d.hidden),
+            "gate_proj": (d.hidden, d.inter), "up_proj": (d.hidden, d.inter), "down_proj": (d.inter, d.hidden)}
+
+
+_LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|self_attn)\.([a-z_]+)\.weight$")
+
+
+def check_full_checkpoint(model_dir: Path, cfg: dict, files: list[Path]) -> tuple[Dims, Header]:
+    """A full checkpoint's config.json against its weight headers: every projection of every declared layer is
+    there with the shape the config gives, and no layer lies beyond it. So the model transformers builds from the
+    config is the one stored in the files (a config claiming 10^9 layers would be built, and allocated, first)."""
+    cfg_path = model_dir / "config.json"
+    if cfg.get("quantization_config") is not None:
+        raise InputError(f"{cfg_path}: quantization_config is set (a quantised checkpoint); bdclean trains and "
+                         "suppresses float weights only: dequantise it to float16/32 safetensors in a sandbox first")
+    dims = config_dims(cfg, cfg_path)
+    header: Header = {}
+    for f in files:
+        h = read_header(f)
+        check_float_dtypes(h, f)
+        header.update(h)
+    emb = header.get("model.embed_tokens.weight")
+    if emb is None or emb[1] != (dims.vocab, dims.hidden):
+        raise InputError(f"{model_dir}: model.embed_tokens.weight is {None if emb is None else list(emb[1])}, but "
+                         f"config.json declares vocab_size {dims.vocab} × hidden_size {dims.hidden}")
+    found: dict[int, dict[str, tuple[int, ...]]] = {}
+    for k, (_, shape) in header.items():
+        m = _LAYER_WEIGHT.match(k)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = shape
+    beyond = sorted(i for i in found if i >= dims.layers)
+    if beyond:
+        raise InputError(f"{model_dir}: weights of layer {beyond[0]}, but config.json declares num_hidden_layers "
+                         f"{dims.layers}")
+    for i in range(dims.layers):
+        have = found.get(i)
+        if have is None:
+            raise InputError(f"{model_dir}: config.json declares num_hidden_layers {dims.layers}, but the weights "
+                             f"have no layer {i}")
+        for proj, (fan_in, fan_out) in projection_shapes(dims).items():
+            got = have.get(proj)
+            if got != (fan_out, fan_in):
+                raise InputError(f"{model_dir}: model.layers.{i} {proj} is {None if got is None else list(got)}, but "
+                                 f"config.json declares [{fan_out}, {fan_in}] (hidden_size, intermediate_size, heads)")
+    return dims, header
+
+
+# ---------------------------------------------------------------- memory
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can hand out without swapping (MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(n: int) -> str:
+    """A byte count for people: GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_fits(need: int, what: str) -> None:
+    """Refuse work whose memory floor exceeds what this machine can give now."""
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise UsageError(f"{what} needs at least {gib(need)} of memory, and {gib(avail)} is available; use a "
+                         "machine with more memory")
+
+
+__all__ = ["read_header", "check_float_dtypes", "config_dims", "projection_shapes", "check_full_checkpoint",
+           "regular_file", "available_memory", "check_fits", "header_bytes", "quote", "Dims", "Header"]
