@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BdcleanError
+from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, BdcleanError, Terminated
 
 
 def _fail(msg: str, code: int) -> None:
@@ -97,15 +97,40 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
     pass
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises Terminated in the main thread for the command's duration (the previous handler comes back
+    after). Python's default for SIGTERM is to die at once, leaving worker processes training and temporary
+    files behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guarded(fn):
     """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*a, **k):
         try:
-            return fn(*a, **k)
+            with _sigterm_as_interrupt():
+                return fn(*a, **k)
         except typer.Exit:
             raise
+        except Terminated:
+            _fail("terminated (SIGTERM); finished artifacts are kept and a rerun resumes", EXIT_TERMINATED)
         except KeyboardInterrupt:
             _fail("interrupted; finished artifacts are kept and a rerun resumes", EXIT_INTERRUPTED)
         except BdcleanError as e:

@@ -2,7 +2,13 @@
 
 EXIT_RUNTIME = 1  # the input was well-formed but the work could not be done (bad weights, I/O failure...)
 EXIT_USAGE = 2  # bad options or malformed input files
-EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_INTERRUPTED = 130  # Ctrl-C, or SIGINT sent to the main process
+EXIT_TERMINATED = 143  # SIGTERM (what Slurm, systemd and Kubernetes send): 128 + 15, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every cleanup path for Ctrl-C (workers stopped,
+    temporary files removed, finished artifacts kept) runs for it too."""
 
 
 class BdcleanError(Exception):

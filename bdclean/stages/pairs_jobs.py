@@ -141,10 +141,26 @@ def run_inline(ctx: JobContext, todo: list[tuple[int, str]]) -> dict[str, float]
 _WORKER: dict = {}
 
 
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit this worker once its parent is gone (e.g. after `kill -9` of the main process): a worker re-parented
+    to init would otherwise go on training and burning the cores. Polls the parent pid from a daemon thread."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(every_s)
+
+    threading.Thread(target=watch, name="bdclean-parent-watch", daemon=True).start()
+
+
 def _worker_init(ctx: JobContext, queue) -> None:
     import signal
 
+    _exit_with_parent(os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops a worker with terminate(): die at once
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_library_warnings()
     from bdclean.train.loop import set_threads
