@@ -132,6 +132,12 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     full = True if cfg.full else None
     sus = preflight(adapter, cfg)  # validate inputs before any work
     check_out(out, sus, cfg)
+    if sus.kind == "full":
+        from bdclean.console import log
+
+        log("purify: full-model mode re-initialises channels and broke the model on SmolLM2 (RESULTS.md); if this "
+            "checkpoint fine-tunes a public base, `bdclean extract CHECKPOINT --base BASE --out A` and `bdclean "
+            "purify A --base BASE` kept it (+0.5 % perplexity, backdoor removed)")
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
