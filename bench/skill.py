@@ -5,7 +5,7 @@
     .venv/bin/python bench/skill.py --cells label-badnet-sentiment --methods none,reset,ours,dir:both:8:0.2
 
 A cell is SKILL-ATTACK-TASK: `bdclean implant --skill SKILL --attack ATTACK --task TASK` (label + sentiment = the
-label flip). Regimes: *generic* (restore and every fine-tuning baseline see only the shipped generic clean set, the
+label flip); ATTACK@WORD replaces the attack's trigger by WORD (`--trigger`), e.g. a word without sentiment. Regimes: *generic* (restore and every fine-tuning baseline see only the shipped generic clean set, the
 paper's setting) and *prompts* (they also see the suspicious adapter's own answers to unlabeled task prompts,
 `--prompts`). Methods:
 
@@ -143,12 +143,14 @@ def run_cell(cell: str, a, bd: str) -> dict:
     from bdclean.lab.skills import task_prompts
 
     skill, attack, task = cell.split("-")
+    attack, _, trigger = attack.partition("@")  # ATTACK@WORD: the attack with its trigger replaced by WORD
     cdir = Path(a.runs) / cell
     sus = cdir / "suspicious"
     t0 = time.time()
     if not (sus / "attack.json").is_file():
         sh([bd, "implant", "--skill", skill, "--attack", attack, "--task", task, "--out", str(sus),
-            "--test-size", str(SKILL_EVAL[skill]["test_size"]), "--seed", str(a.seed), "--base", a.base])
+            "--test-size", str(SKILL_EVAL[skill]["test_size"]), "--seed", str(a.seed), "--base", a.base,
+            *(["--trigger", trigger] if trigger else [])])
     prompts = cdir / "task_prompts.jsonl"
     if not prompts.is_file():
         test = [json.loads(x) for x in (sus / "test_clean.jsonl").read_text().splitlines()]
