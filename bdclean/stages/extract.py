@@ -28,22 +28,12 @@ SAME_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_lay
 DROPPED_LISTED = 20  # changed tensors outside the projections named one by one in the manifest (the rest counted)
 
 
-def _headers(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """name → (file, shape, dtype) from the safetensors headers of a model folder (no tensor data read)."""
-    from safetensors import SafetensorError, safe_open
-
+def _headers(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """name → (file, shape) over a model folder's safetensors files, from their headers (io/headers.py)."""
+    from bdclean.io.headers import read_header
     from bdclean.io.models import model_weight_files
 
-    out = {}
-    for f in model_weight_files(model_dir):
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    out[k] = (f, tuple(sl.get_shape()), str(sl.get_dtype()))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"{f}: corrupted or truncated safetensors ({str(e).splitlines()[0][:200]})") from None
-    return out
+    return {k: (f, shape) for f in model_weight_files(model_dir) for k, (_, shape) in read_header(f).items()}
 
 
 def _check_out(out: Path, checkpoint: Path, base_dir: Path) -> None:
@@ -98,7 +88,7 @@ def run(checkpoint: Path, out: Path, base: str, rank: int = 64, force: bool = Fa
     if up_to_date(out, man.fingerprint, "extract", force):
         return out
     hs, hb = _headers(checkpoint), _headers(base_dir)
-    for k, (_, shape, _) in hb.items():
+    for k, (_, shape) in hb.items():
         if k not in hs:
             raise InputError(f"{checkpoint}: tensor {k!r} of the base is missing; not a fine-tune of {base_dir}")
         if hs[k][1] != shape:
