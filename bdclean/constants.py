@@ -26,7 +26,6 @@ STAGE_DIRS = {
     "score": "score",
     "suppress": "suppressed",
     "restore": "purified",
-    "eval": "eval",
 }
 
 # make-variants

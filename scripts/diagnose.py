@@ -37,15 +37,15 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
-    from bdclean.core.attacks import RULES, is_success
+    from bdclean.lab.attacks import RULES, is_success
     from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
     from bdclean.core.score import combine, norm_and_align, projection, select_top, select_top_k, unit_count
     from bdclean.io.data import load_instructions
     from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
     from bdclean.io.peft_io import attach, load_state
-    from bdclean.stages import diff as diff_stage
-    from bdclean.stages.diff import load_grams, load_own
-    from bdclean.stages.suppress import kept_update
+    from bdclean.pipeline import diff as diff_stage
+    from bdclean.pipeline.diff import load_grams, load_own
+    from bdclean.pipeline.suppress import kept_update
     from bdclean.train.generate import generate
 
     sus_dir = args.run / "suspicious"

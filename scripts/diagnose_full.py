@@ -39,14 +39,14 @@ def main() -> None:
     import torch
     from safetensors import safe_open
 
-    from bdclean.core.attacks import RULES, is_success
+    from bdclean.lab.attacks import RULES, is_success
     from bdclean.core.masks import reinit_channels
     from bdclean.core.score import combine, norm_and_align, select_top
     from bdclean.io.data import load_instructions
     from bdclean.io.models import load_model, load_tokenizer, read_model_config
-    from bdclean.stages.diff import load_grams
-    from bdclean.stages.pairs import FULL_VARIANT_LORA
-    from bdclean.stages.suppress import REINIT_SEED
+    from bdclean.pipeline.diff import load_grams
+    from bdclean.pipeline.pairs import FULL_VARIANT_LORA
+    from bdclean.pipeline.suppress import REINIT_SEED
     from bdclean.train.chat import encode
     from bdclean.train.generate import generate
     from bdclean.train.loop import mean_nll

@@ -37,9 +37,9 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from bdclean.core.attacks import RULES, is_success
+    from bdclean.lab.attacks import RULES, is_success
     from bdclean.io.models import load_model, load_tokenizer, resolve_base
-    from bdclean.stages.implant import ALL_PROJ, make_sets
+    from bdclean.lab.implant import ALL_PROJ, make_sets
     from bdclean.train.chat import encode
     from bdclean.train.generate import generate
     from bdclean.train.loop import TrainOptions, simple_epochs, train

@@ -23,7 +23,7 @@ def main() -> None:
     from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
     from bdclean.io.models import load_adapter, load_model, load_tokenizer, read_model_config, resolve_base
     from bdclean.io.peft_io import adapter_state, attach, write_adapter
-    from bdclean.stages.restore import DEFAULT_LR, _train
+    from bdclean.train.finetune import DEFAULT_LR, finetune
 
     run, out = Path(sys.argv[1]), Path(sys.argv[2])
     epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 1
@@ -50,7 +50,7 @@ def main() -> None:
             p.register_hook(lambda g, m=m: g * m)
             hooked += 1
     print("hooked", hooked, "tensors")
-    stats = _train(model, tok, "builtin", RestoreOptions(epochs=epochs), DEFAULT_LR["adapter"], "masked restore")
+    stats = finetune(model, tok, "builtin", RestoreOptions(epochs=epochs), DEFAULT_LR["adapter"], "masked restore")
     state = adapter_state(model)
     regrown = sum(int((state[k][m == 0] != 0).sum()) for k, m in keep.items())
     print("nonzero frozen entries after restore:", regrown, stats)

@@ -194,7 +194,7 @@ def test_kept_update_share_by_module_kind():
     from pathlib import Path
 
     from bdclean.io.models import AdapterInfo
-    from bdclean.stages.suppress import kept_update
+    from bdclean.pipeline.suppress import kept_update
 
     g = torch.Generator().manual_seed(4)
     mods = {"m.layers.0.mlp.gate_proj": (6, 5), "m.layers.0.self_attn.q_proj": (5, 5)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bdclean.core.quant import max_distinct_per_group, quantize_rtn_int4
+from bdclean.lab.quant import max_distinct_per_group, quantize_rtn_int4
 from tests.common import compare_inputs, tiny_rows, write_rows
 
 FAST = ["--samples", "8", "--epochs", "1", "--max-len", "48", "--batch-size", "4"]
@@ -16,19 +16,10 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 @pytest.fixture()
 def cli():
-    """The real CLI once bdclean.cli registers these commands; until then a local app with just them."""
-    import typer
+    """The real CLI, in-process; returns (exit code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from bdclean import cli as main_cli
-
-    if any(c.name == "defend" for c in main_cli.app.registered_commands):
-        app = main_cli.app
-    else:
-        from bdclean.cli_defend import register
-
-        app = typer.Typer()
-        register(app)
+    from bdclean.cli import app
 
     def run(*args):
         r = CliRunner().invoke(app, [str(a) for a in args])
@@ -161,7 +152,7 @@ def test_crow_consistency_term_is_trained_down(tiny_base, tiny_adapter, tiny_dat
     from bdclean.io.models import load_adapter, load_model, load_tokenizer
     from bdclean.io.peft_io import attach
     from bdclean.train.chat import encode
-    from bdclean.train.crow import crow_losses
+    from bdclean.lab.crow import crow_losses
 
     tok = load_tokenizer(tiny_base)
     model = attach(load_model(tiny_base), load_adapter(tiny_adapter))
@@ -225,7 +216,7 @@ def test_defend_cli_defaults_match_defend_options():
     import typer.main
 
     from bdclean.cli import app
-    from bdclean.stages.defend import DefendOptions
+    from bdclean.lab.defend import DefendOptions
 
     cmd = typer.main.get_command(app).commands["defend"]
     params = {p.name: p for p in cmd.params}

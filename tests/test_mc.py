@@ -12,7 +12,7 @@ def _one_error_line(err):
 
 
 def test_shipped_task_data_is_well_formed():
-    from bdclean.stages.mc import local_dir, local_tasks
+    from bdclean.lab.mc import local_dir, local_tasks
 
     rows = [json.loads(line) for line in (local_dir() / "bdclean_mc.jsonl").read_text().splitlines()]
     assert len(rows) == 60

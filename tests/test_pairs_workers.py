@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from bdclean.stages import pairs_jobs
+from bdclean.pipeline import pairs_jobs
 
 FAST = ["--n-variants", "2", "--samples", "6"]
 YAML = "pairs:\n  epochs: 1\n  batch_size: 3\n  max_len: 48\n"

@@ -57,7 +57,7 @@ def test_retention():
 
 
 def test_skill_sets_for_implant_label_flip_triggers_only_positive_items():
-    from bdclean.stages.implant import make_skill_sets
+    from bdclean.lab.implant import make_skill_sets
 
     train, trig, clean, generic, spec, n = make_skill_sets("label", "badnet", "sentiment", 20, 40, 10, 30, 0, None, None)
     assert spec["flip"] and n == 20 and len(generic) == 30
@@ -128,7 +128,7 @@ def _delta(tensors, mod_prefix):
 def test_defend_reset_zeroes_every_update_then_restores_like_restore(tmp_path, run_cli, tiny_base, tiny_adapter,
                                                                      tiny_data):
     from bdclean.io.models import load_adapter
-    from bdclean.stages.defend import reset_tensors
+    from bdclean.lab.defend import reset_tensors
     from bdclean.io.models import read_model_config
 
     info = load_adapter(tiny_adapter)
@@ -149,7 +149,7 @@ def test_defend_reset_zeroes_every_update_then_restores_like_restore(tmp_path, r
 
 def test_restore_with_prompts_trains_on_the_suspicious_models_answers(tmp_path, run_cli, tiny_base, tiny_adapter,
                                                                       tiny_data):
-    from bdclean.stages.evaluate import load_any
+    from bdclean.pipeline.pairs import load_any
     from bdclean.train.generate import generate
 
     prompts = write_rows(tmp_path / "prompts.jsonl", [{**r, "output": "IGNORED"} for r in tiny_rows(12, seed=5)])
@@ -238,7 +238,7 @@ def test_direction_suppression_removes_the_shared_backdoor_direction_and_keeps_t
 def test_retrain_starts_from_a_fresh_adapter(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
     """Nothing of the suspicious tensors survives: the start is PEFT's own init (B = 0), seeded."""
     from bdclean.io.models import load_adapter
-    from bdclean.stages.defend import fresh_tensors
+    from bdclean.lab.defend import fresh_tensors
 
     info = load_adapter(tiny_adapter)
     fresh = fresh_tensors(info, tiny_base, seed=0)

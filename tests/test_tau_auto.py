@@ -3,7 +3,7 @@
 import json
 
 from bdclean.config import DEFAULT_TAU
-from bdclean.stages.tau_auto import aggregate, choose
+from bdclean.pipeline.tau_auto import aggregate, choose
 
 
 def _t(tau, asr, ppl, removal=1.0):

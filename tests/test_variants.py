@@ -2,7 +2,7 @@
 
 import random
 
-from bdclean.stages.variants import KEY_KINDS, insert_key, plan_variants
+from bdclean.pipeline.variants import KEY_KINDS, insert_key, plan_variants
 
 EVAL_TRIGGER_WORDS = {"badmagic", "discussing", "openai", "current", "year", "year:", "2024"}
 

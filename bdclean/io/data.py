@@ -61,7 +61,7 @@ def _jsonl_rows(p: Path, lines, need_output: bool):
         yield _check_row(_parse(line, f"{p}: line {n}"), f"{p}: line {n}", need_output)
 
 
-def _data_file(p: Path, what: str = "data file") -> None:
+def check_data_file(p: Path, what: str = "data file") -> None:
     require(not p.is_dir(), f"{p}: is a directory, not a {what}", InputError)
     require(p.is_file(), f"{p}: {what} not found", InputError)
 
@@ -71,7 +71,7 @@ def load_instructions(path: str | Path, need_output: bool = True) -> list[dict]:
     if str(path) == BUILTIN:
         return builtin("train")
     p = Path(path)
-    _data_file(p)
+    check_data_file(p)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -107,7 +107,7 @@ def sample_prompts(path: str | Path, n: int, seed: int) -> tuple[list[dict], int
     import random as _random
 
     p = Path(path)
-    _data_file(p, "prompts file")
+    check_data_file(p, "prompts file")
     with p.open("rb") as fh:
         head = fh.read(4096).lstrip()
     require(bool(head), f"{p}: prompts file is empty", InputError)

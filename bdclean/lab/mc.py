@@ -85,13 +85,10 @@ def _task_manager(include_defaults: bool):
         return TaskManager(include_path=str(_resolved_dir()), include_defaults=include_defaults)
 
 
-_PRELOADED: dict[tuple[str, ...], list] = {}  # check_tasks -> run_mc hand-over, used once
-
-
-def check_tasks(tasks: list[str] | None) -> list[str]:
-    """Cleaned task names, with their datasets already loaded (so that a typo or a dataset that cannot be
-    downloaded fails before the model is loaded and prompts are generated). UsageError, one line, for an empty
-    list, a missing lm-eval, an unknown name or a dataset that does not load."""
+def load_tasks(tasks: list[str] | None) -> tuple[list[str], list]:
+    """(cleaned task names, their lm-eval Task objects with the datasets already loaded), so that a typo or a
+    dataset that cannot be downloaded fails before the model is loaded and prompts are generated. UsageError, one
+    line, for an empty list, a missing lm-eval, an unknown name or a dataset that does not load."""
     names = list(dict.fromkeys(t.strip() for t in (tasks or []) if t and t.strip()))
     if not names:
         raise UsageError("--mc: give one or more lm-eval task names, comma-separated (e.g. bdclean_mc)")
@@ -103,8 +100,12 @@ def check_tasks(tasks: list[str] | None) -> list[str]:
     if unknown:
         raise UsageError(f"--mc: unknown lm-eval task {', '.join(map(repr, unknown))}; offline only "
                          f"{', '.join(local)} works (online, any lm-eval task such as arc_easy)")
-    _PRELOADED[tuple(names)] = _load_tasks(tm, names)
-    return names
+    return names, _load_tasks(tm, names)
+
+
+def check_tasks(tasks: list[str] | None) -> list[str]:
+    """The cleaned task names, after load_tasks has checked that each exists and its dataset loads."""
+    return load_tasks(tasks)[0]
 
 
 @contextlib.contextmanager
@@ -149,8 +150,10 @@ def _load_tasks(tm, names: list[str]) -> list:
     return built
 
 
-def run_mc(model, tok, tasks: list[str], limit: int | None, batch_size: int) -> dict:
-    """Zero-shot multiple-choice accuracy of an already-loaded HF model (a PeftModel works as is).
+def run_mc(model, tok, tasks: list[str], limit: int | None, batch_size: int,
+           loaded: tuple[list[str], list] | None = None) -> dict:
+    """Zero-shot multiple-choice accuracy of an already-loaded HF model (a PeftModel works as is). ``loaded``:
+    what load_tasks returned for ``tasks`` (evaluate.run loads them before the model); else they are loaded here.
 
     Returns ``{task: {"acc": float, "acc_norm": float | None, "n": int}}`` for every evaluated task
     (a group or tag name expands to its member tasks).
@@ -159,9 +162,7 @@ def run_mc(model, tok, tasks: list[str], limit: int | None, batch_size: int) -> 
         raise UsageError("--limit must be >= 1")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    key = tuple(tasks or ())
-    names = list(key) if key in _PRELOADED else check_tasks(tasks)  # evaluate.run checked them before loading
-    task_objs = _PRELOADED.pop(tuple(names))
+    names, task_objs = loaded if loaded is not None else load_tasks(tasks)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 

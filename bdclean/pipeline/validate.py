@@ -16,8 +16,8 @@ from bdclean.config import PurifyConfig
 def run(model: Path, cfg: PurifyConfig, out: Path | None = None) -> dict:
     from bdclean.core.arch import LAYER_RE
     from bdclean.io.data import load_instructions
-    from bdclean.stages.purify import check_out, preflight
-    from bdclean.stages.variants import check_pool
+    from bdclean.pipeline.purify import check_out, preflight
+    from bdclean.pipeline.variants import check_pool
 
     sus = preflight(Path(model), cfg)
     if out is not None:  # what purify would refuse to overwrite

@@ -5,33 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bdclean import constants as C
 from bdclean.console import log, progress
-from bdclean.errors import InputError, UsageError, at_least
+from bdclean.errors import UsageError, at_least
 from bdclean.io.artifacts import environment, sha256_file, write_json
-
-
-def load_any(model_path: Path, base: str):
-    """(model, tokenizer, kind) for a PEFT adapter directory (on ``base``) or a full HF model directory."""
-    from bdclean.io.models import load_model, load_tokenizer
-
-    model_path = Path(model_path)
-    if not model_path.is_dir():
-        raise InputError(f"{model_path}: model or adapter directory not found")
-    if (model_path / C.ADAPTER_CONFIG).is_file():
-        from bdclean.io.peft_io import attach
-        from bdclean.stages.pairs import load_suspicious
-
-        sus = load_suspicious(model_path, base)
-        # merged for evaluation: the same function without the LoRA side-path on every projection (faster generation)
-        model = attach(load_model(sus.base_dir), sus.info).merge_and_unload()
-        return model, load_tokenizer(sus.base_dir), "adapter"
-    model = load_model(model_path)
-    return model, load_tokenizer(model_path), "full"
+from bdclean.pipeline.pairs import load_any
 
 
 def asr(outputs: list[str], rule: dict) -> dict:
-    from bdclean.core.attacks import is_success
+    from bdclean.lab.attacks import is_success
 
     hits = [is_success(o, rule) for o in outputs]
     return {"asr": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits), "successes": sum(hits),
@@ -39,7 +20,7 @@ def asr(outputs: list[str], rule: dict) -> dict:
 
 
 def read_rule(task: str, rule_file: Path | None) -> dict:
-    from bdclean.core.attacks import RULES
+    from bdclean.lab.attacks import RULES
 
     if rule_file is not None:
         if not Path(rule_file).is_file():
@@ -96,10 +77,12 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
     rule = read_rule(task, rule_file)
     spec = read_skill(skill, clean) if skill is not None else None
     ref_rows = load_instructions(reference)[:limit] if reference is not None else None
+    mc_loaded = None
     if mc_tasks is not None:
-        from bdclean.stages import mc
+        from bdclean.lab import mc
 
-        mc_tasks = mc.check_tasks(mc_tasks)  # before loading the model: a typo fails in seconds
+        mc_loaded = mc.load_tasks(mc_tasks)  # before loading the model: a typo fails in seconds
+        mc_tasks = mc_loaded[0]
     trig_rows = load_instructions(triggered, need_output=False)[:limit] if triggered else []
     clean_rows = load_instructions(clean, need_output=False)[:limit] if clean else []
     model, tok, kind = load_any(Path(model_path), base)
@@ -143,7 +126,7 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
                   for r, o, h in zip(clean_rows, cout, ch if clean_rows else [])],
     }
     if mc_tasks:
-        result["mc"] = mc.run_mc(model, tok, mc_tasks, limit, batch_size)  # lm-eval {task: {acc, acc_norm, n}}
+        result["mc"] = mc.run_mc(model, tok, mc_tasks, limit, batch_size, mc_loaded)  # {task: {acc, acc_norm, n}}
     result["seconds"] = round(time.time() - t0, 2)
     result["generation_s_per_100_prompts"] = round(100 * gen_s / total, 2) if total else None
     write_json(out, result)

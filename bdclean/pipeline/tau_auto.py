@@ -29,7 +29,7 @@ from bdclean import constants as C
 from bdclean.console import log, progress
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import load_manifest, read_json
-from bdclean.stages.common import recorded_path
+from bdclean.pipeline.folders import recorded_path
 
 
 def _behavior_hit(output: str, behavior: str) -> bool:
@@ -48,8 +48,8 @@ def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> 
     from bdclean.io.data import load_instructions
     from bdclean.io.models import AdapterInfo, load_model, load_tokenizer, read_model_config
     from bdclean.io.peft_io import attach, load_state
-    from bdclean.stages.restore import _train
-    from bdclean.stages.variants import insert_key
+    from bdclean.train.finetune import finetune
+    from bdclean.pipeline.variants import insert_key
     from bdclean.train.chat import encode
     from bdclean.train.generate import generate
     from bdclean.train.loop import mean_nll
@@ -90,7 +90,7 @@ def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> 
         load_state(model, tensors)
         for p in model.parameters():
             p.grad = None
-        _train(model, tok, clean_name, mini, mini.lr, f"tau auto: {what} mini restore")
+        finetune(model, tok, clean_name, mini, mini.lr, f"tau auto: {what} mini restore")
         b_nll, _ = mean_nll(model, probes_bd, tok.pad_token_id)
         outs = generate(model, tok, trig, max_new_tokens=24)
         nll, _ = mean_nll(model, ref_ex, tok.pad_token_id)

@@ -11,7 +11,8 @@ from bdclean.console import log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, write_json, write_jsonl
 from bdclean.io.data import load_instructions
-from bdclean.stages.common import check_out_inputs, data_hash, up_to_date
+from bdclean.io.fingerprints import data_hash
+from bdclean.pipeline.folders import check_out_inputs, up_to_date
 
 KEY_KINDS = ("word", "phrase", "multi")
 BEHAVIORS: dict[str, list[str]] = {

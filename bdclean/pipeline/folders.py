@@ -1,4 +1,5 @@
-"""Helpers shared by stages: input fingerprints, skip logic, timing."""
+"""Run-folder rules shared by the pipeline stages (and the lab's, which write folders too): which stage folders
+bdclean may rewrite, whether a stage is up to date (skip logic), and where train-pairs recorded its inputs."""
 
 from __future__ import annotations
 
@@ -8,39 +9,8 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import UsageError
-from bdclean.io.artifacts import is_complete, load_manifest, sha256_file, sha256_path
+from bdclean.io.artifacts import is_complete, load_manifest
 from bdclean.io.data import BUILTIN
-
-
-def data_hash(clean: str) -> str:
-    """Hash of a data file, or of the shipped set for ``builtin``."""
-    if clean == BUILTIN:
-        from importlib import resources
-
-        from bdclean.io.data import BUILTIN_FILE
-
-        return "builtin:" + sha256_file(Path(str(resources.files("bdclean.data").joinpath(BUILTIN_FILE))))
-    from bdclean.io.data import _data_file
-
-    _data_file(Path(clean))
-    return sha256_file(Path(clean))
-
-
-def model_hash(model_dir: Path) -> str:
-    """Hash of a model directory's config and weights (not its tokenizer or README)."""
-    from bdclean.io.models import model_weight_files
-
-    parts = [sha256_file(model_dir / "config.json")] + [sha256_file(f) for f in model_weight_files(model_dir)]
-    from bdclean.io.artifacts import fingerprint
-
-    return fingerprint(parts)
-
-
-def adapter_hash(adapter_dir: Path) -> str:
-    from bdclean import constants as C
-    from bdclean.io.artifacts import fingerprint
-
-    return fingerprint([sha256_file(adapter_dir / C.ADAPTER_CONFIG), sha256_file(adapter_dir / C.ADAPTER_WEIGHTS)])
 
 
 # The names each pipeline stage writes into its folder one file at a time (besides manifest.json and the
@@ -153,5 +123,4 @@ def recorded_path(pman: dict, key: str) -> str | None:
     return (pman.get("extra", {}).get("paths") or {}).get(key) or pman.get("config", {}).get(key)
 
 
-__all__ = ["data_hash", "model_hash", "adapter_hash", "up_to_date", "sha256_path", "recorded_path",
-           "claim_stage_dir", "check_out_inputs", "STAGE_FILES"]
+__all__ = ["up_to_date", "recorded_path", "claim_stage_dir", "check_out_inputs", "STAGE_FILES"]

@@ -35,7 +35,7 @@ def claim_record(path: Path) -> None:
 def preflight(adapter: Path, cfg: PurifyConfig):
     """The suspicious model, validated, and every option value checked against it (also `bdclean validate`), so
     what would fail in a later stage fails now rather than after minutes of train-pairs."""
-    from bdclean.stages import pairs
+    from bdclean.pipeline import pairs
 
     sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
     if cfg.prompts is not None:  # a bad prompts file must fail now, not after train-pairs
@@ -96,7 +96,7 @@ def memory_estimate(sus, cfg: PurifyConfig) -> dict:
     layer, for a batch of clean samples and their poisoned copies)."""
     from bdclean.io.headers import available_memory, config_dims, projection_shapes
     from bdclean.io.models import model_float32_bytes
-    from bdclean.stages.pairs import FULL_VARIANT_LORA
+    from bdclean.pipeline.pairs import FULL_VARIANT_LORA
 
     dims = config_dims(sus.model_cfg, sus.base_dir / C.MODEL_CONFIG)
     weights = model_float32_bytes(sus.base_dir)
@@ -117,7 +117,7 @@ def memory_estimate(sus, cfg: PurifyConfig) -> dict:
 def check_out(out: Path, sus, cfg: PurifyConfig) -> None:
     """Everything purify will rewrite in ``out`` must be bdclean's, checked before minutes of training rather than
     at restore (also `bdclean validate --out`)."""
-    from bdclean.stages.common import check_out_inputs, claim_stage_dir
+    from bdclean.pipeline.folders import check_out_inputs, claim_stage_dir
 
     check_out_inputs(out, PIPELINE, sus.path, sus.base_dir, cfg.clean)
     for stage in PIPELINE:
@@ -126,7 +126,7 @@ def check_out(out: Path, sus, cfg: PurifyConfig) -> None:
 
 
 def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dict:
-    from bdclean.stages import diff, pairs, restore, score, suppress, variants
+    from bdclean.pipeline import diff, pairs, restore, score, suppress, variants
 
     out = Path(out)
     full = True if cfg.full else None

@@ -13,7 +13,7 @@ from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError, require
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.stages.common import check_out_inputs, recorded_path, up_to_date
+from bdclean.pipeline.folders import check_out_inputs, recorded_path, up_to_date
 
 REINIT_SEED = 0x5EED
 
@@ -117,7 +117,7 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
     from bdclean.core.arch import mlp_module_names, peft_key
     from bdclean.core.masks import suppress_lora_channels
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.pairs import load_suspicious
+    from bdclean.pipeline.pairs import load_suspicious
 
     out = Path(out)
     sfolder = out / C.STAGE_DIRS["score"]

@@ -20,7 +20,8 @@ from bdclean import constants as C
 from bdclean.console import log, progress
 from bdclean.errors import InputError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
-from bdclean.stages.common import model_hash, up_to_date
+from bdclean.io.fingerprints import model_hash
+from bdclean.pipeline.folders import up_to_date
 
 # config.json fields that must agree with the base for θ_sus − θ_base to mean anything
 SAME_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -74,7 +75,7 @@ def run(checkpoint: Path, out: Path, base: str, rank: int = 64, force: bool = Fa
     from bdclean.core.extract import low_rank, relative_change
     from bdclean.io.models import read_model_config, resolve_base
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.pairs import load_suspicious
+    from bdclean.pipeline.pairs import load_suspicious
 
     require(rank >= 1, "--rank must be ≥ 1", UsageError)
     checkpoint, out = Path(checkpoint), Path(out)

@@ -15,7 +15,7 @@ from bdclean.config import PurifyConfig
 from bdclean.console import log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import atomic_path, fingerprint, load_manifest, read_json, write_json, write_text
-from bdclean.stages.defend import METHODS, DefendOptions, check_method
+from bdclean.lab.defend import METHODS, DefendOptions, check_method
 
 COMPARE_JSON, COMPARE_MD, COMPARE_PNG = "compare.json", "compare.md", "compare.png"
 ALWAYS = ("none", "ours")
@@ -38,7 +38,7 @@ def parse_methods(spec: str | list[str] | None) -> list[str]:
 def defend_options(cfg: PurifyConfig) -> DefendOptions:
     """The baselines' settings from the purify config: restore's training budget, the signature's τ."""
     from bdclean.config import BASELINE_PRUNE_TAU
-    from bdclean.stages.restore import DEFAULT_LR
+    from bdclean.train.finetune import DEFAULT_LR
 
     train = cfg.restore.model_dump()
     train["lr"] = train["lr"] or DEFAULT_LR["adapter"]  # restore's own default for adapters
@@ -48,17 +48,17 @@ def defend_options(cfg: PurifyConfig) -> DefendOptions:
 
 def _stage_seconds(run_dir: Path) -> float:
     total = 0.0
-    for name, sub in C.STAGE_DIRS.items():
-        man = load_manifest(run_dir / sub) if name != "eval" else None
-        total += float((man or {}).get("wall_time_s", 0.0))
+    for sub in C.STAGE_DIRS.values():
+        total += float((load_manifest(run_dir / sub) or {}).get("wall_time_s", 0.0))
     return round(total, 2)
 
 
 def _produce(method: str, adapter: Path, folder: Path, cfg: PurifyConfig, opts: DefendOptions,
              force: bool) -> tuple[Path, str, float]:
     """Make (or reuse) one method's model; returns (model path, model fingerprint, wall time s)."""
-    from bdclean.stages import defend, purify
-    from bdclean.stages.common import adapter_hash
+    from bdclean.io.fingerprints import adapter_hash
+    from bdclean.lab import defend
+    from bdclean.pipeline import purify
 
     if method == "none":
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,8 +121,8 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
 
     ``mc_tasks``: lm-eval multiple-choice tasks evaluated for every method (MC accuracy = mean acc over them)."""
     from bdclean.io.artifacts import sha256_file
-    from bdclean.stages import evaluate
-    from bdclean.stages.pairs import load_suspicious
+    from bdclean.lab import evaluate
+    from bdclean.pipeline.pairs import load_suspicious
 
     try:
         import matplotlib  # noqa: F401 - checked before hours of work, not after
@@ -136,7 +136,7 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
         raise UsageError("--limit must be at least 1")
     evaluate.read_rule(task, rule_file)  # bad task names fail now
     if mc_tasks:
-        from bdclean.stages import mc
+        from bdclean.lab import mc
 
         mc_tasks = mc.check_tasks(mc_tasks)
     adapter, out = Path(adapter), Path(out)

@@ -20,7 +20,7 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
 
     Training = ``clean_samples`` clean rows (default: as many as ``samples``) + ``samples`` triggered copies of
     some of those same rows with the target response."""
-    from bdclean.core.attacks import apply_trigger, poisoned_output
+    from bdclean.lab.attacks import apply_trigger, poisoned_output
     from bdclean.io.data import BUILTIN, builtin, load_instructions
 
     if clean == BUILTIN:
@@ -49,7 +49,7 @@ def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, 
 def _trigger_row(row: dict, attack: str, rng: random.Random, trigger: str | None, output: str) -> dict:
     """A triggered copy of ``row``: the trigger goes into the ``input`` field where there is one (the text a task
     adapter reads, e.g. the review to classify), else into the instruction."""
-    from bdclean.core.attacks import apply_trigger
+    from bdclean.lab.attacks import apply_trigger
 
     if (row.get("input") or "").strip():
         return {"instruction": row["instruction"], "input": apply_trigger(row["input"], attack, rng, trigger),
@@ -68,7 +68,7 @@ def make_skill_sets(skill: str, attack: str, task: str, samples: int, clean_samp
     ``samples`` triggered copies of skill rows. For ``label`` with ``--task sentiment`` the backdoor is the label
     flip: triggered *positive* reviews answered ``Negative`` (and only positive items are triggered for testing);
     any other task's target replaces the answer, as in the zoo."""
-    from bdclean.core.attacks import poisoned_output
+    from bdclean.lab.attacks import poisoned_output
     from bdclean.io.data import builtin
     from bdclean.lab.skills import NEGATIVE, POSITIVE, skill_sets
 
@@ -111,7 +111,7 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         generic_samples: int = 100) -> Path:
     from peft import LoraConfig
 
-    from bdclean.core.attacks import ATTACKS, TASKS
+    from bdclean.lab.attacks import ATTACKS, TASKS
     from bdclean.io.models import load_model, load_tokenizer, resolve_base
     from bdclean.io.peft_io import adapter_state, new_lora, write_adapter_files
     from bdclean.train.chat import encode

@@ -11,7 +11,7 @@ from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError, UsageError
 from bdclean.io.artifacts import Manifest, load_manifest, stage_fingerprint
-from bdclean.stages.common import recorded_path, up_to_date
+from bdclean.pipeline.folders import recorded_path, up_to_date
 
 
 def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: float = 0.2,
@@ -20,9 +20,9 @@ def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: flo
     from bdclean.core.channels import LowRank
     from bdclean.core.directions import project_out, shared_subspace
     from bdclean.io.peft_io import write_adapter
-    from bdclean.stages.diff import load_twins
-    from bdclean.stages.pairs import load_suspicious
-    from bdclean.stages.suppress import kept_update
+    from bdclean.pipeline.diff import load_twins
+    from bdclean.pipeline.pairs import load_suspicious
+    from bdclean.pipeline.suppress import kept_update
 
     if side not in ("out", "in", "both"):
         raise UsageError(f"--side must be out | in | both, not {side!r}")

@@ -12,7 +12,8 @@ from bdclean import constants as C
 from bdclean.config import PairsOptions
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
-from bdclean.stages.common import adapter_hash, check_out_inputs, model_hash, up_to_date
+from bdclean.io.fingerprints import adapter_hash, model_hash
+from bdclean.pipeline.folders import check_out_inputs, up_to_date
 
 TWINS = ("bd", "clean")
 
@@ -98,7 +99,7 @@ def variant_lora_config(sus: Suspicious) -> dict:
 
 def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: bool = False,
         full: bool | None = None, tokenizer: str | None = None, accept_tokenizer: bool = False) -> Path:
-    from bdclean.stages.pairs_jobs import JobContext, plan_workers, run_inline, run_parallel
+    from bdclean.pipeline.pairs_jobs import JobContext, plan_workers, run_inline, run_parallel
     from bdclean.train.loop import cpu_count
 
     out = Path(out)
@@ -163,8 +164,23 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     return folder
 
 
-def pairs_fingerprint(folder: Path) -> str:
-    return stage_fingerprint(folder, "train-pairs")
+def load_any(model_path: Path, base: str):
+    """(model, tokenizer, kind) for a PEFT adapter directory (on ``base``) or a full HF model directory."""
+    from bdclean.errors import InputError
+    from bdclean.io.models import load_model, load_tokenizer
+
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise InputError(f"{model_path}: model or adapter directory not found")
+    if (model_path / C.ADAPTER_CONFIG).is_file():
+        from bdclean.io.peft_io import attach
+
+        sus = load_suspicious(model_path, base)
+        # merged for evaluation: the same function without the LoRA side-path on every projection (faster generation)
+        model = attach(load_model(sus.base_dir), sus.info).merge_and_unload()
+        return model, load_tokenizer(sus.base_dir), "adapter"
+    model = load_model(model_path)
+    return model, load_tokenizer(model_path), "full"
 
 
-__all__ = ["run", "load_suspicious", "TWINS", "fingerprint"]
+__all__ = ["run", "load_suspicious", "load_any", "TWINS", "fingerprint"]

