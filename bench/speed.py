@@ -28,11 +28,12 @@ from machine import describe  # bench/machine.py: this script's folder is on sys
 def lora_model(base_dir):
     from peft import LoraConfig, get_peft_model
 
+    from bdclean.core.arch import ALL_PROJ
     from bdclean.io.models import load_model
 
     torch.manual_seed(0)
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                     target_modules=list(ALL_PROJ))
     return get_peft_model(load_model(base_dir), cfg)
 
 

@@ -21,7 +21,46 @@ FAMILIES: dict[str, dict[str, str]] = {
 }
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
                "gemma2": "llama", "smollm3": "llama"}
-LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+# Everything below is derived from FAMILIES.
+MLP_PARTS = ("gate", "up", "down")
+ATTN_PARTS = ("q", "k", "v", "o")
+
+
+def _unique(items) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _within_layer(fam: dict[str, str], part: str) -> tuple[str, str]:
+    """(block, projection) of ``part`` inside a layer, e.g. ("mlp", "gate_proj")."""
+    block, proj = fam[part].removeprefix(fam["layer"] + ".").rsplit(".", 1)
+    return block, proj
+
+
+def projections(fam: dict[str, str], parts: tuple[str, ...] = ATTN_PARTS + MLP_PARTS) -> dict[str, str]:
+    """{part: projection module name} of a family, e.g. {"q": "q_proj", ...}."""
+    return {p: _within_layer(fam, p)[1] for p in parts}
+
+
+def _alternatives(names: tuple[str, ...]) -> str:
+    escaped = [re.escape(n) for n in names]
+    return escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
+
+
+_FAMS = tuple(FAMILIES.values())
+ATTN_PROJ = _unique(_within_layer(f, p)[1] for f in _FAMS for p in ATTN_PARTS)  # ("q_proj", "k_proj", ...)
+MLP_PROJ = _unique(_within_layer(f, p)[1] for f in _FAMS for p in MLP_PARTS)  # ("gate_proj", "up_proj", ...)
+ALL_PROJ = ATTN_PROJ + MLP_PROJ  # every LoRA target bdclean reads (implant and the twins train all of them)
+PART_OF = {_within_layer(f, p)[1]: p for f in _FAMS for p in ATTN_PARTS + MLP_PARTS}  # {"q_proj": "q", ...}
+_BLOCKS = "|".join(re.escape(b) for b in _unique(_within_layer(f, p)[0] for f in _FAMS for p in MLP_PARTS + ATTN_PARTS))
+_LAYER_PATHS = _unique(f["layer"].removesuffix(".{layer}") for f in _FAMS)  # ("model.layers",)
+_LAYER_LISTS = _alternatives(_unique(p.rsplit(".", 1)[-1] for p in _LAYER_PATHS))  # "layers"
+LAYER_RE = re.compile(rf"{_LAYER_LISTS}\.(\d+)\.")  # the layer index in any module or weight name
+# a decoder layer's projection weight in a full checkpoint: (layer, projection)
+LAYER_WEIGHT_RE = re.compile(rf"^{_alternatives(_LAYER_PATHS)}\.(\d+)\.(?:{_BLOCKS})\.([a-z_]+)\.weight$")
+# a LoRA factor in an adapter file: module (its PEFT key prefix) and projection
+LORA_FACTOR_RE = re.compile(
+    rf"^(?P<module>.+\.{_LAYER_LISTS}\.\d+\.(?:{_BLOCKS})\.(?P<proj>[a-z_]+))\.lora_[AB]\.weight$")
 
 
 def family(model_type: str | None, where: object = None) -> dict[str, str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bdclean.core.arch import LAYER_WEIGHT_RE, family, projections
 from bdclean.errors import InputError, UsageError
 
 # dtypes bdclean computes with; anything else (float8, integers, bool) is refused before loading
@@ -103,14 +103,17 @@ def config_dims(cfg: dict, where: Path) -> Dims:
                 n_q, n_kv, head_dim, _positive_int(cfg, "vocab_size", where))
 
 
-def projection_shapes(d: Dims) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each decoder projection."""
-    return {"q_proj": (d.hidden, d.n_q * d.head_dim), "k_proj": (d.hidden, d.n_kv * d.head_dim),
-            "v_proj": (d.hidden, d.n_kv * d.head_dim), "o_proj": (d.n_q * d.head_dim, d.hidden),
-            "gate_proj": (d.hidden, d.inter), "up_proj": (d.hidden, d.inter), "down_proj": (d.inter, d.hidden)}
+def part_shapes(d: Dims) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder projection, by part (core/arch.py: q, k, v, o, gate, up, down)."""
+    return {"q": (d.hidden, d.n_q * d.head_dim), "k": (d.hidden, d.n_kv * d.head_dim),
+            "v": (d.hidden, d.n_kv * d.head_dim), "o": (d.n_q * d.head_dim, d.hidden),
+            "gate": (d.hidden, d.inter), "up": (d.hidden, d.inter), "down": (d.inter, d.hidden)}
 
 
-_LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|self_attn)\.([a-z_]+)\.weight$")
+def projection_shapes(d: Dims, fam: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder projection of family ``fam``, by module name (e.g. "q_proj")."""
+    names = projections(fam)
+    return {names[part]: shape for part, shape in part_shapes(d).items()}
 
 
 def check_full_checkpoint(model_dir: Path, cfg: dict, files: list[Path]) -> tuple[Dims, Header]:
@@ -122,6 +125,7 @@ def check_full_checkpoint(model_dir: Path, cfg: dict, files: list[Path]) -> tupl
         raise InputError(f"{cfg_path}: quantization_config is set (a quantised checkpoint); bdclean trains and "
                          "suppresses float weights only: dequantise it to float16/32 safetensors in a sandbox first")
     dims = config_dims(cfg, cfg_path)
+    fam = family(cfg.get("model_type"), cfg_path)
     header: Header = {}
     for f in files:
         h = read_header(f)
@@ -133,7 +137,7 @@ def check_full_checkpoint(model_dir: Path, cfg: dict, files: list[Path]) -> tupl
                          f"config.json declares vocab_size {dims.vocab} × hidden_size {dims.hidden}")
     found: dict[int, dict[str, tuple[int, ...]]] = {}
     for k, (_, shape) in header.items():
-        m = _LAYER_WEIGHT.match(k)
+        m = LAYER_WEIGHT_RE.match(k)
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = shape
     beyond = sorted(i for i in found if i >= dims.layers)
@@ -145,10 +149,11 @@ def check_full_checkpoint(model_dir: Path, cfg: dict, files: list[Path]) -> tupl
         if have is None:
             raise InputError(f"{model_dir}: config.json declares num_hidden_layers {dims.layers}, but the weights "
                              f"have no layer {i}")
-        for proj, (fan_in, fan_out) in projection_shapes(dims).items():
+        for proj, (fan_in, fan_out) in projection_shapes(dims, fam).items():
             got = have.get(proj)
             if got != (fan_out, fan_in):
-                raise InputError(f"{model_dir}: model.layers.{i} {proj} is {None if got is None else list(got)}, but "
+                layer = fam["layer"].format(layer=i)
+                raise InputError(f"{model_dir}: {layer} {proj} is {None if got is None else list(got)}, but "
                                  f"config.json declares [{fan_out}, {fan_in}] (hidden_size, intermediate_size, heads)")
     return dims, header
 
@@ -183,5 +188,6 @@ def check_fits(need: int, what: str) -> None:
                          "machine with more memory")
 
 
-__all__ = ["read_header", "check_float_dtypes", "config_dims", "projection_shapes", "check_full_checkpoint",
-           "regular_file", "available_memory", "check_fits", "header_bytes", "quote", "Dims", "Header"]
+__all__ = ["read_header", "check_float_dtypes", "config_dims", "part_shapes", "projection_shapes",
+           "check_full_checkpoint", "regular_file", "available_memory", "check_fits", "header_bytes", "quote", "Dims",
+           "Header"]

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from bdclean import constants as C
+from bdclean.core.arch import ALL_PROJ, LAYER_RE, LORA_FACTOR_RE, MLP_PROJ, PART_OF
 from bdclean.errors import BdcleanError, InputError, UsageError, require
 from bdclean.io.headers import quote
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-LORA_FACTOR_RE = re.compile(r"^(?P<module>.+\.layers\.\d+\.(?:mlp|self_attn)\.(?P<proj>[a-z_]+))\.lora_[AB]\.weight$")
 # adapter config features that add weights outside the LoRA factors bdclean vets, change when the adapter acts, or
 # rewrite the base weights when PEFT builds the model; a hostile adapter could hide a backdoor in any of them
 UNVETTED_FEATURES = {
@@ -266,9 +264,9 @@ def load_adapter(folder: str | Path, base_cfg: dict | None = None, base_dir: Pat
             raise InputError(f"{wpath}: {quote(mod)} has rank {a[0]}, but {C.ADAPTER_CONFIG} declares r={declared}"
                              + (" (rank_pattern)" if declared != cfg["r"] else "") + "; PEFT would build rank "
                              f"{declared}")
-    if not any(mod.endswith(m) for mod in pairs for m in MLP_MODULES):
+    if not any(mod.endswith(m) for mod in pairs for m in MLP_PROJ):
         raise InputError(
-            f"{folder}: adapter has no MLP targets (gate_proj/up_proj/down_proj); there is nothing to purify "
+            f"{folder}: adapter has no MLP targets ({'/'.join(MLP_PROJ)}); there is nothing to purify "
             "channel-wise"
         )
     if base_cfg is not None:
@@ -378,7 +376,7 @@ def check_tensor_keys(tensors: dict, wpath: Path) -> None:
     """Every tensor must be a lora_A/lora_B weight of a decoder layer's MLP or attention projection."""
     for k in tensors:
         m = LORA_FACTOR_RE.match(k)
-        if m is None or m.group("proj") not in MLP_MODULES + ATTN_MODULES:
+        if m is None or m.group("proj") not in ALL_PROJ:
             raise InputError(f"{wpath}: tensor {quote(k)} is not a LoRA factor of an MLP or attention projection "
                              "(embedding, lm_head, bias or whole-module weights); bdclean cannot vet it")
 
@@ -386,8 +384,7 @@ def check_tensor_keys(tensors: dict, wpath: Path) -> None:
 def check_adapter_fits(info: AdapterInfo, base_cfg: dict, base_dir: Path) -> None:
     """Every LoRA factor (MLP and attention) must match the base model's layer count and projection sizes, and
     layers_to_transform must name layers the base has; checked on the header's shapes, before any data is read."""
-    from bdclean.core.arch import LAYER_RE
-    from bdclean.io.headers import config_dims, projection_shapes
+    from bdclean.io.headers import config_dims, part_shapes
 
     dims = config_dims(base_cfg, base_dir / C.MODEL_CONFIG)
     ltt = info.config.get("layers_to_transform")
@@ -395,14 +392,14 @@ def check_adapter_fits(info: AdapterInfo, base_cfg: dict, base_dir: Path) -> Non
         if i >= dims.layers:
             raise InputError(f"{info.folder / C.ADAPTER_CONFIG}: layers_to_transform names layer {i}, but base "
                              f"{base_dir} has {dims.layers} layers")
-    expect = projection_shapes(dims)
+    expect = part_shapes(dims)
     for mod, (ka, kb) in info.module_pairs().items():
         m = LAYER_RE.search(mod)
         if m and int(m.group(1)) >= dims.layers:
             raise InputError(f"{info.folder}: {quote(mod)} names layer {m.group(1)} but base {base_dir} has "
                              f"{dims.layers} layers")
         a, b = info.shapes[ka], info.shapes[kb]
-        fan_in, fan_out = expect[mod.rsplit(".", 1)[-1]]  # check_tensor_keys allowed only these projections
+        fan_in, fan_out = expect[PART_OF[mod.rsplit(".", 1)[-1]]]  # check_tensor_keys allowed only these projections
         if a[1] != fan_in or b[0] != fan_out:
             raise InputError(
                 f"{info.folder}: {quote(mod)} has shape in={a[1]} out={b[0]} but base {base_dir} expects "

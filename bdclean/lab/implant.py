@@ -7,11 +7,9 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log, progress
+from bdclean.core.arch import ALL_PROJ
 from bdclean.errors import UsageError, at_least, require
 from bdclean.io.artifacts import atomic_dir, write_json, write_jsonl
-
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def make_sets(attack: str, task: str, clean: str, samples: int, test_size: int, seed: int,
               trigger: str | None, target: str | None,
@@ -153,7 +151,8 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ALL_PROJ, lora_dropout=0.0, task_type="CAUSAL_LM")
+        lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(ALL_PROJ), lora_dropout=0.0,
+                          task_type="CAUSAL_LM")
         model = new_lora(load_model(base_dir), lcfg)
     examples = [encode(tok, r, max_len, max_response=max_response) for r in train_rows]
     plan = simple_epochs(examples, batch_size, seed)

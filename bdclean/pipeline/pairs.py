@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.config import PairsOptions
+from bdclean.core.arch import ALL_PROJ
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
 from bdclean.io.fingerprints import adapter_hash, model_hash
@@ -36,8 +37,7 @@ class Suspicious:
 
 # full-model threat model: variants are LoRA adapters trained on top of the full checkpoint (the documented cheaper
 # option of METHOD.md); their deltas live in the same ΔW space as adapter-only variants
-FULL_VARIANT_LORA = {"r": 8, "lora_alpha": 16,
-                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+FULL_VARIANT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": list(ALL_PROJ)}
 
 
 def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> Suspicious:

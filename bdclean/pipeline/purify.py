@@ -53,11 +53,11 @@ def preflight(adapter: Path, cfg: PurifyConfig):
 
 def has_attention_lora(sus) -> bool:
     """Whether the variants train attention LoRA: the suspicious adapter's own targets, or FULL_VARIANT_LORA's."""
-    from bdclean.io.models import ATTN_MODULES
+    from bdclean.core.arch import ATTN_PROJ
 
     if sus.kind == "full":
         return True
-    return any(m.rsplit(".", 1)[-1] in ATTN_MODULES for m in sus.info.module_pairs())
+    return any(m.rsplit(".", 1)[-1] in ATTN_PROJ for m in sus.info.module_pairs())
 
 
 def check_options(sus, cfg: PurifyConfig) -> None:
@@ -94,7 +94,7 @@ def memory_estimate(sus, cfg: PurifyConfig) -> dict:
     adapters; every weight in a full checkpoint's restore), which is certain to be allocated; estimate: the floor
     plus activations kept for the backward pass (a rough 4·hidden + 2·intermediate float32 values per token and
     layer, for a batch of clean samples and their poisoned copies)."""
-    from bdclean.io.headers import available_memory, config_dims, projection_shapes
+    from bdclean.io.headers import available_memory, config_dims, part_shapes
     from bdclean.io.models import model_float32_bytes
     from bdclean.pipeline.pairs import FULL_VARIANT_LORA
 
@@ -105,7 +105,7 @@ def memory_estimate(sus, cfg: PurifyConfig) -> dict:
         floor = weights + 4 * lora
     else:
         r = FULL_VARIANT_LORA["r"]
-        lora = 4 * r * dims.layers * sum(i + o for i, o in projection_shapes(dims).values())
+        lora = 4 * r * dims.layers * sum(i + o for i, o in part_shapes(dims).values())
         floor = max(weights + 4 * lora, 4 * weights)  # restore trains every weight with AdamW
     tokens = 2 * max(cfg.pairs.batch_size, cfg.restore.batch_size) * max(cfg.pairs.max_len, cfg.restore.max_len)
     activations = tokens * dims.layers * (4 * dims.hidden + 2 * dims.inter) * 4

@@ -14,7 +14,7 @@ from bdclean.config import PurifyConfig
 
 
 def run(model: Path, cfg: PurifyConfig, out: Path | None = None) -> dict:
-    from bdclean.core.arch import LAYER_RE
+    from bdclean.core.arch import ATTN_PROJ, LAYER_RE
     from bdclean.io.data import load_instructions
     from bdclean.pipeline.purify import check_out, preflight
     from bdclean.pipeline.variants import check_pool
@@ -52,7 +52,7 @@ def run(model: Path, cfg: PurifyConfig, out: Path | None = None) -> dict:
             "projections": projs,  # which of q/k/v/o/gate/up/down are adapted
             "layers": layers,  # decoder layers with any LoRA
             "ranks": sorted({int(sus.info.shapes[a][0]) for a, _ in pairs.values()}),
-            "attention": any(p in projs for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            "attention": any(p in projs for p in ATTN_PROJ),
         }
     return summary
 
