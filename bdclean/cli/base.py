@@ -170,8 +170,10 @@ CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI 
 FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
 WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
                       "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
-BASE = typer.Option(None, "--base", parser=nonempty_name, help="base model: an HF model directory or the alias 'smollm2' (default)")
-TOKENIZER = typer.Option(None, "--tokenizer", parser=nonempty_name, help="full checkpoints: a tokenizer directory you trust "
+BASE = typer.Option(None, "--base", parser=nonempty_name,
+                    help="base model: an HF model directory or the alias 'smollm2' (default)")
+TOKENIZER = typer.Option(None, "--tokenizer", parser=nonempty_name,
+                         help="full checkpoints: a tokenizer directory you trust "
                          "(default for SmolLM2 checkpoints: the smollm2 base); its tokenizer files, chat template and "
                          "generation config are used and written, never the checkpoint's own")
 ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoints: go on although the checkpoint's "

@@ -250,7 +250,8 @@ def purify_cmd(
 @guarded
 def extract_cmd(
     checkpoint: Path = typer.Argument(..., help="full HF checkpoint that fine-tunes --base (safetensors)"),
-    out: Path = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>", help="adapter folder to write"),
+    out: Path = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>",
+                             help="adapter folder to write"),
     base: str = typer.Option(..., "--base", parser=nonempty_name, help="the public base the checkpoint was fine-tuned "
                              "from: an HF model directory or 'smollm2'"),
     rank: int = typer.Option(64, "--rank", min=1, help="LoRA rank of each projection's update (truncated SVD)"),
@@ -291,7 +292,8 @@ def validate_cmd(
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=nonempty_path, metavar="<path>", help="accepted so that "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=nonempty_path, metavar="<path>",
+                                       help="accepted so that "
                                        "a purify command line can be checked as typed: the run folder is checked "
                                        "as purify would (it is not written)"),
     force: bool = typer.Option(False, "--force", help="accepted as purify takes it (nothing is computed)"),
