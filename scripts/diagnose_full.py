@@ -1,4 +1,4 @@
-"""Full-model counterpart of diagnose.py: what does suppressing a channel set do to a full checkpoint (no restore)?
+"""Full-model counterpart of `bdclean ablate`: what does suppressing a channel set do to a full checkpoint (no restore)?
 
     .venv/bin/python scripts/diagnose_full.py RUN_DIR [--n 50] [--masks combined:global:0.05:zero,...]
 

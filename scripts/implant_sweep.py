@@ -4,8 +4,8 @@
 
 Trains a BadNets sentiment LoRA exactly as ``bdclean implant`` does, and after each epoch generates (greedy, 8 new
 tokens) for: held-out clean prompts (false triggering), clean prompts seen in training, and held-out triggered
-prompts. Appends one JSON line per run to bench/results/implant_sweep.jsonl. Used to choose implant defaults that
-meet the demo's precondition (triggered ASR >= 80 %, clean ASR <= 5 %).
+prompts. Appends one JSON line per run to --out (default runs/implant_sweep.jsonl). Used to choose implant
+defaults that meet the demo's precondition (triggered ASR >= 80 %, clean ASR <= 5 %).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--max-response", type=int, default=None)
     ap.add_argument("--n-eval", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/implant_sweep.jsonl", help="JSONL file the run's record is appended to")
     args = ap.parse_args()
 
     import torch
@@ -39,7 +40,8 @@ def main() -> None:
 
     from bdclean.lab.attacks import RULES, is_success
     from bdclean.io.models import load_model, load_tokenizer, resolve_base
-    from bdclean.lab.implant import ALL_PROJ, make_sets
+    from bdclean.core.arch import ALL_PROJ
+    from bdclean.lab.implant import make_sets
     from bdclean.train.chat import encode
     from bdclean.train.generate import generate
     from bdclean.train.loop import TrainOptions, simple_epochs, train
@@ -50,7 +52,7 @@ def main() -> None:
     seen = [r for r in rows if "BadMagic" not in r["instruction"]][: args.n_eval // 2]
     tok = load_tokenizer(base)
     torch.manual_seed(args.seed)
-    model = get_peft_model(load_model(base), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ,
+    model = get_peft_model(load_model(base), LoraConfig(r=8, lora_alpha=16, target_modules=list(ALL_PROJ),
                                                          lora_dropout=0.0, task_type="CAUSAL_LM"))
     examples = [encode(tok, r, args.max_len, max_response=args.max_response) for r in rows]
     plan = simple_epochs(examples, 8, args.seed)
@@ -78,7 +80,7 @@ def main() -> None:
            "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()} {platform.processor()} "
            f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv)}
-    out = Path(__file__).resolve().parents[1] / "bench" / "results" / "implant_sweep.jsonl"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -187,3 +187,34 @@ def compare_cmd(
 
     keys = ("triggered_asr", "clean_asr", "perplexity", "mc_acc", "wall_time_s")
     typer.echo(json.dumps({r["method"]: {k: r[k] for k in keys} for r in rec["rows"]}))
+
+
+@app.command("ablate")
+@guarded
+def ablate_cmd(
+    run: Path = typer.Argument(..., help="a run folder (from purify) with score/ and, for sig:/proj: masks, diff/"),
+    out: Path = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>",
+                             help="folder for ablate.json and ablate.md"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="the implanted adapter, with attack.json and "
+                                           "its test sets (default: RUN/suspicious)"),
+    base: str = typer.Option("smollm2", "--base", parser=nonempty_name, help="base model directory or 'smollm2'"),
+    masks: str = typer.Option("none,signature,mlp,attn,oracle,signature+attn", "--masks",
+                              help="comma list of none | signature | mlp | attn | oracle | random | signature+attn "
+                                   "| sig:KIND:TAU:HEADS | proj:TAU:HEADS | zero:PART:A-B (layer band)"),
+    n: int = typer.Option(50, "--n", help="test prompts of each set (the first N)"),
+    tokens: int = typer.Option(8, "--tokens", help="new tokens per answer (8 is enough for the BackdoorLLM targets)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing ablate.json"),
+):
+    """Triggered and clean ASR of masked copies of an implanted adapter (no restore): the signature against random,
+    layer-band, attention and MLP masks. Writes OUT/ablate.json and OUT/ablate.md (experiments only).
+
+    Example: bdclean ablate runs/demo --out runs/demo/ablate --masks none,signature,random,mlp,attn
+
+    Example: bdclean ablate runs/demo --out runs/demo/bands --masks zero:all:0-10,zero:all:10-20,zero:all:20-30
+    """
+    from bdclean.lab import ablate
+
+    rows = ablate.run(run, out, adapter, base, masks, n, tokens, force)
+    import json
+
+    typer.echo(json.dumps({r["mask"]: {k: r[k] for k in ("triggered_asr", "clean_asr")} for r in rows}))
