@@ -15,17 +15,9 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture()
-def cli():
-    """The real CLI, in-process; returns (exit code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
-    from bdclean.cli import app
-
-    def run(*args):
-        r = CliRunner().invoke(app, [str(a) for a in args])
-        return r.exit_code, r.stdout, r.stderr
-
-    return run
+def cli(run_cli):
+    """The real CLI, in-process (conftest's run_cli); returns (exit code, stdout, stderr)."""
+    return run_cli
 
 
 def _key(layer, mod, ab):

@@ -205,8 +205,9 @@ def ablate_cmd(
     tokens: int = typer.Option(8, "--tokens", help="new tokens per answer (8 is enough for the BackdoorLLM targets)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing ablate.json"),
 ):
-    """Triggered and clean ASR of masked copies of an implanted adapter (no restore): the signature against random,
-    layer-band, attention and MLP masks. Writes OUT/ablate.json and OUT/ablate.md (experiments only).
+    """Triggered and clean ASR of an implanted adapter with masks zeroed in memory; writes OUT/ablate.json and .md.
+
+    The signature against random, layer-band, attention and MLP masks, without restore (experiments only).
 
     Example: bdclean ablate runs/demo --out runs/demo/ablate --masks none,signature,random,mlp,attn
 
