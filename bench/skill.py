@@ -5,11 +5,15 @@
     .venv/bin/python bench/skill.py --cells label-badnet-sentiment --methods none,reset,ours,dir:both:8:0.2
 
 A cell is SKILL-ATTACK-TASK: `bdclean implant --skill SKILL --attack ATTACK --task TASK` (label + sentiment = the
-label flip); ATTACK@WORD replaces the attack's trigger by WORD (`--trigger`), e.g. a word without sentiment. Regimes: *generic* (restore and every fine-tuning baseline see only the shipped generic clean set, the
-paper's setting) and *prompts* (they also see the suspicious adapter's own answers to unlabeled task prompts,
-`--prompts`). Methods:
+label flip); ATTACK@WORD replaces the attack's trigger by WORD (`--trigger`), e.g. a word without sentiment; a
+``full-`` prefix (`full-label-badnet-sentiment`) implants a *full checkpoint* (`implant --full`) and defends it by
+the known-base route: `bdclean extract` (rank 64) to an adapter on the base, then every method on that adapter.
+Regimes: *generic* (restore and every fine-tuning baseline see only the shipped generic clean set, the paper's
+setting) and *prompts* (they also see the suspicious adapter's own answers to unlabeled task prompts, `--prompts`).
+Methods:
 
-- ``none`` (the suspicious adapter), ``reset`` (every LoRA update zeroed, then the same restore: the yardstick),
+- ``none`` (the suspicious adapter or full checkpoint), ``extracted`` (full cells: the extracted adapter),
+  ``reset`` (every LoRA update zeroed, then the same restore: the yardstick),
   ``finetune``, ``fine-prune``, ``crow`` (`bdclean defend`), ``ours`` (`bdclean purify`, defaults);
 - ``sig:SCORE:TAU:HEADS``: another signature on ours' twins (score → suppress → restore);
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
@@ -66,8 +70,14 @@ def _manifest(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, bd: str, base: str) -> tuple[Path, dict]:
-    """(model folder, facts about how it was made: wall time, kept update share) for one method and regime."""
+def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, bd: str, base: str,
+               src: Path | None = None) -> tuple[Path, dict]:
+    """(model folder, facts about how it was made: wall time, kept update share) for one method and regime.
+
+    ``src`` is the adapter the defenses start from: the suspicious adapter, or in a full cell the adapter extracted
+    from the full checkpoint ``sus`` (its extract time is added to every defense's wall time)."""
+    src = src or sus
+    extra_s = (_manifest(src).get("wall_time_s") or 0) if src != sus else 0
     pr = ["--prompts", str(prompts)] if regime == "prompts" else []
     tag = "" if regime == "generic" else "-p"
     method, _, aug = method.partition("+aug")  # METHOD+augX: its fine-tune with --augment X
@@ -76,16 +86,18 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
         tag = f"-aug{aug}{tag}"
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
+    if method == "extracted":
+        return src, {"wall_time_s": extra_s, "kept_update_share": 1.0}
     if method in DEFEND:
         out = cdir / f"{method}{tag}"
         if not (out / "manifest.json").is_file():
-            sh([bd, "defend", method, str(sus), "--out", str(out), "--base", base, *pr])
+            sh([bd, "defend", method, str(src), "--out", str(out), "--base", base, *pr])
         man = _manifest(out)
         kept = man["extra"].get("kept_update_share_before_restore", {}).get("all")
-        return out, {"wall_time_s": man.get("wall_time_s"), "kept_update_share": kept}
+        return out, {"wall_time_s": round((man.get("wall_time_s") or 0) + extra_s, 1), "kept_update_share": kept}
     ours = cdir / "ours"
     if not (ours / "purified" / "manifest.json").is_file():
-        sh([bd, "purify", str(sus), "--out", str(ours), "--base", base])
+        sh([bd, "purify", str(src), "--out", str(ours), "--base", base])
     twins_s = sum(_manifest(ours / s).get("wall_time_s") or 0 for s in ("variants", "pairs", "diff"))
     if method == "ours":
         run = ours if not tag else cdir / f"ours{tag}"
@@ -97,20 +109,20 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
         _link_twins(ours, run, ("variants", "pairs", "diff"))
         if not (run / "suppressed" / "manifest.json").is_file():
             sh([bd, "score", "--out", str(run), "--score", score, "--tau", tau, "--heads", heads])
-            sh([bd, "suppress", str(sus), "--out", str(run), "--base", base])
+            sh([bd, "suppress", str(src), "--out", str(run), "--base", base])
     elif method.startswith("dir:"):
         _, side, k, share = method.split(":")
         run = cdir / (method.replace(":", "-") + tag)
         _link_twins(ours, run, ("variants", "pairs", "diff"))
         if not (run / "suppressed" / "manifest.json").is_file():
-            sh([bd, "suppress", str(sus), "--out", str(run), "--base", base, "--method", "directions",
+            sh([bd, "suppress", str(src), "--out", str(run), "--base", base, "--method", "directions",
                 "--side", side, "--k", k, "--min-share", share])
     else:
         raise SystemExit(f"unknown method {method!r}")
     if not (run / "purified" / "manifest.json").is_file():
         sh([bd, "restore", "--out", str(run), *pr])
     stages = [s for s in ("score", "suppressed", "purified") if (run / s).is_dir() and not (run / s).is_symlink()]
-    wall = twins_s + sum(_manifest(run / s).get("wall_time_s") or 0 for s in stages)
+    wall = extra_s + twins_s + sum(_manifest(run / s).get("wall_time_s") or 0 for s in stages)
     if method == "ours" and tag:
         wall += sum(_manifest(ours / s).get("wall_time_s") or 0 for s in ("score", "suppressed"))
     kept = _manifest(run / "suppressed").get("extra", {}).get("kept_update_share", {}).get("all")
@@ -142,7 +154,8 @@ def add_retention(rows: list[dict]) -> None:
 def run_cell(cell: str, a, bd: str) -> dict:
     from bdclean.lab.skills import task_prompts
 
-    skill, attack, task = cell.split("-")
+    full = cell.startswith("full-")  # a full checkpoint, defended through extract (the known-base route)
+    skill, attack, task = cell.removeprefix("full-").split("-")
     attack, _, trigger = attack.partition("@")  # ATTACK@WORD: the attack with its trigger replaced by WORD
     cdir = Path(a.runs) / cell
     sus = cdir / "suspicious"
@@ -150,7 +163,10 @@ def run_cell(cell: str, a, bd: str) -> dict:
     if not (sus / "attack.json").is_file():
         sh([bd, "implant", "--skill", skill, "--attack", attack, "--task", task, "--out", str(sus),
             "--test-size", str(SKILL_EVAL[skill]["test_size"]), "--seed", str(a.seed), "--base", a.base,
-            *(["--trigger", trigger] if trigger else [])])
+            *(["--trigger", trigger] if trigger else []), *(["--full"] if full else [])])
+    src = cdir / "extracted" if full else sus
+    if full and not (src / "manifest.json").is_file():
+        sh([bd, "extract", str(sus), "--base", a.base, "--out", str(src), "--rank", str(a.extract_rank)])
     prompts = cdir / "task_prompts.jsonl"
     if not prompts.is_file():
         test = [json.loads(x) for x in (sus / "test_clean.jsonl").read_text().splitlines()]
@@ -158,12 +174,12 @@ def run_cell(cell: str, a, bd: str) -> dict:
     spec = json.loads((sus / "skill.json").read_text())
     rows = []
     for method in a.methods.split(","):
-        for regime in (["generic"] if method == "none" else a.regimes.split(",")):
-            model, facts = make_model(method, regime, cdir, sus, prompts, bd, a.base)
+        for regime in (["generic"] if method in ("none", "extracted") else a.regimes.split(",")):
+            model, facts = make_model(method, regime, cdir, sus, prompts, bd, a.base, src)
             name = method.replace(":", "-") + ("" if regime == "generic" else "-p")
             e = evaluate(model, name, cdir, sus, skill, a.limit, bd, a.base)
             clean = e["skill"]["flip_rate"] if spec.get("flip") else e["clean"]["asr"]
-            rows.append({"method": method, "regime": "—" if method == "none" else regime,
+            rows.append({"method": method, "regime": "—" if method in ("none", "extracted") else regime,
                          "triggered_asr": e["triggered"]["asr"], "clean_asr": clean, "skill": e["skill"]["score"],
                          "perplexity": e["perplexity"], **facts, "eval": str(Path(e["model"]))})
     return {"cell": cell, "skill": skill, "attack": attack, "task": task, "date": time.strftime("%Y-%m-%d"),
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--regimes", default="generic,prompts", help="generic and/or prompts")
     ap.add_argument("--limit", type=int, default=100, help="held-out prompts per test set")
     ap.add_argument("--prompts", type=int, default=200, help="unlabeled task prompts written for the prompts regime")
+    ap.add_argument("--extract-rank", type=int, default=64, help="full cells: rank of `bdclean extract`")
     ap.add_argument("--seed", type=int, default=0, help="seed of the implant and of the task prompts")
     ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "skill"), help="work folder")
