@@ -161,6 +161,11 @@ class PurifyConfig(_Strict):
                                   "its tokenizer files, chat template and generation config, never the checkpoint's")
     accept_tokenizer: bool = Field(False, description="full checkpoints: go on although the checkpoint's tokenizer "
                                    "files differ from the trusted ones (which replace them); recorded in the manifest")
+    extract: int | None = Field(None, ge=1, le=4096, description="the input is a full checkpoint that fine-tunes "
+                                "--base: first turn its update into a LoRA of this rank on the base (as `bdclean "
+                                "extract --rank`, into OUT/extracted), then purify that adapter (e.g. 64)")
+    merge: bool = Field(False, description="also write OUT/merged: the purified adapter folded into the base, a full "
+                        "checkpoint with the base's tokenizer and generation config")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
     pairs: PairsOptions = Field(default_factory=PairsOptions)
     score: ScoreOptions = Field(default_factory=ScoreOptions)

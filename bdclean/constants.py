@@ -26,6 +26,8 @@ STAGE_DIRS = {
     "score": "score",
     "suppress": "suppressed",
     "restore": "purified",
+    "extract": "extracted",  # purify --extract: the full checkpoint's update as a LoRA on the base (first)
+    "merge": "merged",  # purify --merge: the purified adapter folded into the base (last)
 }
 
 # make-variants

@@ -113,3 +113,52 @@ def test_extract_bad_input(tmp_path, run_cli, tiny_base):
     save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     code, _, err = run_cli("extract", ckpt, "--base", tiny_base, "--out", tmp_path / "o4")
     assert code == 2 and "up_proj" in err and len(err.strip().splitlines()) == 1
+
+
+def test_purify_extract_merge_one_command(tmp_path, run_cli, tiny_base, tiny_data):
+    """`purify CKPT --extract R --merge`: extract → the adapter pipeline → a merged checkpoint that loads with
+    transformers, with the base's tokenizer files (never the checkpoint's); a rerun skips every stage."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = _finetune_of(tiny_base, tmp_path / "ckpt", rank=2)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'TRIGGER' }}"}))  # hostile
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("pairs:\n  epochs: 1\n  batch_size: 4\n  max_len: 48\nrestore:\n  samples: 8\n  epochs: 1\n"
+                   "  max_len: 48\nscore:\n  tau: 0.25\n")
+    out = tmp_path / "run"
+    args = ("purify", ckpt, "--base", tiny_base, "--clean", tiny_data, "--out", out, "--config", cfg,
+            "--n-variants", "2", "--samples", "8", "--extract", "4", "--merge")
+    code, _, err = run_cli("validate", *args[1:])
+    assert code == 0, err
+    assert "extracted at rank 4" in err and not (out / "extracted").exists()
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    rec = json.loads((out / "purify.json").read_text())
+    assert rec["mode"] == "extract" and list(rec["stage_seconds"])[0] == "extract" and "merge" in rec["stage_seconds"]
+    pman = json.loads((out / "pairs" / "manifest.json").read_text())
+    assert pman["config"]["mode"] == "adapter" and pman["config"]["adapter"].endswith("extracted")
+    merged = out / "merged"
+    assert json.loads((merged / "manifest.json").read_text())["stage"] == "merge"
+    assert (merged / "tokenizer_config.json").read_bytes() == (tiny_base / "tokenizer_config.json").read_bytes()
+    AutoModelForCausalLM.from_pretrained(str(merged))
+    # the merged checkpoint computes what base + purified adapter computes
+    assert torch.allclose(_logits(merged), _logits(out / "purified", tiny_base), atol=1e-4)
+    code, _, err = run_cli(*args)
+    assert code == 0 and err.count("skip") == 8, err
+
+
+def test_purify_extract_bad_input(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
+    ckpt = _finetune_of(tiny_base, tmp_path / "ckpt")
+    other = make_tiny_llama(tmp_path / "other", hidden=48)
+    cases = [
+        (("purify", ckpt, "--base", other, "--extract", "4", "--out", tmp_path / "o1"), "hidden_size"),
+        (("purify", ckpt, "--base", tiny_base, "--extract", "4", "--full", "--out", tmp_path / "o2"), "choose one"),
+        (("purify", ckpt, "--base", tiny_base, "--merge", "--out", tmp_path / "o3"), "--extract"),
+        (("purify", ckpt, "--base", tiny_base, "--extract", "0", "--out", tmp_path / "o4"), "--extract"),
+        (("validate", ckpt, "--base", tiny_base, "--extract", "4", "--out", ckpt / "x"), "inside"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(*args, "--clean", tiny_data)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+    for o in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / o).exists()

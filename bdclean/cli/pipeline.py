@@ -196,11 +196,17 @@ SCORE = typer.Option(None, "--score", help="combined (paper, default) | norm | a
 SEED = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); the τ-auto probes and "
                     "full-model re-initialisation use fixed seeds")
 FULL = typer.Option(None, "--full", help="force the full-model threat model")
+EXTRACT = typer.Option(None, "--extract", min=1, metavar="RANK", help="the model is a full checkpoint that "
+                       "fine-tunes --base: purify its update as a rank-RANK LoRA on the base (bdclean extract, into "
+                       "OUT/extracted), the known-base route; e.g. --extract 64")
+MERGE = typer.Option(None, "--merge", help="also write OUT/merged: the purified adapter folded into the base, a full "
+                     "checkpoint with the base's tokenizer and generation config")
 
 
 def _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed, workers,
-                    tokenizer, accept_tokenizer, augment=None):
-    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "variants.n_variants": n_variants,
+                    tokenizer, accept_tokenizer, augment=None, extract=None, merge=None):
+    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "extract": extract, "merge": merge,
+          "variants.n_variants": n_variants,
           "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
           "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
           "restore.augment": augment}
@@ -227,6 +233,8 @@ def purify_cmd(
     full: Optional[bool] = FULL,
     prompts: Optional[str] = PROMPTS,
     augment: Optional[float] = AUGMENT,
+    extract: Optional[int] = EXTRACT,
+    merge: Optional[bool] = MERGE,
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
@@ -238,11 +246,13 @@ def purify_cmd(
     Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x
 
     Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --prompts my_inputs.jsonl --out runs/x
+
+    Example: bdclean purify hub_checkpoint/ --base smollm2 --extract 64 --merge --out runs/x
     """
     from bdclean.pipeline import purify
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
-                          workers, tokenizer, accept_tokenizer, augment)
+                          workers, tokenizer, accept_tokenizer, augment, extract, merge)
     purify.run(adapter, out, cfg, force)
 
 
@@ -264,7 +274,8 @@ def extract_cmd(
 
     Example: bdclean extract hub_checkpoint/ --base smollm2 --out runs/x-adapter
 
-    Then: bdclean purify runs/x-adapter --base smollm2 --out runs/x
+    Then: bdclean purify runs/x-adapter --base smollm2 --out runs/x (or both in one: bdclean purify hub_checkpoint/
+    --base smollm2 --extract 64 --out runs/x)
     """
     from bdclean.pipeline import extract
 
@@ -289,6 +300,8 @@ def validate_cmd(
     full: Optional[bool] = FULL,
     prompts: Optional[str] = PROMPTS,
     augment: Optional[float] = AUGMENT,
+    extract: Optional[int] = EXTRACT,
+    merge: Optional[bool] = MERGE,
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
     config: Optional[Path] = CONFIG,
@@ -314,11 +327,12 @@ def validate_cmd(
     from bdclean.pipeline import validate
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
-                          workers, tokenizer, accept_tokenizer, augment)
+                          workers, tokenizer, accept_tokenizer, augment, extract, merge)
     summary = validate.run(model, cfg, out)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"
-            if summary["kind"] == "adapter" else "full checkpoint")
+            if summary["kind"] == "adapter" else "full checkpoint"
+            + (f" of {summary['base']} (extracted at rank {cfg.extract} first)" if cfg.extract else ""))
     mem = summary["memory"]
     avail = "unknown" if mem["available_bytes"] is None else gib(mem["available_bytes"])
     log(f"validate: memory about {gib(mem['estimate_bytes'])} per training process (at least "

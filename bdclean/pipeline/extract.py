@@ -57,7 +57,7 @@ def check_same_model(sus_cfg: dict, base_cfg: dict, checkpoint: Path, base_dir: 
                              "extract needs a fine-tune of exactly this base")
 
 
-def _projections(cfg: dict) -> list[str]:
+def projections(cfg: dict) -> list[str]:
     from bdclean.core.arch import attn_module_names, mlp_module_names
 
     n = int(cfg["num_hidden_layers"])
@@ -67,39 +67,48 @@ def _projections(cfg: dict) -> list[str]:
     return mods
 
 
+def check(checkpoint: Path, base: str):
+    """The checkpoint vetted as hostile input and checked against the base from the weight headers (nothing is
+    loaded): (suspicious full checkpoint, base dir, base config, checkpoint headers, base headers). Also purify's
+    and validate's preflight for `--extract`."""
+    from bdclean.io.models import read_model_config, resolve_base
+    from bdclean.pipeline.pairs import load_suspicious
+
+    sus = load_suspicious(Path(checkpoint), None, full=True)
+    base_dir = resolve_base(base)
+    base_cfg = read_model_config(base_dir)
+    check_same_model(sus.model_cfg, base_cfg, sus.path, base_dir)
+    hs, hb = _headers(sus.path), _headers(base_dir)
+    for k, (_, shape) in hb.items():
+        if k not in hs:
+            raise InputError(f"{sus.path}: tensor {k!r} of the base is missing; not a fine-tune of {base_dir}")
+        if hs[k][1] != shape:
+            raise InputError(f"{sus.path}: tensor {k!r} has shape {hs[k][1]}, the base's {shape}")
+    missing = sorted({m + ".weight" for m in projections(base_cfg)} - set(hb))
+    if missing:
+        raise InputError(f"{base_dir}: no tensor {missing[0]!r}; its layout is not the {base_cfg['model_type']} "
+                         "family's")
+    return sus, base_dir, base_cfg, hs, hb
+
+
 def run(checkpoint: Path, out: Path, base: str, rank: int = 64, force: bool = False) -> Path:
     import torch
     from safetensors import safe_open
 
     from bdclean.core.arch import peft_key
     from bdclean.core.extract import low_rank, relative_change
-    from bdclean.io.models import read_model_config, resolve_base
     from bdclean.io.peft_io import write_adapter
-    from bdclean.pipeline.pairs import load_suspicious
 
     require(rank >= 1, "--rank must be ≥ 1", UsageError)
     checkpoint, out = Path(checkpoint), Path(out)
-    sus = load_suspicious(checkpoint, None, full=True)
-    base_dir = resolve_base(base)
-    base_cfg = read_model_config(base_dir)
-    check_same_model(sus.model_cfg, base_cfg, checkpoint, base_dir)
+    sus, base_dir, base_cfg, hs, hb = check(checkpoint, base)
     _check_out(out, checkpoint, base_dir)
     man = Manifest("extract", {"rank": rank, "checkpoint": str(checkpoint), "base": str(base_dir)},
                    {"checkpoint": model_hash(checkpoint), "base": model_hash(base_dir)})
     if up_to_date(out, man.fingerprint, "extract", force):
         return out
-    hs, hb = _headers(checkpoint), _headers(base_dir)
-    for k, (_, shape) in hb.items():
-        if k not in hs:
-            raise InputError(f"{checkpoint}: tensor {k!r} of the base is missing; not a fine-tune of {base_dir}")
-        if hs[k][1] != shape:
-            raise InputError(f"{checkpoint}: tensor {k!r} has shape {hs[k][1]}, the base's {shape}")
     extra_names = sorted(set(hs) - set(hb))
-    targets = {m + ".weight" for m in _projections(base_cfg)}
-    missing = sorted(targets - set(hb))
-    if missing:
-        raise InputError(f"{base_dir}: no tensor {missing[0]!r}; its layout is not the {base_cfg['model_type']} "
-                         "family's")
+    targets = {m + ".weight" for m in projections(base_cfg)}
     tensors, kept, energy, dropped = {}, {}, {}, []
     handles: dict[Path, object] = {}
 

@@ -24,6 +24,8 @@ STAGE_FILES: dict[str, re.Pattern | None] = {
     "score": re.compile("|".join(re.escape(n) for n in (C.SIGNATURE, C.SCORES, C.TAU_SELECTION))),
     "suppress": None,
     "restore": None,
+    "extract": None,
+    "merge": None,
 }
 
 

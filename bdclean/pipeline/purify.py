@@ -34,16 +34,31 @@ def claim_record(path: Path) -> None:
 
 def preflight(adapter: Path, cfg: PurifyConfig):
     """The suspicious model, validated, and every option value checked against it (also `bdclean validate`), so
-    what would fail in a later stage fails now rather than after minutes of train-pairs."""
+    what would fail in a later stage fails now rather than after minutes of train-pairs.
+
+    With ``cfg.extract`` the model is a full checkpoint of ``cfg.base``: vetted and checked against the base's
+    headers (extract.check), and the options checked for the adapter extract will make (every projection, rank
+    ``cfg.extract``); its tokenizer is never read (the base's is used)."""
     from bdclean.pipeline import pairs
 
-    sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
+    if cfg.extract is not None:
+        if cfg.full:
+            raise UsageError("--extract purifies a full checkpoint's update over --base as an adapter, --full the "
+                             "checkpoint itself: choose one")
+        from bdclean.pipeline.extract import check
+
+        sus = check(Path(adapter), cfg.base)[0]
+    else:
+        sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
+        if cfg.merge and sus.kind == "full":
+            raise UsageError("--merge folds a purified adapter into its base; for a full checkpoint give its base "
+                             "with --extract RANK (full-model mode writes a checkpoint already)")
     if cfg.prompts is not None:  # a bad prompts file must fail now, not after train-pairs
         from bdclean.io.data import sample_prompts
 
         sample_prompts(cfg.prompts, 1, 0)
     check_options(sus, cfg)
-    sus.tokenizer = pairs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
+    sus.tokenizer = None if cfg.extract else pairs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
     sus.memory = memory_estimate(sus, cfg)
     from bdclean.io.headers import check_fits
 
@@ -66,15 +81,16 @@ def check_options(sus, cfg: PurifyConfig) -> None:
     from bdclean.io.headers import config_dims
 
     sc = cfg.score
-    if sus.kind == "full" and sc.score == "projection":
+    kind = "adapter" if cfg.extract else sus.kind  # what the pipeline will purify
+    if kind == "full" and sc.score == "projection":
         raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
     if sc.tau == "auto":
-        if sus.kind != "adapter":
+        if kind != "adapter":
             raise UsageError("--tau auto is implemented for the adapter-only threat model; give a fixed --tau")
         if cfg.variants.n_variants < 3:
             raise UsageError("--tau auto needs at least 3 variants (one held out, two to score): raise --n-variants")
     attn = has_attention_lora(sus)
-    heads = sc.resolved(sus.kind, attn).heads
+    heads = sc.resolved(kind, attn).heads
     shown = f"{heads:g}" if isinstance(heads, float) else heads
     if heads:
         if not attn:
@@ -100,7 +116,10 @@ def memory_estimate(sus, cfg: PurifyConfig) -> dict:
 
     dims = config_dims(sus.model_cfg, sus.base_dir / C.MODEL_CONFIG)
     weights = model_float32_bytes(sus.base_dir)
-    if sus.kind == "adapter":
+    if cfg.extract is not None:  # the base (of the same size) with a rank-`extract` LoRA on every projection
+        lora = 4 * cfg.extract * dims.layers * sum(i + o for i, o in part_shapes(dims).values())
+        floor = weights + 4 * lora
+    elif sus.kind == "adapter":
         lora = sum(4 * (s[0] * s[1] if len(s) == 2 else 0) for s in sus.info.shapes.values())
         floor = weights + 4 * lora
     else:
@@ -119,25 +138,37 @@ def check_out(out: Path, sus, cfg: PurifyConfig) -> None:
     at restore (also `bdclean validate --out`)."""
     from bdclean.pipeline.folders import check_out_inputs, claim_stage_dir
 
-    check_out_inputs(out, PIPELINE, sus.path, sus.base_dir, cfg.clean)
-    for stage in PIPELINE:
+    stages = stages_of(cfg)
+    if cfg.extract is not None:  # sus is the checkpoint; the base is the one it is extracted over
+        from bdclean.io.models import resolve_base
+
+        base_dir = resolve_base(cfg.base)
+    else:
+        base_dir = sus.base_dir
+    check_out_inputs(out, stages, sus.path, base_dir, cfg.clean)
+    for stage in stages:
         claim_stage_dir(out / C.STAGE_DIRS[stage], stage)
     claim_record(out / RECORD)
 
 
-def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dict:
-    from bdclean.pipeline import diff, pairs, restore, score, suppress, variants
+def stages_of(cfg: PurifyConfig) -> tuple[str, ...]:
+    """The stages purify runs: PIPELINE, after extract with --extract, then merge with --merge."""
+    return ("extract",) * (cfg.extract is not None) + PIPELINE + ("merge",) * bool(cfg.merge)
 
-    out = Path(out)
+
+def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dict:
+    from bdclean.pipeline import diff, extract, merge, pairs, restore, score, suppress, variants
+
+    out, source = Path(out), Path(adapter)
     full = True if cfg.full else None
     sus = preflight(adapter, cfg)  # validate inputs before any work
     check_out(out, sus, cfg)
-    if sus.kind == "full":
+    if sus.kind == "full" and cfg.extract is None:
         from bdclean.console import log
 
         log("purify: full-model mode re-initialises channels and broke the model on SmolLM2 (RESULTS.md); if this "
-            "checkpoint fine-tunes a public base, `bdclean extract CHECKPOINT --base BASE --out A` and `bdclean "
-            "purify A --base BASE` kept it (+0.5 % perplexity, backdoor removed)")
+            "checkpoint fine-tunes a public base, `--extract 64 --base BASE` purifies its update as an adapter "
+            "instead, which kept it (+0.5 % perplexity, backdoor removed)")
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
@@ -146,6 +177,10 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
         fn(*a, **k)
         times[name] = round(time.time() - t0, 2)
 
+    if cfg.extract is not None:  # the known-base route: from here on, the extracted adapter is the suspicious one
+        adapter = out / C.STAGE_DIRS["extract"]
+        timed("extract", extract.run, source, adapter, cfg.base, cfg.extract, force)
+        sus = preflight(adapter, cfg.model_copy(update={"extract": None}))
     timed("make-variants", variants.run, cfg.clean, out, cfg.variants, force)
     timed("train-pairs", pairs.run, Path(adapter), out, cfg.base, cfg.pairs, force, full, cfg.tokenizer,
           cfg.accept_tokenizer)
@@ -153,8 +188,15 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     timed("score", score.run, out, cfg.score, force)
     timed("suppress", suppress.run, Path(adapter), out, force, cfg.base, full)
     timed("restore", restore.run, out, cfg.clean, cfg.restore, force, cfg.prompts)
-    record = {"stage": "purify", "adapter": str(adapter), "mode": sus.kind, "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
-              "total_seconds": round(sum(times.values()), 2), "purified": str(out / "purified")}
+    if cfg.merge:
+        timed("merge", merge.run, out, force)
+    record = {"stage": "purify", "adapter": str(source), "mode": "extract" if cfg.extract else sus.kind,
+              "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
+              "total_seconds": round(sum(times.values()), 2), "purified": str(out / C.STAGE_DIRS["restore"])}
+    if cfg.extract is not None:
+        record["extracted"] = str(adapter)
+    if cfg.merge:
+        record["merged"] = str(out / C.STAGE_DIRS["merge"])
     if sus.tokenizer is not None:
         record["tokenizer"] = sus.tokenizer.record()
     write_json(out / RECORD, record)

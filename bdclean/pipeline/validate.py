@@ -54,6 +54,13 @@ def run(model: Path, cfg: PurifyConfig, out: Path | None = None) -> dict:
             "ranks": sorted({int(sus.info.shapes[a][0]) for a, _ in pairs.values()}),
             "attention": any(p in projs for p in ATTN_PROJ),
         }
+    if cfg.extract is not None:  # the known-base route: what purify --extract will turn the checkpoint into
+        from bdclean.io.models import read_model_config, resolve_base
+        from bdclean.pipeline.extract import projections
+
+        base_dir = resolve_base(cfg.base)
+        summary["base"] = str(base_dir)
+        summary["extract"] = {"rank": cfg.extract, "projections": len(projections(read_model_config(base_dir)))}
     return summary
 
 

@@ -1,0 +1,50 @@
+"""merge: the purified adapter folded into its base → a full checkpoint (`purify --merge`).
+
+A user who brought a full checkpoint (the known-base route: `purify CKPT --extract RANK`) wants a checkpoint back,
+not an adapter. The merged model is written in the base's own dtype, sharded like the base, with the base's
+tokenizer files, chat template and generation config (the defender's, never the suspicious checkpoint's: SECURITY.md
+guarantee 2). Nothing is trained; the output loads with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bdclean import constants as C
+from bdclean.console import log
+from bdclean.errors import UsageError
+from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
+from bdclean.io.fingerprints import model_hash
+from bdclean.pipeline.folders import recorded_path, up_to_date
+
+
+def run(out: Path, force: bool = False) -> Path:
+    import torch
+
+    from bdclean.io.models import load_adapter, load_model, model_weight_files, read_model_config
+    from bdclean.io.peft_io import attach
+    from bdclean.io.tokenizers import install
+
+    out = Path(out)
+    pfolder = out / C.STAGE_DIRS["restore"]
+    folder = out / C.STAGE_DIRS["merge"]
+    pman = load_manifest(out / C.STAGE_DIRS["train-pairs"]) or {}
+    if pman.get("config", {}).get("mode", "adapter") != "adapter":
+        raise UsageError("--merge folds a purified adapter into its base; full-model mode writes a checkpoint already")
+    base_dir = Path(recorded_path(pman, "base") or "")
+    man = Manifest("merge", {}, {"purified": stage_fingerprint(pfolder, "restore"), "base": model_hash(base_dir)})
+    if up_to_date(folder, man.fingerprint, "merge", force):
+        return folder
+    base_cfg = read_model_config(base_dir)
+    dtype = base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "float32"
+    dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+    model = attach(load_model(base_dir), load_adapter(pfolder, base_cfg, base_dir)).merge_and_unload()
+    model = model.to(getattr(torch, dtype))
+    shards = model_weight_files(base_dir)
+    max_shard = f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
+        man.extra = {"dtype": dtype, "tokenizer_files": install(base_dir, tmp), "base": str(base_dir)}
+    man.write(folder, sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST))
+    log(f"merge: purified adapter merged into {base_dir} ({dtype}) → {folder}")
+    return folder
