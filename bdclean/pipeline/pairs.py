@@ -103,6 +103,10 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     from bdclean.train.loop import cpu_count
 
     out = Path(out)
+    if opts.executor == "ray":  # Ray missing or its cluster unreachable: one line before anything is written
+        from bdclean.pipeline.pairs_ray import preflight
+
+        preflight(opts.ray_address)
     vfolder = out / C.STAGE_DIRS["make-variants"]
     folder = out / C.STAGE_DIRS["train-pairs"]
     sus = load_suspicious(Path(adapter), base, full)
@@ -114,8 +118,8 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
               "base": model_hash(base_dir)}
     # how the twins are scheduled (workers, threads) is an execution detail like the CPU model, not an input: on
     # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
-    config = {**opts.model_dump(exclude={"workers"}), "adapter": str(adapter), "base": str(base_dir),
-              "mode": sus.kind, "variant_lora": lcfg}
+    config = {**opts.model_dump(exclude={"workers", "executor", "ray_address"}), "adapter": str(adapter),
+              "base": str(base_dir), "mode": sus.kind, "variant_lora": lcfg}
     if tok is not None:  # full checkpoints only: adapter fingerprints stay as they were
         inputs["tokenizer"] = tok.digest
         config["tokenizer"] = tok.record()
@@ -141,11 +145,16 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
         log(f"train-pairs: resuming, {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
     times: dict[str, float] = {}
     workers, threads = 0, cpu_count()
+    ray_info: dict = {}
     if todo:
         workers, threads = plan_workers(opts.workers, len(todo), base_dir)
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
                          man.fingerprint, threads, str(tok.source if tok is not None else base_dir))
-        if workers > 1:
+        if opts.executor == "ray":  # one Ray task per twin; inputs and twins travel through the object store
+            from bdclean.pipeline.pairs_ray import run_ray
+
+            times, workers, threads, ray_info = run_ray(ctx, todo, opts.ray_address)
+        elif workers > 1:
             log(f"train-pairs: {len(todo)} twins on {workers} processes × {threads} thread(s)")
             times = run_parallel(ctx, todo, workers)
         else:  # one twin left (or one worker): this process, every core
@@ -157,6 +166,7 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
                  "paths": {"adapter": str(Path(adapter).resolve()), "base": str(Path(base_dir).resolve())}}
     if tok is not None:
         man.extra["paths"]["tokenizer"] = str(tok.source)
+    man.extra["executor"] = {"name": opts.executor, **ray_info}  # recorded, not fingerprinted (as workers)
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.write(folder, outputs)

@@ -80,13 +80,20 @@ def _load(ctx: JobContext):
 
 def _train_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -> tuple[float, dict]:
     """Train one twin from ``init``; write its weights and its record (atomically). Returns (seconds, stats)."""
-    from bdclean.io.artifacts import save_tensors, sha256_file, write_json
+    t0 = time.time()
+    _, stats, state = fit_twin(ctx, model, tok, init, i, twin, on_step)
+    write_twin(ctx, i, twin, state, stats, torch_threads())
+    return round(time.time() - t0, 2), stats
+
+
+def fit_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -> tuple[float, dict, dict]:
+    """Train one twin from ``init`` (nothing written). Returns (seconds, stats, its LoRA state)."""
     from bdclean.io.data import load_instructions
     from bdclean.io.peft_io import adapter_state, load_state
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, paired_epochs, train
 
-    o, vf, folder = ctx.opts, Path(ctx.vfolder), Path(ctx.folder)
+    o, vf = ctx.opts, Path(ctx.vfolder)
     clean = [encode(tok, r, o["max_len"]) for r in load_instructions(vf / C.VARIANT_DATA.format(i=i, kind="clean"))]
     poison = None
     if twin == "bd":
@@ -100,12 +107,17 @@ def _train_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -
     t0 = time.time()
     stats = train(model, plan, TrainOptions(o["epochs"], o["lr"], o["batch_size"], o["seed"], threads=ctx.threads),
                   tok.pad_token_id, on_step=on_step)
-    w = folder / C.PAIR_WEIGHTS.format(i=i, twin=twin)
-    save_tensors(w, adapter_state(model))
-    seconds = round(time.time() - t0, 2)
-    write_json(folder / C.JOB_RECORD.format(i=i, twin=twin),
-               {"fingerprint": ctx.fingerprint, "sha256": sha256_file(w), "threads": torch_threads(), **stats})
-    return seconds, stats
+    return round(time.time() - t0, 2), stats, adapter_state(model)
+
+
+def write_twin(ctx: JobContext, i: int, twin: str, state: dict, stats: dict, threads: int) -> None:
+    """A twin's weights, then its record naming them (each atomic): the record is what marks the twin done."""
+    from bdclean.io.artifacts import save_tensors, sha256_file, write_json
+
+    w = Path(ctx.folder) / C.PAIR_WEIGHTS.format(i=i, twin=twin)
+    save_tensors(w, state)
+    write_json(Path(ctx.folder) / C.JOB_RECORD.format(i=i, twin=twin),
+               {"fingerprint": ctx.fingerprint, "sha256": sha256_file(w), "threads": threads, **stats})
 
 
 def torch_threads() -> int:

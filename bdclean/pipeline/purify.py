@@ -58,6 +58,10 @@ def preflight(adapter: Path, cfg: PurifyConfig):
 
         sample_prompts(cfg.prompts, 1, 0)
     check_options(sus, cfg)
+    if cfg.pairs.executor == "ray":
+        from bdclean.pipeline.pairs_ray import preflight as ray_preflight
+
+        ray_preflight(cfg.pairs.ray_address)
     sus.tokenizer = None if cfg.extract else pairs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
     sus.memory = memory_estimate(sus, cfg)
     from bdclean.io.headers import check_fits
