@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log, progress
-from bdclean.errors import BdcleanError, UsageError
+from bdclean.errors import BdcleanError, Terminated, UsageError
 from bdclean.pipeline.pairs_jobs import WORKER_OVERHEAD_BYTES, JobContext, _longest_first, fit_twin, write_twin
 
 RAY_MISSING = "--executor ray needs Ray: install it with pip install 'bdclean[ray]'"
@@ -211,6 +211,34 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _keep_sigterm():
+    """Ray's waits turn any exception a signal handler raises into a plain KeyboardInterrupt: note SIGTERM as it
+    comes, and raise Terminated for it (exit 143, not 130)."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    seen = []
+
+    def on_term(signum, frame):
+        seen.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if seen and not isinstance(e, Terminated):
+            raise Terminated() from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _feasible(ray, num_cpus: int, memory: int) -> int:
     """Twins the cluster can run at once; one clear line when no node can take a twin (Ray would wait forever)."""
     from bdclean.io.headers import gib
@@ -276,7 +304,8 @@ def run_ray(ctx: JobContext, todo: list[tuple[int, str]], address: str | None) -
             del base, adapter, tokenizer, data
             log(f"train-pairs: {len(todo)} twins as Ray tasks, {slots} at once ({info['nodes']} node(s), "
                 f"{THREADS_PER_TWIN} CPU each)")
-            times = _drive(ray, load, refs, ctx, todo)
+            with _keep_sigterm():
+                times = _drive(ray, load, refs, ctx, todo)
         finally:
             if started:
                 with contextlib.suppress(Exception):
