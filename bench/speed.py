@@ -10,6 +10,11 @@ bench/results/speed.json with the machine and command.
 A second figure is train-pairs' job parallelism: as many copies of bdclean's loop as there are CPU cores, run
 one after another with all cores each (``--workers 1``), against the same copies run at once in spawned processes
 with one thread each (the default on a multi-core CPU); aggregate tokens/s from the first start to the last end.
+
+A third, when Ray is installed (``--no-ray`` skips it): train-pairs' twins of 2 variants on the local executor
+(``--workers`` = cores) and on a local Ray cluster (``--executor ray``), same adapter and variants: each stage's
+wall time (the Ray one includes starting the cluster and shipping the inputs through its object store) and
+whether the twins are bit-identical.
 """
 
 from __future__ import annotations
@@ -95,12 +100,45 @@ def parallel_vs_serial(base_dir, examples, batch_size, pad, copies: int) -> dict
     return res
 
 
+def ray_vs_local(base_dir, samples: int, max_len: int, batch_size: int, cores: int) -> dict:
+    """train-pairs on the local executor, then on a local Ray cluster: stage wall times, same twins or not."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    from bdclean.io.artifacts import read_json
+
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
+        tmp = Path(tmp)
+        lora_model(base_dir).save_pretrained(str(tmp / "adapter"))  # a fresh LoRA as the suspicious adapter
+        cfg = tmp / "pairs.yaml"
+        cfg.write_text(f"pairs:\n  epochs: 1\n  batch_size: {batch_size}\n  max_len: {max_len}\n")
+        bd = [sys.executable, "-m", "bdclean.cli"]
+        subprocess.run(bd + ["make-variants", "--clean", "builtin", "--out", str(tmp / "local"), "-n", "2",
+                             "--samples", str(samples)], check=True)
+        shutil.copytree(tmp / "local" / "variants", tmp / "ray" / "variants")
+        res: dict = {"twins": 4, "samples_per_variant": samples}
+        for name, extra in (("local", ["--workers", str(cores)]), ("ray", ["--executor", "ray"])):
+            subprocess.run(bd + ["train-pairs", str(tmp / "adapter"), "--base", str(base_dir), "--out",
+                                 str(tmp / name), "--config", str(cfg), *extra], check=True)
+            man = read_json(tmp / name / "pairs" / "manifest.json")
+            res[name] = {"seconds": man["wall_time_s"], "workers": man["extra"]["workers"]}
+        digests = {name: {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                          for f in sorted((tmp / name / "pairs").glob("*.safetensors"))} for name in ("local", "ray")}
+    res["overhead_s"] = round(res["ray"]["seconds"] - res["local"]["seconds"], 2)
+    res["bit_identical"] = digests["local"] == digests["ray"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=48, help="clean samples in the one training epoch")
     ap.add_argument("--max-len", type=int, default=96, help="token cap per sample")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (both loops)")
     ap.add_argument("--base", default="smollm2", help="model directory or 'smollm2'")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray row (train-pairs on a local Ray cluster)")
+    ap.add_argument("--ray-samples", type=int, default=16, help="clean samples per variant in the Ray row")
     ap.add_argument("--out", default="bench/results/speed.json", help="JSON file the figures are appended to")
     a = ap.parse_args()
     from bdclean.io.data import builtin
@@ -128,6 +166,12 @@ def main() -> None:
     if cpu_count() > 1:
         results["train_pairs_workers"] = parallel_vs_serial(base, examples, a.batch_size, tok.pad_token_id,
                                                              cpu_count())
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        ray = None
+    if not a.no_ray and ray is not None:
+        results["train_pairs_ray"] = ray_vs_local(base, a.ray_samples, a.max_len, a.batch_size, cpu_count())
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
               "machine": {**describe(), "torch_threads": torch.get_num_threads()},
               "settings": vars(a), "results": results}
