@@ -203,8 +203,8 @@ def _connect(ray, address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         with contextlib.suppress(Exception):
             ray.shutdown()
-        where = address or "a local cluster"
-        raise BdcleanError(f"train-pairs: cannot start Ray on {where}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise BdcleanError(f"train-pairs: cannot start Ray on {address or 'a local cluster'}: {why}") from None
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
