@@ -204,6 +204,10 @@ def _connect(ray, address: str | None) -> bool:
         with contextlib.suppress(Exception):
             ray.shutdown()
         why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if address is not None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            # Ray sends its token only to a cluster it found itself, never to an address it was given
+            why += ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
+                    "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)")
         raise BdcleanError(f"train-pairs: cannot start Ray on {address or 'a local cluster'}: {why}") from None
     finally:
         if main and previous is not None:
