@@ -32,7 +32,7 @@ def sha(path):
 @pytest.fixture(scope="module")
 def cluster():
     """One local cluster for the module: bdclean uses a Ray it finds initialised and leaves it running."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -54,6 +54,31 @@ def fresh(local, tmp_path, name):
     run = tmp_path / name
     shutil.copytree(local[0] / "variants", run / "variants")
     return run
+
+
+def test_cli_cluster_sigterm(local, tiny_base, tiny_adapter, tmp_path):
+    """The real CLI starts its own local cluster; SIGTERM mid-run: exit 143, one line, cluster stopped."""
+    import os
+    import signal
+    import subprocess
+
+    run = fresh(local, tmp_path, "sigterm")
+    err_path = tmp_path / "err.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    with open(err_path, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "bdclean.cli", "train-pairs", str(tiny_adapter), "--base",
+                              str(tiny_base), "--out", str(run), "--config", str(local[1]), "--executor", "ray"],
+                             stdout=subprocess.PIPE, stderr=err, env=env)
+        deadline = time.time() + 120
+        while "as Ray tasks" not in err_path.read_text() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    lines = err_path.read_text().strip().splitlines()
+    assert p.returncode == 143, lines
+    assert lines[-1].startswith("error: terminated (SIGTERM)") and out == b""
+    assert "starting a local Ray cluster" in lines[0] and not any("Traceback" in x for x in lines)
+    assert not (run / "pairs" / "manifest.json").exists()
 
 
 def test_ray_twins_are_the_local_twins(cluster, local, tiny_base, tiny_adapter, tmp_path):

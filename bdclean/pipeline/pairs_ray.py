@@ -197,7 +197,8 @@ def _connect(ray, address: str | None) -> bool:
     try:
         if address is None:
             log(f"train-pairs: starting a local Ray cluster ({cpu_count()} CPUs)")
-            ray.init(num_cpus=cpu_count(), include_dashboard=False, **kw)
+            # "local": a new cluster even when RAY_ADDRESS or a `ray start` cluster of this machine is around
+            ray.init(address="local", num_cpus=cpu_count(), include_dashboard=False, **kw)
         else:
             ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
