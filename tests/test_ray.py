@@ -99,7 +99,7 @@ def test_ray_twins_are_the_local_twins(cluster, local, tiny_base, tiny_adapter, 
 
 
 def test_lost_worker_then_rerun_resumes(cluster, local, tiny_base, tiny_adapter, tmp_path, monkeypatch):
-    from bdclean.stages import pairs_ray
+    from bdclean.pipeline import pairs_ray
 
     orig = pairs_ray._twin_task
 
@@ -134,7 +134,7 @@ def test_lost_worker_then_rerun_resumes(cluster, local, tiny_base, tiny_adapter,
 
 
 def test_interrupt_cancels_the_tasks(cluster, local, tiny_base, tiny_adapter, tmp_path, monkeypatch):
-    from bdclean.stages import pairs_ray
+    from bdclean.pipeline import pairs_ray
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # Ctrl-C while the driver writes the first twin
