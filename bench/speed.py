@@ -114,7 +114,7 @@ def ray_vs_local(base_dir, samples: int, max_len: int, batch_size: int, cores: i
         lora_model(base_dir).save_pretrained(str(tmp / "adapter"))  # a fresh LoRA as the suspicious adapter
         cfg = tmp / "pairs.yaml"
         cfg.write_text(f"pairs:\n  epochs: 1\n  batch_size: {batch_size}\n  max_len: {max_len}\n")
-        bd = [sys.executable, "-m", "bdclean.cli"]
+        bd = [sys.executable, "-m", "bdclean"]
         subprocess.run(bd + ["make-variants", "--clean", "builtin", "--out", str(tmp / "local"), "-n", "2",
                              "--samples", str(samples)], check=True)
         shutil.copytree(tmp / "local" / "variants", tmp / "ray" / "variants")

@@ -66,7 +66,7 @@ def test_cli_cluster_sigterm(local, tiny_base, tiny_adapter, tmp_path):
     err_path = tmp_path / "err.txt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     with open(err_path, "w") as err:
-        p = subprocess.Popen([sys.executable, "-m", "bdclean.cli", "train-pairs", str(tiny_adapter), "--base",
+        p = subprocess.Popen([sys.executable, "-m", "bdclean", "train-pairs", str(tiny_adapter), "--base",
                               str(tiny_base), "--out", str(run), "--config", str(local[1]), "--executor", "ray"],
                              stdout=subprocess.PIPE, stderr=err, env=env)
         deadline = time.time() + 120
