@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdclean import constants as C
+from bdclean import schemas
 from bdclean.console import log
 from bdclean.errors import InputError, UsageError
 from bdclean.io.artifacts import atomic_path, read_json, write_text
@@ -34,7 +35,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     if not (sfolder / C.SCORES).is_file():
         raise UsageError(f"{run_dir}: no score/{C.SCORES}; run `bdclean score` (or purify) first")
     sc = load_file(str(sfolder / C.SCORES))
-    sig = read_json(sfolder / C.SIGNATURE)
+    sig = schemas.read(schemas.Signature, sfolder / C.SIGNATURE)
     score, mask = sc["score"].float(), sc["mask"].bool()
     lines = [f"# bdclean report: {run_dir}", ""]
 
@@ -45,7 +46,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     ax.scatter(xs.numpy(), ys.numpy(), s=0.3, c="red", marker="s", alpha=0.5)
     ax.set_xlabel("MLP channel")
     ax.set_ylabel("layer")
-    ax.set_title(f"channel score (log10); red = signature ({sig['n_selected']} channels, τ={sig['tau']})")
+    ax.set_title(f"channel score (log10); red = signature ({sig.n_selected} channels, τ={sig.tau})")
     fig.colorbar(im, ax=ax)
     _savefig(fig, run_dir / "signature_heatmap.png")
     plt.close(fig)
@@ -55,8 +56,8 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     flat = score.flatten()
     cut = float(flat[mask.flatten()].min()) if mask.any() else float(flat.max())
     ax.hist(flat.numpy(), bins=100, color="steelblue")
-    ax.axvline(cut, color="red", linestyle="--", label=f"τ cut ({sig['tau']:.0%} of channels above)")
-    ax.set_xlabel(f"score ({sig['score']}, λ={sig['lambda']})")
+    ax.axvline(cut, color="red", linestyle="--", label=f"τ cut ({sig.tau:.0%} of channels above)")
+    ax.set_xlabel(f"score ({sig.score}, λ={sig.lam})")
     ax.set_ylabel("channels")
     ax.legend()
     _savefig(fig, run_dir / "score_distribution.png")
@@ -66,12 +67,12 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     top_layers = sorted(range(len(per_layer)), key=lambda l: -per_layer[l])[:5]
     lines += [
         "## Signature",
-        f"- {sig['n_selected']} of {sig['layers'] * sig['channels_per_layer']} MLP channels (τ = {sig['tau']}, "
-        f"{sig['scope']}, score = {sig['score']}, λ = {sig['lambda']}, N = {sig['n_variants']} variants)",
+        f"- {sig.n_selected} of {sig.layers * sig.channels_per_layer} MLP channels (τ = {sig.tau}, "
+        f"{sig.scope}, score = {sig.score}, λ = {sig.lam}, N = {sig.n_variants} variants)",
         "- layers holding most of it: " + ", ".join(f"{l} ({per_layer[l]})" for l in top_layers),
-        f"- attention units (kv head + its query heads): {len(sig.get('heads', []))}"
-        + (" — " + ", ".join(f"L{h['layer']}/kv{h['kv_head']}" for h in sig['heads'][:8])
-           + (" …" if len(sig['heads']) > 8 else "") if sig.get("heads") else ""),
+        f"- attention units (kv head + its query heads): {len(sig.heads)}"
+        + (" — " + ", ".join(f"L{h.layer}/kv{h.kv_head}" for h in sig.heads[:8])
+           + (" …" if len(sig.heads) > 8 else "") if sig.heads else ""),
         "",
         "![signature heatmap](signature_heatmap.png)",
         "",
@@ -81,7 +82,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
 
     # 3. --tau auto: held-out synthetic ASR and perplexity vs τ
     tsel = sfolder / C.TAU_SELECTION
-    if tsel.is_file() and sig.get("tau_selection") == "auto":  # a fixed-τ rerun leaves no selection to show
+    if tsel.is_file() and sig.tau_selection == "auto":  # a fixed-τ rerun leaves no selection to show
         rec = read_json(tsel)
         tab = rec["table"]
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -115,14 +116,13 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     after = after or run_dir / "eval_after.json"
     rows = []
     if Path(before).is_file() and Path(after).is_file():
-        b, a = read_json(before), read_json(after)
-        if not (isinstance(b, dict) and isinstance(a, dict)):
-            raise InputError(f"{before} / {after}: expected eval JSON objects (from `bdclean eval`)")
+        b, a = schemas.read(schemas.Eval, Path(before)), schemas.read(schemas.Eval, Path(after))
         for name, key in (("triggered ASR %", "triggered"), ("clean ASR %", "clean")):
-            if isinstance(b.get(key), dict) and isinstance(a.get(key), dict):  # an eval may hold one set only
-                rows.append((name, 100 * b[key]["asr"], 100 * a[key]["asr"]))
-        if b.get("perplexity") is not None and a.get("perplexity") is not None:
-            rows.append(("perplexity", b["perplexity"], a["perplexity"]))
+            x, y = getattr(b, key), getattr(a, key)
+            if x is not None and y is not None:  # an eval may hold one set only
+                rows.append((name, 100 * x.asr, 100 * y.asr))
+        if b.perplexity is not None and a.perplexity is not None:
+            rows.append(("perplexity", b.perplexity, a.perplexity))
     if rows:
         fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.2), squeeze=False)
         for ax, (name, x, y) in zip(axes[0], rows):

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from bdclean import constants as C
+from bdclean import schemas
 from bdclean.config import PurifyConfig
 from bdclean.console import console
 from bdclean.errors import BdcleanError, UsageError
-from bdclean.io.artifacts import read_json, write_json
+from bdclean.io.artifacts import read_json
 
 RECORD = "purify.json"
 PIPELINE = ("make-variants", "train-pairs", "diff", "score", "suppress", "restore")
@@ -157,7 +158,7 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
               "total_seconds": round(sum(times.values()), 2), "purified": str(out / "purified")}
     if sus.tokenizer is not None:
         record["tokenizer"] = sus.tokenizer.record()
-    write_json(out / RECORD, record)
+    schemas.write(schemas.PurifyRecord, out / RECORD, record)
     from rich.table import Table
 
     t = Table(title="purify: wall time per stage")
