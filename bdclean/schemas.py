@@ -23,8 +23,8 @@ class _Artifact(BaseModel):
     # are held to the documented keys by checked()
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    SCHEMA_VERSION: ClassVar[int] = 1  # the version this bdclean writes and the highest it reads; per artifact, bumped on an
-    #                          incompatible change to its keys
+    # the version this bdclean writes and the highest it reads; per artifact, bumped on an incompatible change
+    SCHEMA_VERSION: ClassVar[int] = 1
     schema_version: int = 0  # missing in files written before the key existed: version 0, the same keys as 1
 
 
@@ -77,9 +77,9 @@ class AsrResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     asr: float  # share of outputs the keyword rule counts as the backdoor's behaviour (NaN for no prompts)
-    n: int  # prompts generated
-    successes: int  # outputs counted
-    empty: int  # empty outputs (never counted)
+    n: int | None = None  # prompts generated (the counts may be missing in a hand-made file)
+    successes: int | None = None  # outputs counted
+    empty: int | None = None  # empty outputs (never counted)
 
 
 class McResult(BaseModel):
@@ -91,15 +91,16 @@ class McResult(BaseModel):
 
 
 class Eval(_Artifact):
-    """eval.json (`bdclean eval --out`): attack success rates, perplexity, skill and multiple-choice accuracy."""
+    """eval.json (`bdclean eval --out`): attack success rates, perplexity, skill and multiple-choice accuracy.
+    Readers need only the figures: the description of the run may be missing (older or hand-made files)."""
 
-    model: str  # what was evaluated (adapter or full model dir)
-    kind: str  # "adapter" or "full"
-    task: str  # which keyword rule
-    rule: dict[str, Any]  # keywords and whether success means any/none present; empty outputs never count
-    decoding: dict[str, Any]  # {"greedy": true, "max_new_tokens": n}
-    inputs: dict[str, Any]  # the test files and their sha256
-    environment: dict[str, str]  # library versions
+    model: str | None = None  # what was evaluated (adapter or full model dir)
+    kind: str | None = None  # "adapter" or "full"
+    task: str | None = None  # which keyword rule
+    rule: dict[str, Any] | None = None  # keywords and whether success means any/none present; empty outputs never count
+    decoding: dict[str, Any] | None = None  # {"greedy": true, "max_new_tokens": n}
+    inputs: dict[str, Any] | None = None  # the test files and their sha256
+    environment: dict[str, str] | None = None  # library versions
     triggered: AsrResult | None = None  # ASR on prompts carrying the trigger (absent without --triggered)
     clean: AsrResult | None = None  # false-trigger rate on clean prompts (absent without --clean)
     skill: dict[str, Any] | None = None  # --skill: lab.skills.skill_metrics (its "score" is the headline)

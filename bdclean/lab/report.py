@@ -22,6 +22,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
     except ImportError:
         raise UsageError("report needs matplotlib: pip install matplotlib") from None
     import torch
@@ -39,15 +40,19 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     score, mask = sc["score"].float(), sc["mask"].bool()
     lines = [f"# bdclean report: {run_dir}", ""]
 
-    # 1. heatmap layer × channel
-    fig, ax = plt.subplots(figsize=(11, 4))
+    # 1. heatmap layer × channel, and below it the signature itself: thousands of channels share a few hundred
+    # pixels, so marks drawn over the scores would vanish (or, at a large τ, hide them)
+    fig, (ax, axm) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     im = ax.imshow(torch.log10(score.clamp_min(1e-12)).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ys, xs = mask.nonzero(as_tuple=True)
-    ax.scatter(xs.numpy(), ys.numpy(), s=0.3, c="red", marker="s", alpha=0.5)
-    ax.set_xlabel("MLP channel")
     ax.set_ylabel("layer")
-    ax.set_title(f"channel score (log10); red = signature ({sig.n_selected} channels, τ={sig.tau})")
-    fig.colorbar(im, ax=ax)
+    ax.set_title("channel score (log10)")
+    fig.colorbar(im, ax=ax, pad=0.01)
+    red = ListedColormap(["white", "red"])
+    axm.imshow(mask.float().numpy(), aspect="auto", cmap=red, vmin=0, vmax=1, interpolation="antialiased")
+    axm.set_xlabel("MLP channel")
+    axm.set_ylabel("layer")
+    axm.set_title(f"signature: red = suppressed ({sig.n_selected} of {mask.numel()} channels, τ={sig.tau:g})")
+    fig.colorbar(im, ax=axm, pad=0.01).remove()  # the same width as the panel above, so the x axes line up
     _savefig(fig, run_dir / "signature_heatmap.png")
     plt.close(fig)
 

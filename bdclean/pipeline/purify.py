@@ -8,7 +8,7 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean import schemas
 from bdclean.config import PurifyConfig
-from bdclean.console import console
+from bdclean.console import QUIET, console, log, verbosity
 from bdclean.errors import BdcleanError, UsageError
 from bdclean.io.artifacts import read_json
 
@@ -134,8 +134,6 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     sus = preflight(adapter, cfg)  # validate inputs before any work
     check_out(out, sus, cfg)
     if sus.kind == "full":
-        from bdclean.console import log
-
         log("purify: full-model mode re-initialises channels and broke the model on SmolLM2 (RESULTS.md); if this "
             "checkpoint fine-tunes a public base, `bdclean extract CHECKPOINT --base BASE --out A` and `bdclean "
             "purify A --base BASE` kept it (+0.5 % perplexity, backdoor removed)")
@@ -167,5 +165,8 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     for k, v in times.items():
         t.add_row(k, f"{v:.1f}")
     t.add_row("total", f"{sum(times.values()):.1f}")
-    console.print(t)
+    if verbosity() == QUIET:  # the result line instead of the table
+        log(f"purify: {record['total_seconds']:.1f} s → {record['purified']}")
+    else:
+        console.print(t)
     return record
