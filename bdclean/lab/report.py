@@ -23,6 +23,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UsageError("report needs matplotlib: pip install matplotlib") from None
     import torch
@@ -42,17 +43,18 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
 
     # 1. heatmap layer × channel, and below it the signature itself: thousands of channels share a few hundred
     # pixels, so marks drawn over the scores would vanish (or, at a large τ, hide them)
-    fig, (ax, axm) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, axm) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, layout="constrained")
     im = ax.imshow(torch.log10(score.clamp_min(1e-12)).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_ylabel("layer")
     ax.set_title("channel score (log10)")
-    fig.colorbar(im, ax=ax, pad=0.01)
-    red = ListedColormap(["white", "red"])
-    axm.imshow(mask.float().numpy(), aspect="auto", cmap=red, vmin=0, vmax=1, interpolation="antialiased")
+    axm.imshow(mask.float().numpy(), aspect="auto", cmap=ListedColormap(["white", "red"]), vmin=0, vmax=1,
+               interpolation="antialiased")
     axm.set_xlabel("MLP channel")
     axm.set_ylabel("layer")
     axm.set_title(f"signature: red = suppressed ({sig.n_selected} of {mask.numel()} channels, τ={sig.tau:g})")
-    fig.colorbar(im, ax=axm, pad=0.01).remove()  # the same width as the panel above, so the x axes line up
+    for a in (ax, axm):
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+    fig.colorbar(im, ax=[ax, axm], label="log10 score", shrink=0.6)  # beside both panels: their x axes line up
     _savefig(fig, run_dir / "signature_heatmap.png")
     plt.close(fig)
 
@@ -129,9 +131,10 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         if b.perplexity is not None and a.perplexity is not None:
             rows.append(("perplexity", b.perplexity, a.perplexity))
     if rows:
-        fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.4), squeeze=False, layout="constrained")
         for ax, (name, x, y) in zip(axes[0], rows):
             ax.bar(["before", "after"], [x, y], color=["#c0392b", "#27ae60"])
+            ax.set_ylim(0, 1.15 * max(x, y, 1e-9))  # room for the value above the taller bar
             ax.set_title(name)
             for k, v in enumerate([x, y]):
                 ax.text(k, v, f"{v:.1f}", ha="center", va="bottom")
