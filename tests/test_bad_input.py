@@ -183,23 +183,24 @@ def _other_base(tmp):
     return make_tiny_llama(tmp / "other", hidden=16, inter=24)
 
 
-def _mv(tmp, data, *extra):
+def _variants(tmp, data, *extra):
     return ["make-variants", "--clean", data, "--out", tmp / "r", *extra]
 
 
 CASES = [
     # data files and options
-    ("missing data file", lambda tmp, a, b, d: _mv(tmp, tmp / "nope.jsonl"), 2, "not found"),
-    ("empty data file", lambda tmp, a, b, d: _mv(tmp, _data(tmp, "")), 2, "empty"),
-    ("malformed JSONL names the line", lambda tmp, a, b, d: _mv(tmp, _data(
+    ("missing data file", lambda tmp, a, b, d: _variants(tmp, tmp / "nope.jsonl"), 2, "not found"),
+    ("empty data file", lambda tmp, a, b, d: _variants(tmp, _data(tmp, "")), 2, "empty"),
+    ("malformed JSONL names the line", lambda tmp, a, b, d: _variants(tmp, _data(
         tmp, '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')), 2, "line 2"),
-    ("missing instruction field", lambda tmp, a, b, d: _mv(tmp, _data(tmp, '{"output": "b"}\n')), 2, "instruction"),
-    ("JSON list with a bad item", lambda tmp, a, b, d: _mv(tmp, _data(
+    ("missing instruction field", lambda tmp, a, b, d: _variants(tmp, _data(tmp, '{"output": "b"}\n')), 2,
+     "instruction"),
+    ("JSON list with a bad item", lambda tmp, a, b, d: _variants(tmp, _data(
         tmp, json.dumps([{"instruction": "a", "output": "b"}, 5]), "m.json")), 2, "item 1"),
     ("tau above 1", lambda tmp, a, b, d: ["score", "--out", tmp, "--tau", "1.5"], 2, "score.tau"),
     ("tau 0", lambda tmp, a, b, d: ["score", "--out", tmp, "--tau", "0"], 2, "score.tau"),
-    ("n-variants too small", lambda tmp, a, b, d: _mv(tmp, d, "-n", "1"), 2, "n_variants"),
-    ("unknown YAML key is named", lambda tmp, a, b, d: _mv(tmp, d, "--config", _data(
+    ("n-variants too small", lambda tmp, a, b, d: _variants(tmp, d, "-n", "1"), 2, "n_variants"),
+    ("unknown YAML key is named", lambda tmp, a, b, d: _variants(tmp, d, "--config", _data(
         tmp, "score:\n  taux: 0.3\n", "c.yaml")), 2, "score.taux"),
     # hostile or unusable models
     ("adapter without config", lambda tmp, a, b, d: _tp(_no_config(tmp, a), b, tmp), 2, "adapter_config.json"),

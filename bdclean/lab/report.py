@@ -44,7 +44,9 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     # 1. heatmap layer × channel, and below it the signature itself: thousands of channels share a few hundred
     # pixels, so marks drawn over the scores would vanish (or, at a large τ, hide them)
     fig, (ax, axm) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, layout="constrained")
-    im = ax.imshow(torch.log10(score.clamp_min(1e-12)).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    logs = torch.log10(score.clamp_min(1e-12))
+    lo = float(torch.quantile(logs.flatten()[:2**24], 0.01))  # a few near-zero channels must not flatten the colours
+    im = ax.imshow(logs.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=lo)
     ax.set_ylabel("layer")
     ax.set_title("channel score (log10)")
     axm.imshow(mask.float().numpy(), aspect="auto", cmap=ListedColormap(["white", "red"]), vmin=0, vmax=1,
@@ -103,8 +105,11 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         ax.axvline(rec["tau"], color="green", label=f"chosen τ = {rec['tau']:g}")
         ax.set_xlabel("τ")
         ax.set_ylabel("%")
+        ax.set_ylim(-3, 103)  # a share: all-zero ASR must read as 0 %, not as a range around it
         ax2.set_ylabel("perplexity / unsuppressed")
-        ax.legend(loc="upper right", fontsize=8)
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8,
+                  frameon=False)  # below the plot: inside it would cover the curves
         _savefig(fig, run_dir / "tau_selection.png")
         plt.close(fig)
         def pct(x):
