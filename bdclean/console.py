@@ -16,7 +16,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 # lines. The environment variable carries the level into worker processes.
 VERBOSITY_ENV = "BDCLEAN_VERBOSITY"
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
-_held: list[str] = []  # quiet: the last log line so far, shown when the command ends (release_result)
+_held: list = []  # quiet: the last log line so far, shown when the command ends (release_result)
 
 
 def verbosity() -> str:
@@ -28,7 +28,6 @@ def verbosity() -> str:
 
 def set_verbosity(level: str) -> None:
     import os
-
     import warnings
 
     _held.clear()
@@ -51,8 +50,8 @@ def release_result() -> None:
 
 def quiet_library_warnings() -> None:
     """Silence library notices a user cannot act on (in the CLI and in its worker processes): deprecations, and
-    PEFT's "base_model_name_or_path was renamed" UserWarning (bdclean builds every twin's LoRA config on a base
-    path of its own, so PEFT says it twice per twin). ``--verbose`` shows them."""
+    PEFT's "base_model_name_or_path was renamed" UserWarning (a LoRA config naming another path than the base
+    loaded: twice per twin in train-pairs). ``--verbose`` shows them."""
     import warnings
 
     if verbosity() == VERBOSE:

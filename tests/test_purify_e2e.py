@@ -236,8 +236,8 @@ def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_c
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / "suspicious" / "adapter_config.json").is_file()
     assert loaded and set(loaded) == {Path(tiny_base).resolve()}
-    for stage in ("suppressed", "purified"):
-        assert sorted(p.name for p in (out / stage).iterdir()) == ["adapter_config.json",
+    for stage, card in (("suppressed", []), ("purified", ["README.md"])):  # the card is bdclean's own
+        assert sorted(p.name for p in (out / stage).iterdir()) == [*card, "adapter_config.json",
                                                                     "adapter_model.safetensors", "manifest.json"]
     sig = json.loads((out / "score" / "signature.json").read_text())
     assert sig["channels"] and {c["layer"] for c in sig["channels"]} == {1}
