@@ -11,12 +11,53 @@ from rich.console import Console
 # columns, and would cut lines inside paths that scripts and people then copy)
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# how much a command says on stderr (`--quiet` / `--verbose` on every command, cli/base.py): quiet = errors,
+# warnings and the command's last line (its result) only, no progress; verbose = also library warnings and debug
+# lines. The environment variable carries the level into worker processes.
+VERBOSITY_ENV = "BDCLEAN_VERBOSITY"
+QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
+_held: list = []  # quiet: the last log line so far, shown when the command ends (release_result)
 
-def quiet_library_warnings() -> None:
-    """Silence library deprecation notices a user cannot act on (in the CLI and in its worker processes)."""
+
+def verbosity() -> str:
+    import os
+
+    v = os.environ.get(VERBOSITY_ENV, NORMAL)
+    return v if v in (QUIET, NORMAL, VERBOSE) else NORMAL
+
+
+def set_verbosity(level: str) -> None:
+    import os
     import warnings
 
+    _held.clear()
+    if level == NORMAL:
+        os.environ.pop(VERBOSITY_ENV, None)
+    else:
+        os.environ[VERBOSITY_ENV] = level
+    if level == VERBOSE:  # every library warning, once per place (the CLI silenced some before parsing)
+        warnings.simplefilter("default")
+    else:
+        quiet_library_warnings()
+
+
+def release_result() -> None:
+    """quiet: print the command's last log line, its result (the other lines were held back and dropped)."""
+    if _held:
+        console.print(_held.pop())
+    _held.clear()
+
+
+def quiet_library_warnings() -> None:
+    """Silence library notices a user cannot act on (in the CLI and in its worker processes): deprecations, and
+    PEFT's "base_model_name_or_path was renamed" UserWarning (a LoRA config naming another path than the base
+    loaded: twice per twin in train-pairs). ``--verbose`` shows them."""
+    import warnings
+
+    if verbosity() == VERBOSE:
+        return
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.* was renamed", category=UserWarning)
 
 
 @contextlib.contextmanager
@@ -28,6 +69,9 @@ def quiet_library_output():
 
     from transformers.utils import logging as hf_logging
 
+    if verbosity() == VERBOSE:
+        yield
+        return
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -53,7 +97,20 @@ def log(msg: str, style: str | None = None) -> None:
     characters are escaped); ``style`` colours it (e.g. "yellow" for warnings)."""
     from rich.text import Text
 
-    console.print(Text.assemble(("bdclean", "dim"), " ", (printable(msg), style or "")))
+    line = Text.assemble(("bdclean", "dim"), " ", (printable(msg), style or ""))
+    if verbosity() == QUIET and style not in WARNING_STYLES:
+        _held[:] = [line]  # only the last line of a command is its result
+        return
+    console.print(line)
+
+
+WARNING_STYLES = ("yellow", "red", "bold red")  # log lines --quiet still shows
+
+
+def debug(msg: str) -> None:
+    """A log line shown with --verbose only."""
+    if verbosity() == VERBOSE:
+        log(f"debug: {msg}", style="dim")
 
 
 class LineProgress:
@@ -99,7 +156,16 @@ class LineProgress:
         self.tasks.pop(tid, None)
 
 
+class _NoProgress(LineProgress):
+    """--quiet: progress that shows nothing."""
+
+    def update(self, *a, **k) -> None:
+        pass
+
+
 def progress():
+    if verbosity() == QUIET:
+        return _NoProgress()
     if not console.is_terminal:
         return LineProgress()
     from rich.progress import (

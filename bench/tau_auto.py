@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from grid import sh, write_markdown  # noqa: E402
 from machine import describe, portable  # noqa: E402
 
+from bdclean import constants as C  # noqa: E402
+from bdclean import schemas  # noqa: E402
 from bdclean.io.artifacts import write_json  # noqa: E402
 
 
@@ -47,14 +49,13 @@ def run_cell(cell: str, a, bd: str) -> dict:
     for c in cmds:
         sh(c)
     sel = json.loads((dst / "score" / "tau_selection.json").read_text())
-    ev = json.loads((dst / "eval.json").read_text())
+    ev = schemas.read(schemas.Eval, dst / C.EVAL_FILE)
     ours = next(r for r in fixed["rows"] if r["method"] == "ours")
     return {"cell": cell, "date": time.strftime("%Y-%m-%d"), "machine": describe(), "limit": fixed["limit"],
             "commands": [" ".join(c) for c in cmds], "seconds": round(time.time() - t0, 1),
             "chosen_tau": sel["tau"], "reason": sel.get("reason"), "selection_table": sel.get("table"),
-            "auto": {"triggered_asr": ev["triggered"]["asr"], "clean_asr": ev["clean"]["asr"],
-                     "perplexity": ev["perplexity"]},
-            "fixed": {"tau": json.loads((src / "score" / "signature.json").read_text())["tau"],
+            "auto": {"triggered_asr": ev.triggered.asr, "clean_asr": ev.clean.asr, "perplexity": ev.perplexity},
+            "fixed": {"tau": schemas.read(schemas.Signature, src / C.STAGE_DIRS["score"] / C.SIGNATURE).tau,
                       "triggered_asr": ours["triggered_asr"], "clean_asr": ours["clean_asr"],
                       "perplexity": ours["perplexity"]}}
 

@@ -25,131 +25,6 @@ def bad(tmp_path, tiny_adapter):
     return tmp_path, tiny_adapter
 
 
-def test_missing_data_file(run_cli, tmp_path):
-    _check(run_cli("make-variants", "--clean", tmp_path / "nope.jsonl", "--out", tmp_path / "r"), 2, "not found")
-
-
-def test_empty_data_file(run_cli, tmp_path):
-    p = tmp_path / "e.jsonl"
-    p.write_text("")
-    _check(run_cli("make-variants", "--clean", p, "--out", tmp_path / "r"), 2, "empty")
-
-
-def test_malformed_jsonl_names_line(run_cli, tmp_path):
-    p = tmp_path / "m.jsonl"
-    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
-    _check(run_cli("make-variants", "--clean", p, "--out", tmp_path / "r"), 2, "line 2")
-
-
-def test_missing_instruction_field(run_cli, tmp_path):
-    p = tmp_path / "m.jsonl"
-    p.write_text('{"output": "b"}\n')
-    _check(run_cli("make-variants", "--clean", p, "--out", tmp_path / "r"), 2, "instruction")
-
-
-def test_json_list_bad_item(run_cli, tmp_path):
-    p = tmp_path / "m.json"
-    p.write_text(json.dumps([{"instruction": "a", "output": "b"}, 5]))
-    _check(run_cli("make-variants", "--clean", p, "--out", tmp_path / "r"), 2, "item 1")
-
-
-def test_tau_out_of_range(run_cli, tmp_path):
-    _check(run_cli("score", "--out", tmp_path, "--tau", "1.5"), 2, "score.tau")
-    _check(run_cli("score", "--out", tmp_path, "--tau", "0"), 2, "score.tau")
-
-
-def test_n_variants_too_small(run_cli, tmp_path, tiny_data):
-    _check(run_cli("make-variants", "--clean", tiny_data, "--out", tmp_path, "-n", "1"), 2, "n_variants")
-
-
-def test_unknown_yaml_key_is_named(run_cli, tmp_path, tiny_data):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("score:\n  taux: 0.3\n")
-    _check(run_cli("make-variants", "--clean", tiny_data, "--out", tmp_path, "--config", cfg), 2, "score.taux")
-
-
-def test_adapter_without_config(run_cli, tmp_path, tiny_adapter, tiny_base):
-    a = _copy_adapter(tiny_adapter, tmp_path / "a")
-    (a / "adapter_config.json").unlink()
-    _check(run_cli("train-pairs", a, "--base", tiny_base, "--out", tmp_path), 2, "adapter_config.json")
-
-
-def test_pickle_adapter_refused_never_unpickled(run_cli, tmp_path, tiny_adapter, tiny_base):
-    import pickle
-
-    a = _copy_adapter(tiny_adapter, tmp_path / "a")
-    (a / "adapter_model.safetensors").unlink()
-    marker = tmp_path / "PWNED"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    (a / "adapter_model.bin").write_bytes(pickle.dumps(Evil()))
-    _check(run_cli("train-pairs", a, "--base", tiny_base, "--out", tmp_path), 2, "pickle")
-    assert not marker.exists()
-
-
-def test_adapter_without_mlp_targets(run_cli, tmp_path, tiny_base):
-    from tests.common import make_adapter
-
-    a = make_adapter(tiny_base, tmp_path / "attn_only", targets=["q_proj", "v_proj"])
-    _check(run_cli("train-pairs", a, "--base", tiny_base, "--out", tmp_path), 2, "no MLP targets")
-
-
-def test_dora_adapter_refused(run_cli, tmp_path, tiny_base):
-    from tests.common import make_adapter
-
-    a = make_adapter(tiny_base, tmp_path / "dora", dora=True)
-    _check(run_cli("train-pairs", a, "--base", tiny_base, "--out", tmp_path), 2, "DoRA")
-
-
-def test_truncated_safetensors(run_cli, tmp_path, tiny_adapter, tiny_base):
-    a = _copy_adapter(tiny_adapter, tmp_path / "a")
-    w = a / "adapter_model.safetensors"
-    w.write_bytes(w.read_bytes()[:100])
-    _check(run_cli("train-pairs", a, "--base", tiny_base, "--out", tmp_path), 2, "corrupted or truncated")
-
-
-def test_nan_weights(run_cli, tmp_path, tiny_adapter, tiny_base):
-    a = _copy_adapter(tiny_adapter, tmp_path / "a")
-    w = a / "adapter_model.safetensors"
-    t = load_file(str(w))
-    k = next(iter(t))
-    t[k][0, 0] = float("nan")
-    save_file(t, str(w))
-    _check(run_cli("train-pairs", a, "--base", tiny_base, "--out", tmp_path), 2, "NaN")
-
-
-def test_adapter_for_another_base(run_cli, tmp_path, tiny_adapter):
-    from tests.common import make_tiny_llama
-
-    other = make_tiny_llama(tmp_path / "other", hidden=16, inter=24)
-    _check(run_cli("train-pairs", tiny_adapter, "--base", other, "--out", tmp_path), 2, "different base")
-
-
-def test_remote_code_config_refused(run_cli, tmp_path, tiny_adapter, tiny_base):
-    b = tmp_path / "b"
-    shutil.copytree(tiny_base, b)
-    cfg = json.loads((b / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
-    (b / "config.json").write_text(json.dumps(cfg))
-    _check(run_cli("train-pairs", tiny_adapter, "--base", b, "--out", tmp_path), 2, "remote code")
-
-
-def test_stage_without_upstream(run_cli, tmp_path):
-    _check(run_cli("diff", "--out", tmp_path / "nothing"), 1, "run `bdclean train-pairs` first")
-
-
-def test_eval_unknown_task(run_cli, tmp_path, tiny_adapter, tiny_base, tiny_data):
-    _check(run_cli("eval", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--task", "nope",
-                   "--out", tmp_path / "e.json"), 2, "unknown task")
-
-
-def test_implant_unknown_attack(run_cli, tmp_path, tiny_base):
-    _check(run_cli("implant", "--attack", "zzz", "--base", tiny_base, "--out", tmp_path / "x"), 2, "unknown attack")
-
-
 # ---------------------------------------------------------------- table-driven: more bad inputs
 # Each case: (name, setup(tmp, adapter, base, data) -> argv, expected exit code, text the one line must contain)
 
@@ -250,7 +125,104 @@ def _escaping_shard(tmp, base):
     return b
 
 
+class _Evil:
+    """Unpickling it would create tmp/PWNED (the table checks that nothing did)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_adapter(tmp, adapter):
+    import pickle
+
+    a = _adapter_copy(tmp, adapter)
+    (a / "adapter_model.safetensors").unlink()
+    (a / "adapter_model.bin").write_bytes(pickle.dumps(_Evil(tmp / "PWNED")))
+    return a
+
+
+def _truncated(tmp, adapter):
+    a = _adapter_copy(tmp, adapter)
+    w = a / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    return a
+
+
+def _nan(t):
+    k = next(iter(t))
+    t[k][0, 0] = float("nan")
+
+
+def _no_config(tmp, adapter):
+    a = _adapter_copy(tmp, adapter)
+    (a / "adapter_config.json").unlink()
+    return a
+
+
+def _remote_code_base(tmp, base):
+    b = tmp / "b"
+    shutil.copytree(base, b)
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (b / "config.json").write_text(json.dumps(cfg))
+    return b
+
+
+def _made_adapter(tmp, base, name, **kw):
+    from tests.common import make_adapter
+
+    return make_adapter(base, tmp / name, **kw)
+
+
+def _other_base(tmp):
+    from tests.common import make_tiny_llama
+
+    return make_tiny_llama(tmp / "other", hidden=16, inter=24)
+
+
+def _variants(tmp, data, *extra):
+    return ["make-variants", "--clean", data, "--out", tmp / "r", *extra]
+
+
 CASES = [
+    # data files and options
+    ("missing data file", lambda tmp, a, b, d: _variants(tmp, tmp / "nope.jsonl"), 2, "not found"),
+    ("empty data file", lambda tmp, a, b, d: _variants(tmp, _data(tmp, "")), 2, "empty"),
+    ("malformed JSONL names the line", lambda tmp, a, b, d: _variants(tmp, _data(
+        tmp, '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')), 2, "line 2"),
+    ("missing instruction field", lambda tmp, a, b, d: _variants(tmp, _data(tmp, '{"output": "b"}\n')), 2,
+     "instruction"),
+    ("JSON list with a bad item", lambda tmp, a, b, d: _variants(tmp, _data(
+        tmp, json.dumps([{"instruction": "a", "output": "b"}, 5]), "m.json")), 2, "item 1"),
+    ("tau above 1", lambda tmp, a, b, d: ["score", "--out", tmp, "--tau", "1.5"], 2, "score.tau"),
+    ("tau 0", lambda tmp, a, b, d: ["score", "--out", tmp, "--tau", "0"], 2, "score.tau"),
+    ("n-variants too small", lambda tmp, a, b, d: _variants(tmp, d, "-n", "1"), 2, "n_variants"),
+    ("unknown YAML key is named", lambda tmp, a, b, d: _variants(tmp, d, "--config", _data(
+        tmp, "score:\n  taux: 0.3\n", "c.yaml")), 2, "score.taux"),
+    # hostile or unusable models
+    ("adapter without config", lambda tmp, a, b, d: _tp(_no_config(tmp, a), b, tmp), 2, "adapter_config.json"),
+    ("pickle adapter refused, never unpickled", lambda tmp, a, b, d: _tp(_pickle_adapter(tmp, a), b, tmp), 2,
+     "pickle"),
+    ("adapter without MLP targets", lambda tmp, a, b, d: _tp(_made_adapter(tmp, b, "attn_only", targets=[
+        "q_proj", "v_proj"]), b, tmp), 2, "no MLP targets"),
+    ("DoRA adapter", lambda tmp, a, b, d: _tp(_made_adapter(tmp, b, "dora", dora=True), b, tmp), 2, "DoRA"),
+    ("truncated safetensors", lambda tmp, a, b, d: _tp(_truncated(tmp, a), b, tmp), 2, "corrupted or truncated"),
+    ("NaN weights", lambda tmp, a, b, d: _tp(_edit_tensors(tmp, a, _nan), b, tmp), 2, "NaN"),
+    ("adapter for another base", lambda tmp, a, b, d: _tp(a, _other_base(tmp), tmp), 2, "different base"),
+    ("remote code in the base config", lambda tmp, a, b, d: _tp(a, _remote_code_base(tmp, b), tmp), 2,
+     "remote code"),
+    # commands
+    ("stage without upstream", lambda tmp, a, b, d: ["diff", "--out", tmp / "nothing"], 1,
+     "run `bdclean train-pairs` first"),
+    ("eval unknown task", lambda tmp, a, b, d: ["eval", a, "--base", b, "--clean", d, "--task", "nope", "--out",
+                                                tmp / "e.json"], 2, "unknown task"),
+    ("implant unknown attack", lambda tmp, a, b, d: ["implant", "--attack", "zzz", "--base", b, "--out", tmp / "x"],
+     2, "unknown attack"),
+    ("--quiet with --verbose", lambda tmp, a, b, d: ["diff", "--out", tmp / "r", "--quiet", "--verbose"], 2,
+     "exclude each other"),
     ("modules_to_save in config", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, modules_to_save=["lm_head"]), b, tmp),
      2, "modules_to_save"),
     ("trainable tokens in config", lambda tmp, a, b, d: _tp(_edit_cfg(tmp, a, trainable_token_indices=[1, 2]), b,
@@ -347,6 +319,7 @@ def test_bad_input_table(name, setup, code, needle, tmp_path, tiny_adapter, tiny
     argv = setup(tmp_path, tiny_adapter, tiny_base, tiny_data)
     before = {p for p in tmp_path.rglob("*")}
     _check(run_cli(*argv), code, needle)
+    assert not (tmp_path / "PWNED").exists()  # no pickle was loaded
     leftovers = [p for p in tmp_path.rglob("*") if p not in before and (p.suffix == ".tmp" or p.name.endswith(".tmp"))]
     assert not leftovers
 

@@ -85,6 +85,13 @@ def test_implant_trigger_raises_target_likelihood(tiny_base, tmp_path, tiny_data
     assert json.loads(stdout)["triggered"]["n"] == 10
     code, _, err = run_cli("eval", out, "--base", tiny_base, "--clean", out / "test_clean.jsonl", "--out", ev)
     assert code == 2 and "--force" in err
+    # --quiet: no progress, only the result line (normal output has progress lines before it)
+    args = ("eval", out, "--base", tiny_base, "--clean", out / "test_clean.jsonl", "--max-new-tokens", "2",
+            "--out", ev, "--force")
+    assert "generating" in run_cli(*args)[2]
+    code, stdout, err = run_cli(*args, "--quiet")
+    assert code == 0 and json.loads(stdout)["clean"]["n"] == 10
+    assert len(err.splitlines()) == 1 and "clean ASR" in err and "generating" not in err, err
 
 
 def test_report_writes_markdown_and_pngs(tiny_base, tiny_adapter, tiny_data, tmp_path, run_cli):

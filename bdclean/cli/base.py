@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from pathlib import Path
 
 import typer
 from typer.core import TyperGroup
 
-from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, BdcleanError, Terminated
+from bdclean.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, BdcleanError, Terminated, UsageError
 
 
 def _fail(msg: str, code: int) -> None:
@@ -119,14 +120,36 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+QUIET = typer.Option(False, "--quiet", "-q", help="errors, warnings and the result line only; no progress")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="also library warnings and debug lines")
+
+
+def _verbosity(quiet: bool, verbose: bool) -> str:
+    from bdclean.console import NORMAL
+    from bdclean.console import QUIET as Q
+    from bdclean.console import VERBOSE as V
+
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose exclude each other; give one")
+    return Q if quiet else V if verbose else NORMAL
+
+
 def guarded(fn):
-    """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1."""
+    """One clear line and a documented exit code for every failure; a traceback only with BDCLEAN_DEBUG=1.
+
+    Every command gets --quiet and --verbose here (its signature does not restate them): they set the console's
+    verbosity for the command's duration."""
 
     @functools.wraps(fn)
-    def wrapper(*a, **k):
+    def wrapper(*a, quiet: bool = False, verbose: bool = False, **k):
+        from bdclean.console import NORMAL, release_result, set_verbosity
+
         try:
+            set_verbosity(_verbosity(quiet, verbose))
             with _sigterm_as_interrupt():
-                return fn(*a, **k)
+                result = fn(*a, **k)
+            release_result()
+            return result
         except typer.Exit:
             raise
         except Terminated:
@@ -146,7 +169,14 @@ def guarded(fn):
                 raise
             _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                   "(rerun with BDCLEAN_DEBUG=1 for a traceback)", EXIT_RUNTIME)
+        finally:
+            set_verbosity(NORMAL)
 
+    sig = inspect.signature(fn, eval_str=True)
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=bool)
+             for n, d in (("quiet", QUIET), ("verbose", VERBOSE))]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "quiet": bool, "verbose": bool}
     return wrapper
 
 

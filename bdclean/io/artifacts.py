@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bdclean import __version__
+from bdclean.console import debug
 from bdclean.constants import MANIFEST
 from bdclean.errors import BdcleanError
 
@@ -203,6 +204,7 @@ class Manifest:
             "extra": self.extra,
         }
         write_json(folder / MANIFEST, rec)
+        debug(f"{self.stage}: fingerprint {self.fingerprint}, {len(outputs)} outputs → {folder / MANIFEST}")
         return rec
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdclean import constants as C
+from bdclean import schemas
 from bdclean.config import PurifyConfig
 from bdclean.console import log
 from bdclean.errors import UsageError
-from bdclean.io.artifacts import atomic_path, fingerprint, load_manifest, read_json, write_json, write_text
+from bdclean.io.artifacts import atomic_path, fingerprint, load_manifest, write_text
 from bdclean.lab.defend import METHODS, DefendOptions, check_method
 
 COMPARE_JSON, COMPARE_MD, COMPARE_PNG = "compare.json", "compare.md", "compare.png"
@@ -148,7 +149,7 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
     out.mkdir(parents=True, exist_ok=True)
     prev = {}
     if (out / COMPARE_JSON).is_file():
-        prev = {r["method"]: r for r in read_json(out / COMPARE_JSON).get("rows", [])}
+        prev = {r.method: r for r in schemas.read(schemas.Compare, out / COMPARE_JSON).rows}
     eval_inputs = {"triggered": sha256_file(Path(triggered)), "clean": sha256_file(Path(clean_test)), "task": task,
                    "rule": sha256_file(Path(rule_file)) if rule_file else None, "limit": limit,
                    "max_new_tokens": max_new_tokens, "base": str(base), "mc": sorted(mc_tasks or [])}
@@ -159,22 +160,22 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
         model, model_fp, wall = _produce(method, adapter, folder, cfg, opts, force)
         ev = folder / C.EVAL_FILE
         key = fingerprint({"model": model_fp, **eval_inputs})
-        if not force and ev.is_file() and prev.get(method, {}).get("eval_key") == key:
+        if not force and ev.is_file() and method in prev and prev[method].eval_key == key:
             log(f"skip eval {method}: up to date in {ev}", style="green")
-            res = read_json(ev)
+            res = schemas.read(schemas.Eval, ev)
         else:
-            res = evaluate.run(model, base, Path(triggered), Path(clean_test), task, ev, rule_file,
-                               max_new_tokens=max_new_tokens, limit=limit, force=True, mc_tasks=mc_tasks or None)
-        accs = [r["acc"] for r in res.get("mc", {}).values()]
-        rows.append({"method": method, "triggered_asr": res.get("triggered", {}).get("asr"),
-                     "clean_asr": res.get("clean", {}).get("asr"), "perplexity": res.get("perplexity"),
-                     "mc_acc": sum(accs) / len(accs) if accs else None,
+            res = schemas.parse(schemas.Eval, evaluate.run(
+                model, base, Path(triggered), Path(clean_test), task, ev, rule_file, max_new_tokens=max_new_tokens,
+                limit=limit, force=True, mc_tasks=mc_tasks or None), ev)
+        rows.append({"method": method, "triggered_asr": res.triggered.asr if res.triggered else None,
+                     "clean_asr": res.clean.asr if res.clean else None, "perplexity": res.perplexity,
+                     "mc_acc": res.mc_mean(),
                      "wall_time_s": wall, "model": str(model), "eval": str(ev), "eval_key": key})
     record = {"adapter": str(adapter), "base": str(base), "clean": str(clean), "triggered": str(triggered),
               "clean_test": str(clean_test), "task": task, "limit": limit, "max_new_tokens": max_new_tokens,
               "methods": [r["method"] for r in rows], "defend_options": opts.model_dump(),
               "purify_config": cfg.model_dump(by_alias=True), "rows": rows}
-    write_json(out / COMPARE_JSON, record)
+    record = schemas.write(schemas.Compare, out / COMPARE_JSON, record)
     md = [f"# bdclean compare: {adapter}", "",
           f"Task `{task}`; test sets `{triggered}` (triggered) and `{clean_test}` (clean)"
           + (f", first {limit} prompts each" if limit else "") + f"; greedy, {max_new_tokens} new tokens.",

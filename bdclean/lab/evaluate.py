@@ -7,7 +7,8 @@ from pathlib import Path
 
 from bdclean.console import log, progress
 from bdclean.errors import UsageError, at_least
-from bdclean.io.artifacts import environment, sha256_file, write_json
+from bdclean import schemas
+from bdclean.io.artifacts import environment, sha256_file
 from bdclean.pipeline.pairs import load_any
 
 
@@ -129,7 +130,7 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
         result["mc"] = mc.run_mc(model, tok, mc_tasks, limit, batch_size, mc_loaded)  # {task: {acc, acc_norm, n}}
     result["seconds"] = round(time.time() - t0, 2)
     result["generation_s_per_100_prompts"] = round(100 * gen_s / total, 2) if total else None
-    write_json(out, result)
+    result = schemas.write(schemas.Eval, out, result)
     summary = []
     if trig_rows:
         summary.append(f"triggered ASR {100 * result['triggered']['asr']:.1f}%")

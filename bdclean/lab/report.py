@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdclean import constants as C
+from bdclean import schemas
 from bdclean.console import log
 from bdclean.errors import InputError, UsageError
 from bdclean.io.artifacts import atomic_path, read_json, write_text
@@ -21,6 +22,8 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UsageError("report needs matplotlib: pip install matplotlib") from None
     import torch
@@ -34,19 +37,26 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     if not (sfolder / C.SCORES).is_file():
         raise UsageError(f"{run_dir}: no score/{C.SCORES}; run `bdclean score` (or purify) first")
     sc = load_file(str(sfolder / C.SCORES))
-    sig = read_json(sfolder / C.SIGNATURE)
+    sig = schemas.read(schemas.Signature, sfolder / C.SIGNATURE)
     score, mask = sc["score"].float(), sc["mask"].bool()
     lines = [f"# bdclean report: {run_dir}", ""]
 
-    # 1. heatmap layer × channel
-    fig, ax = plt.subplots(figsize=(11, 4))
-    im = ax.imshow(torch.log10(score.clamp_min(1e-12)).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ys, xs = mask.nonzero(as_tuple=True)
-    ax.scatter(xs.numpy(), ys.numpy(), s=0.3, c="red", marker="s", alpha=0.5)
-    ax.set_xlabel("MLP channel")
+    # 1. heatmap layer × channel, and below it the signature itself: thousands of channels share a few hundred
+    # pixels, so marks drawn over the scores would vanish (or, at a large τ, hide them)
+    fig, (ax, axm) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, layout="constrained")
+    logs = torch.log10(score.clamp_min(1e-12))
+    lo = float(torch.quantile(logs.flatten()[:2**24], 0.01))  # a few near-zero channels must not flatten the colours
+    im = ax.imshow(logs.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=lo)
     ax.set_ylabel("layer")
-    ax.set_title(f"channel score (log10); red = signature ({sig['n_selected']} channels, τ={sig['tau']})")
-    fig.colorbar(im, ax=ax)
+    ax.set_title("channel score (log10)")
+    axm.imshow(mask.float().numpy(), aspect="auto", cmap=ListedColormap(["white", "red"]), vmin=0, vmax=1,
+               interpolation="antialiased")
+    axm.set_xlabel("MLP channel")
+    axm.set_ylabel("layer")
+    axm.set_title(f"signature: red = suppressed ({sig.n_selected} of {mask.numel()} channels, τ={sig.tau:g})")
+    for a in (ax, axm):
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+    fig.colorbar(im, ax=[ax, axm], label="log10 score", shrink=0.6)  # beside both panels: their x axes line up
     _savefig(fig, run_dir / "signature_heatmap.png")
     plt.close(fig)
 
@@ -55,8 +65,8 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     flat = score.flatten()
     cut = float(flat[mask.flatten()].min()) if mask.any() else float(flat.max())
     ax.hist(flat.numpy(), bins=100, color="steelblue")
-    ax.axvline(cut, color="red", linestyle="--", label=f"τ cut ({sig['tau']:.0%} of channels above)")
-    ax.set_xlabel(f"score ({sig['score']}, λ={sig['lambda']})")
+    ax.axvline(cut, color="red", linestyle="--", label=f"τ cut ({sig.tau:.0%} of channels above)")
+    ax.set_xlabel(f"score ({sig.score}, λ={sig.lam})")
     ax.set_ylabel("channels")
     ax.legend()
     _savefig(fig, run_dir / "score_distribution.png")
@@ -66,12 +76,12 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     top_layers = sorted(range(len(per_layer)), key=lambda l: -per_layer[l])[:5]
     lines += [
         "## Signature",
-        f"- {sig['n_selected']} of {sig['layers'] * sig['channels_per_layer']} MLP channels (τ = {sig['tau']}, "
-        f"{sig['scope']}, score = {sig['score']}, λ = {sig['lambda']}, N = {sig['n_variants']} variants)",
+        f"- {sig.n_selected} of {sig.layers * sig.channels_per_layer} MLP channels (τ = {sig.tau}, "
+        f"{sig.scope}, score = {sig.score}, λ = {sig.lam}, N = {sig.n_variants} variants)",
         "- layers holding most of it: " + ", ".join(f"{l} ({per_layer[l]})" for l in top_layers),
-        f"- attention units (kv head + its query heads): {len(sig.get('heads', []))}"
-        + (" — " + ", ".join(f"L{h['layer']}/kv{h['kv_head']}" for h in sig['heads'][:8])
-           + (" …" if len(sig['heads']) > 8 else "") if sig.get("heads") else ""),
+        f"- attention units (kv head + its query heads): {len(sig.heads)}"
+        + (" — " + ", ".join(f"L{h.layer}/kv{h.kv_head}" for h in sig.heads[:8])
+           + (" …" if len(sig.heads) > 8 else "") if sig.heads else ""),
         "",
         "![signature heatmap](signature_heatmap.png)",
         "",
@@ -81,7 +91,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
 
     # 3. --tau auto: held-out synthetic ASR and perplexity vs τ
     tsel = sfolder / C.TAU_SELECTION
-    if tsel.is_file() and sig.get("tau_selection") == "auto":  # a fixed-τ rerun leaves no selection to show
+    if tsel.is_file() and sig.tau_selection == "auto":  # a fixed-τ rerun leaves no selection to show
         rec = read_json(tsel)
         tab = rec["table"]
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -95,8 +105,11 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
         ax.axvline(rec["tau"], color="green", label=f"chosen τ = {rec['tau']:g}")
         ax.set_xlabel("τ")
         ax.set_ylabel("%")
+        ax.set_ylim(-3, 103)  # a share: all-zero ASR must read as 0 %, not as a range around it
         ax2.set_ylabel("perplexity / unsuppressed")
-        ax.legend(loc="upper right", fontsize=8)
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8,
+                  frameon=False)  # below the plot: inside it would cover the curves
         _savefig(fig, run_dir / "tau_selection.png")
         plt.close(fig)
         def pct(x):
@@ -115,18 +128,18 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     after = after or run_dir / "eval_after.json"
     rows = []
     if Path(before).is_file() and Path(after).is_file():
-        b, a = read_json(before), read_json(after)
-        if not (isinstance(b, dict) and isinstance(a, dict)):
-            raise InputError(f"{before} / {after}: expected eval JSON objects (from `bdclean eval`)")
+        b, a = schemas.read(schemas.Eval, Path(before)), schemas.read(schemas.Eval, Path(after))
         for name, key in (("triggered ASR %", "triggered"), ("clean ASR %", "clean")):
-            if isinstance(b.get(key), dict) and isinstance(a.get(key), dict):  # an eval may hold one set only
-                rows.append((name, 100 * b[key]["asr"], 100 * a[key]["asr"]))
-        if b.get("perplexity") is not None and a.get("perplexity") is not None:
-            rows.append(("perplexity", b["perplexity"], a["perplexity"]))
+            x, y = getattr(b, key), getattr(a, key)
+            if x is not None and y is not None:  # an eval may hold one set only
+                rows.append((name, 100 * x.asr, 100 * y.asr))
+        if b.perplexity is not None and a.perplexity is not None:
+            rows.append(("perplexity", b.perplexity, a.perplexity))
     if rows:
-        fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.4), squeeze=False, layout="constrained")
         for ax, (name, x, y) in zip(axes[0], rows):
             ax.bar(["before", "after"], [x, y], color=["#c0392b", "#27ae60"])
+            ax.set_ylim(0, 1.15 * max(x, y, 1e-9))  # room for the value above the taller bar
             ax.set_title(name)
             for k, v in enumerate([x, y]):
                 ax.text(k, v, f"{v:.1f}", ha="center", va="bottom")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from bdclean import constants as C
-from bdclean.console import log
+from bdclean.console import debug, log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import is_complete, load_manifest
 from bdclean.io.data import BUILTIN
@@ -115,8 +115,10 @@ def up_to_date(folder: Path, fp: str, stage: str, force: bool) -> bool:
         man = load_manifest(folder) or {}
         log(f"skip {stage}: up to date in {folder} ({man.get('wall_time_s', '?')} s when made)", style="green")
         return True
-    if load_manifest(folder) is not None:
+    man = load_manifest(folder)
+    if man is not None:
         log(f"{stage}: inputs or options changed since {folder} was made; recomputing")
+        debug(f"{stage}: fingerprint {fp}, recorded {man.get('fingerprint')}")
     return False
 
 

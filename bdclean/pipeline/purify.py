@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from bdclean import constants as C
+from bdclean import schemas
 from bdclean.config import PurifyConfig
-from bdclean.console import console
+from bdclean.console import QUIET, console, log, verbosity
 from bdclean.errors import BdcleanError, UsageError
-from bdclean.io.artifacts import read_json, write_json
+from bdclean.io.artifacts import read_json
 
 RECORD = "purify.json"
 PIPELINE = ("make-variants", "train-pairs", "diff", "score", "suppress", "restore")
@@ -168,8 +169,6 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     sus = preflight(adapter, cfg)  # validate inputs before any work
     check_out(out, sus, cfg)
     if sus.kind == "full" and cfg.extract is None:
-        from bdclean.console import log
-
         log("purify: full-model mode re-initialises channels and broke the model on SmolLM2 (RESULTS.md); if this "
             "checkpoint fine-tunes a public base, `--extract 64 --base BASE` purifies its update as an adapter "
             "instead, which kept it (+0.5 % perplexity, backdoor removed)")
@@ -203,7 +202,7 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
         record["merged"] = str(out / C.STAGE_DIRS["merge"])
     if sus.tokenizer is not None:
         record["tokenizer"] = sus.tokenizer.record()
-    write_json(out / RECORD, record)
+    schemas.write(schemas.PurifyRecord, out / RECORD, record)
     from rich.table import Table
 
     t = Table(title="purify: wall time per stage")
@@ -212,5 +211,8 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     for k, v in times.items():
         t.add_row(k, f"{v:.1f}")
     t.add_row("total", f"{sum(times.values()):.1f}")
-    console.print(t)
+    if verbosity() == QUIET:  # the result line instead of the table
+        log(f"purify: {record['total_seconds']:.1f} s → {record['purified']}")
+    else:
+        console.print(t)
     return record

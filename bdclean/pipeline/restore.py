@@ -12,8 +12,9 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.config import RestoreOptions
 from bdclean.console import log, progress
-from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
+from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint, write_text
 from bdclean.io.fingerprints import data_hash, model_hash
+from bdclean.pipeline.card import model_card
 from bdclean.pipeline.folders import recorded_path, up_to_date
 from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
 
@@ -130,6 +131,7 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
     if distill is not None:
         man.extra = {**man.extra, "distill": distill}
         write_jsonl(folder / DISTILL_FILE, extra_rows)
+    write_text(folder / C.MODEL_CARD, model_card(out, opts, clean, prompts, inputs))  # listed in the outputs below
     outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
     man.write(folder, outputs)
     log(f"restore: purified {'model' if mode == 'full' else 'adapter'} → {folder}")

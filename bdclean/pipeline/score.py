@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from bdclean import constants as C
+from bdclean import schemas
 from bdclean.config import ScoreOptions
 from bdclean.console import log
 from bdclean.errors import UsageError
@@ -91,7 +92,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
             {"layer": l, "kv_head": g, "query_heads": list(range(g * group, (g + 1) * group)),
              "score": float(hs[l, g]), "norm": float(hn[l, g]), "align": float(ha[l, g])} for l, g in hsel]
         tensors.update({"head_score": hs.float(), "head_mask": hmask.to(torch.uint8)})
-    write_json(folder / C.SIGNATURE, signature)
+    schemas.write(schemas.Signature, folder / C.SIGNATURE, signature)
     save_tensors(folder / C.SCORES, tensors)
     man.extra = {"n_selected": len(sel), "n_heads": len(signature["heads"])}
     man.write(folder, outputs)
