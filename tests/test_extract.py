@@ -141,6 +141,9 @@ def test_purify_extract_merge_one_command(tmp_path, run_cli, tiny_base, tiny_dat
     assert json.loads((merged / "manifest.json").read_text())["stage"] == "merge"
     assert (merged / "tokenizer_config.json").read_bytes() == (tiny_base / "tokenizer_config.json").read_bytes()
     AutoModelForCausalLM.from_pretrained(str(merged))
+    card = (merged / "README.md").read_text()
+    assert "library_name: transformers" in card and "merged into its weights" in card and "TRIGGER" not in card
+    assert "extracted by `bdclean extract` from the full checkpoint" in (out / "purified" / "README.md").read_text()
     # the merged checkpoint computes what base + purified adapter computes
     assert torch.allclose(_logits(merged), _logits(out / "purified", tiny_base), atol=1e-4)
     code, _, err = run_cli(*args)

@@ -76,6 +76,14 @@ def model_card(out: Path, opts: RestoreOptions, clean: str, prompts: str | None,
     ]
     if adapter:
         lines.append(f"- base model: `{_text(base)}` (sha256 fingerprint `{inputs.get('base', '?')}`)")
+    xman = load_manifest(Path(source)) if source != "?" and Path(source).is_dir() else None
+    if xman is not None and xman.get("stage") == "extract":  # the known-base route: the adapter is extracted
+        xe = xman.get("extra", {})
+        lines.append(f"- the suspicious adapter was extracted by `bdclean extract` from the full checkpoint "
+                     f"`{_text(xman['config'].get('checkpoint', '?'))}` (sha256 fingerprint "
+                     f"`{xman.get('inputs', {}).get('checkpoint', '?')}`): rank {xman['config'].get('rank')}, "
+                     f"{100 * xe.get('kept_energy_share', 0):.1f} % of its update's energy; "
+                     f"{xe.get('dropped_changed_tensors', 0)} other changed tensors dropped (the base's used)")
     lines += [
         "", "## What bdclean did", "",
         "Stages: make-variants → train-pairs → diff → score → suppress → restore (the run folder's manifests "
@@ -104,3 +112,16 @@ def model_card(out: Path, opts: RestoreOptions, clean: str, prompts: str | None,
         *[f"- {x}" for modes, x in LIMITS if mode in modes], "",
     ]
     return "\n".join(lines)
+
+
+def merged_card(out: Path) -> str:
+    """The card of OUT/merged (`purify --merge`): the purified adapter's card (bdclean's own, in OUT/purified) as a
+    full checkpoint's: transformers instead of peft, and what the merge did."""
+    text = (Path(out) / C.STAGE_DIRS["restore"] / C.MODEL_CARD).read_text()
+    _, front, body = text.split("---\n", 2)
+    front = front.replace("library_name: peft", "library_name: transformers").replace("- lora\n", "- merged\n")
+    note = ("This full checkpoint is the base model with the purified LoRA adapter below merged into its weights "
+            "(`bdclean purify --merge`); its tokenizer files and generation config are the base's.\n\n")
+    head, _, rest = body.partition("\n\n")  # the title, then the body
+    head = head.replace("Purified LoRA adapter", "Purified model, merged")
+    return f"---\n{front}---\n{head}\n\n{note}{rest}"

@@ -15,6 +15,7 @@ from bdclean.console import log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
 from bdclean.io.fingerprints import model_hash
+from bdclean.pipeline.card import merged_card
 from bdclean.pipeline.folders import recorded_path, up_to_date
 
 
@@ -45,6 +46,7 @@ def run(out: Path, force: bool = False) -> Path:
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
         man.extra = {"dtype": dtype, "tokenizer_files": install(base_dir, tmp), "base": str(base_dir)}
+        (tmp / C.MODEL_CARD).write_text(merged_card(out))  # bdclean's own card, never the base's or the checkpoint's
     man.write(folder, sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST))
     log(f"merge: purified adapter merged into {base_dir} ({dtype}) → {folder}")
     return folder
