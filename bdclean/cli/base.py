@@ -201,7 +201,7 @@ FORCE = typer.Option(False, "--force", help="recompute even if the stage is up t
 WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
                       "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
 EXECUTOR = typer.Option(None, "--executor", help="where train-pairs trains the twins: 'local' (default; this "
-                        "machine, see --workers) or 'ray' (one Ray task per twin; pip install 'bdclean[ray]')")
+                        "machine, see --workers) or 'ray' (one Ray task per twin; pip install 'bdclean\\[ray]')")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="--executor ray: HOST:PORT of the Ray cluster to join (or "
                            "'auto'); default: start a local cluster on this machine's cores")
 BASE = typer.Option(None, "--base", parser=nonempty_name,
