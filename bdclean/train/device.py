@@ -162,6 +162,10 @@ def load_placed(model_dir, placement: Placement | None = None):
     if p.device != "cpu":
         model = model.to(p.device)
     if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.24 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.enable_input_require_grads()
     return model

@@ -112,7 +112,8 @@ def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Ten
     decoder, head = causal_parts(model)
     dev = head.weight.device  # batches go where the model is (a no-op on CPU)
     # under gradient checkpointing transformers drops the KV cache the shared prefix needs: no sharing then
-    L = shared_prefix_len(examples) if len(examples) > 1 and not checkpointing(model) else 0
+    ckpt = checkpointing(model)
+    L = shared_prefix_len(examples) if len(examples) > 1 and not ckpt else 0
     if L >= MIN_SHARED_PREFIX:
         prefix = torch.tensor(examples[0].ids[:L], dtype=torch.long)[None].to(dev)
         kw = _cache_kwarg(type(decoder))
@@ -125,7 +126,7 @@ def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Ten
         hidden = decoder(input_ids=ids, attention_mask=full_mask, use_cache=True, **{kw: cache}).last_hidden_state
     else:
         ids, mask, rows, cols = (t.to(dev) for t in collate(examples, pad_id))
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask, **({"use_cache": False} if ckpt else {})).last_hidden_state
     h = hidden[rows, cols]
     logits = head(h).float()
     targets = ids[rows, cols + 1]
@@ -141,11 +142,17 @@ def step_loss(model, step: Step, pad_id: int) -> torch.Tensor:
     return total
 
 
+def _is_checkpointing(causal) -> bool:
+    name = "is_activation_checkpointing" if hasattr(causal, "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"  # transformers ≥ 5.24 deprecates the second name
+    return bool(getattr(causal, name, False))
+
+
 def checkpointing(model) -> bool:
     """Gradient checkpointing is on (train/device.py load_placed) and active (transformers checkpoints only in
     training mode)."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(model.training and getattr(causal, "is_gradient_checkpointing", False))
+    return bool(model.training and _is_checkpointing(causal))
 
 
 def _training_mode(model) -> None:
@@ -153,7 +160,7 @@ def _training_mode(model) -> None:
     (transformers checkpoints only then) with every dropout module still off."""
     model.eval()
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(causal, "is_gradient_checkpointing", False):
+    if _is_checkpointing(causal):
         model.train()
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
