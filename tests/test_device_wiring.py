@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from bdclean.train import device as dev
+from tests.test_device import fake_cuda, no_cuda  # noqa: F401 - fixtures: torch.cuda faked (two GPUs) or absent
 
 FAST = ["--n-variants", "2", "--samples", "6"]
 YAML = ("pairs:\n  epochs: 1\n  batch_size: 3\n  max_len: 48\nrestore:\n  samples: 6\n  epochs: 1\n  max_len: 48\n"
@@ -131,20 +132,6 @@ def _one_line_exit_2(code, err):
     return lines[0]
 
 
-@pytest.fixture()
-def no_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture()
-def fake_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"Fake GPU {i}")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
-
-
 def _commands(tiny_base, tiny_adapter, tiny_data, out):
     trig = tiny_data
     return {
@@ -223,6 +210,7 @@ def test_cuda_train_pairs_plans_one_process_on_the_gpu(tiny_base, tiny_adapter, 
                            "--device", "cuda", "--workers", "2")
     assert "the local executor trains the twins in this process" in _one_line_exit_2(code, err)
     assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
     rec = dev.resolve("cuda:1").record()
     assert rec["device_name"] == "Fake GPU 1" and rec["cuda"] == "12.4"
 
