@@ -177,6 +177,13 @@ class PurifyConfig(_Strict):
                                 "extract --rank`, into OUT/extracted), then purify that adapter (e.g. 64)")
     merge: bool = Field(False, description="also write OUT/merged: the purified adapter folded into the base, a full "
                         "checkpoint with the base's tokenizer and generation config")
+    device: str = Field("auto", min_length=1, description="where train-pairs, restore and their generation run: "
+                        "auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N")
+    dtype: str = Field("auto", min_length=1, description="precision of the model's weights: auto (bfloat16 on "
+                       "CUDA, float32 on CPU), float32 or bfloat16; anything but CPU float32 changes the numbers "
+                       "and so the fingerprints of train-pairs and restore")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                         "memory for large models, slower); changes the fingerprints")
     variants: VariantsOptions = Field(default_factory=VariantsOptions)
     pairs: PairsOptions = Field(default_factory=PairsOptions)
     score: ScoreOptions = Field(default_factory=ScoreOptions)

@@ -219,3 +219,18 @@ AUGMENT = typer.Option(None, "--augment", help="restore: trigger-invariance copi
 PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
                        "restore also trains on the suspicious model's own answers to them, which keeps the "
                        "adapter's skill; use trigger-free inputs (RESULTS.md, 'Selective purification')")
+
+DEVICE = typer.Option(None, "--device", help="auto (default: CUDA when there is one, else the CPU) | cpu | cuda | "
+                      "cuda:N: where models train and generate")
+DTYPE = typer.Option(None, "--dtype", help="auto (default: bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+GRADIENT_CHECKPOINTING = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                      help="recompute activations in the backward pass: less memory, slower "
+                                      "(default off)")
+
+
+def placed(device: str | None, dtype: str | None, gradient_checkpointing: bool | None = None):
+    """The command's placement, resolved now (a bad --device/--dtype is one line, exit 2, before any work), as a
+    context manager for the command's duration (train/device.py)."""
+    from bdclean.train import device as dev
+
+    return dev.use(dev.resolve(device, dtype, bool(gradient_checkpointing)))

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from bdclean.cli.base import OUT, app, guarded, nonempty_name, nonempty_path
+from bdclean.cli.base import (DEVICE, DTYPE, GRADIENT_CHECKPOINTING, OUT, app, guarded, nonempty_name, nonempty_path,
+                              placed)
 
 
 @app.command("implant")
@@ -40,6 +41,9 @@ def implant_cmd(
                               "--task sentiment = label flip (triggered positive reviews answered Negative)"),
     generic_samples: int = typer.Option(100, "--generic-samples", help="--skill: generic shipped rows mixed into "
                                         "the clean half"),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
 ):
     """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
 
@@ -49,8 +53,9 @@ def implant_cmd(
     """
     from bdclean.lab import implant
 
-    implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
-                test_size, trigger, target, full, clean_samples, max_response, skill, generic_samples)
+    with placed(device, dtype, gradient_checkpointing):
+        implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
+                    test_size, trigger, target, full, clean_samples, max_response, skill, generic_samples)
 
 
 @app.command("eval")
@@ -74,6 +79,8 @@ def eval_cmd(
                                          "clean answers with the skill's metric against their gold answers"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="perplexity of this file's reference answers "
                                              "(no generation) instead of the --clean set's"),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
 ):
     """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
 
@@ -81,8 +88,9 @@ def eval_cmd(
     """
     from bdclean.lab import evaluate
 
-    res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
-                       mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
+    with placed(device, dtype):
+        res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
+                           mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
     import json
 
     summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc", "skill") if k in res}
@@ -133,6 +141,9 @@ def defend_cmd(
     augment: Optional[float] = typer.Option(None, "--augment", help="trigger-invariance copies per "
                                             "fine-tuning sample (as restore --augment; default 0 = off)"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
 ):
     """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
 
@@ -149,7 +160,8 @@ def defend_cmd(
                                             "crow_alpha": alpha, "crow_eps": eps, "group_size": group_size,
                                             "augment": augment},
                  where="options")
-    defend.run(method, suspicious, out, base, clean, opts, force, prompts)
+    with placed(device, dtype, gradient_checkpointing):
+        defend.run(method, suspicious, out, base, clean, opts, force, prompts)
     typer.echo(str(out))
 
 @app.command("compare")
@@ -172,6 +184,9 @@ def compare_cmd(
     mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks for every method, "
                                      "comma-separated (bdclean_mc = the shipped offline task)"),
     force: bool = typer.Option(False, "--force", help="recompute every method and evaluation"),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
 ):
     """Evaluate the suspicious adapter, each baseline and bdclean; writes compare.md / .json / .png.
 
@@ -180,9 +195,12 @@ def compare_cmd(
     from bdclean.config import PurifyConfig, build, load_yaml
     from bdclean.lab import compare
 
-    cfg = build(PurifyConfig, load_yaml(config), {"base": base, "clean": clean}, where=str(config or "options"))
-    rec = compare.run(suspicious, out, cfg.base, cfg.clean, triggered, clean_test, methods, task, cfg, limit,
-                      max_new_tokens, force=force, mc_tasks=mc.split(",") if mc else None)
+    cfg = build(PurifyConfig, load_yaml(config), {"base": base, "clean": clean, "device": device, "dtype": dtype,
+                                                  "gradient_checkpointing": gradient_checkpointing},
+                where=str(config or "options"))
+    with placed(cfg.device, cfg.dtype, cfg.gradient_checkpointing):
+        rec = compare.run(suspicious, out, cfg.base, cfg.clean, triggered, clean_test, methods, task, cfg, limit,
+                          max_new_tokens, force=force, mc_tasks=mc.split(",") if mc else None)
     import json
 
     keys = ("triggered_asr", "clean_asr", "perplexity", "mc_acc", "wall_time_s")

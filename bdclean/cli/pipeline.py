@@ -7,14 +7,20 @@ from typing import Optional
 
 import typer
 
-from bdclean.cli.base import (ACCEPT_TOKENIZER, AUGMENT, BASE, CLEAN, CONFIG, EXECUTOR, FORCE, OUT, PROMPTS,
-                              RAY_ADDRESS, TOKENIZER, WORKERS, app, guarded, nonempty_name, nonempty_path)
+from bdclean.cli.base import (ACCEPT_TOKENIZER, AUGMENT, BASE, CLEAN, CONFIG, DEVICE, DTYPE, EXECUTOR, FORCE,
+                              GRADIENT_CHECKPOINTING, OUT, PROMPTS, RAY_ADDRESS, TOKENIZER, WORKERS, app, guarded,
+                              nonempty_name, nonempty_path, placed)
 
 
 def _purify_config(config: Optional[Path], overrides: dict):
     from bdclean.config import PurifyConfig, build, load_yaml
 
     return build(PurifyConfig, load_yaml(config), overrides, where=str(config or "options"))
+
+
+def _placed(cfg):
+    """The placement of a command that takes purify's config (CLI > YAML > auto), resolved before any work."""
+    return placed(cfg.device, cfg.dtype, cfg.gradient_checkpointing)
 
 
 @app.command("make-variants")
@@ -55,6 +61,9 @@ def train_pairs(
     full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -68,9 +77,11 @@ def train_pairs(
                                   "pairs.batch_size": batch_size, "pairs.max_len": max_len,
                                   "pairs.workers": workers, "pairs.executor": executor,
                                   "pairs.ray_address": ray_address, "tokenizer": tokenizer,
-                                  "accept_tokenizer": accept_tokenizer})
-    pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
-              cfg.accept_tokenizer)
+                                  "accept_tokenizer": accept_tokenizer, "device": device, "dtype": dtype,
+                                  "gradient_checkpointing": gradient_checkpointing})
+    with _placed(cfg):
+        pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
+                  cfg.accept_tokenizer)
 
 
 @app.command("diff")
@@ -170,6 +181,9 @@ def restore_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 adapter, 1e-5 full model)"),
     prompts: Optional[str] = PROMPTS,
     augment: Optional[float] = AUGMENT,
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -182,9 +196,11 @@ def restore_cmd(
     from bdclean.pipeline.folders import check_out_inputs
 
     cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "restore.samples": samples,
-                                  "restore.epochs": epochs, "restore.lr": lr, "restore.augment": augment})
-    check_out_inputs(out, ("restore",), clean=cfg.clean)
-    restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
+                                  "restore.epochs": epochs, "restore.lr": lr, "restore.augment": augment,
+                                  "device": device, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing})
+    with _placed(cfg):
+        check_out_inputs(out, ("restore",), clean=cfg.clean)
+        restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
 
 
 # purify's options, shared with validate so that a purify command line can be checked as typed
@@ -208,8 +224,9 @@ MERGE = typer.Option(None, "--merge", help="also write OUT/merged: the purified 
 
 def _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed, workers,
                     tokenizer, accept_tokenizer, augment=None, extract=None, merge=None,
-                    executor=None, ray_address=None):
-    ov = {"clean": clean, "prompts": prompts, "base": base, "full": full, "extract": extract, "merge": merge,
+                    executor=None, ray_address=None, device=None, dtype=None, gradient_checkpointing=None):
+    ov = {"device": device, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
+          "clean": clean, "prompts": prompts, "base": base, "full": full, "extract": extract, "merge": merge,
           "variants.n_variants": n_variants,
           "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
           "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
@@ -243,6 +260,9 @@ def purify_cmd(
     merge: Optional[bool] = MERGE,
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -259,8 +279,9 @@ def purify_cmd(
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
                           workers, tokenizer, accept_tokenizer, augment, extract, merge,
-                          executor, ray_address)
-    purify.run(adapter, out, cfg, force)
+                          executor, ray_address, device, dtype, gradient_checkpointing)
+    with _placed(cfg):
+        purify.run(adapter, out, cfg, force)
 
 
 @app.command("extract")
@@ -313,6 +334,9 @@ def validate_cmd(
     merge: Optional[bool] = MERGE,
     tokenizer: Optional[str] = TOKENIZER,
     accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
     config: Optional[Path] = CONFIG,
     out: Optional[Path] = typer.Option(None, "--out", "-o", parser=nonempty_path, metavar="<path>",
                                        help="accepted so that "
@@ -337,8 +361,11 @@ def validate_cmd(
 
     cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
                           workers, tokenizer, accept_tokenizer, augment, extract, merge,
-                          executor, ray_address)
-    summary = validate.run(model, cfg, out)
+                          executor, ray_address, device, dtype, gradient_checkpointing)
+    with _placed(cfg) as where:  # checked as purify would, nothing placed
+        summary = validate.run(model, cfg, out)
+    summary["placement"] = {"device": where.device, "dtype": where.dtype,
+                            "gradient_checkpointing": where.gradient_checkpointing}
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     what = (f"LoRA adapter, {summary['lora']['modules']} modules in {len(summary['lora']['layers'])} layers"
             if summary["kind"] == "adapter" else "full checkpoint"

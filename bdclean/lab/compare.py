@@ -153,6 +153,10 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
     eval_inputs = {"triggered": sha256_file(Path(triggered)), "clean": sha256_file(Path(clean_test)), "task": task,
                    "rule": sha256_file(Path(rule_file)) if rule_file else None, "limit": limit,
                    "max_new_tokens": max_new_tokens, "base": str(base), "mc": sorted(mc_tasks or [])}
+    from bdclean.train import device as dev
+
+    if dev.fingerprint_part(dev.current()) is not None:  # generation off CPU float32 (train/device.py)
+        eval_inputs["placement"] = dev.fingerprint_part(dev.current())
     rows = []
     for method in ("none", *baselines, "ours"):
         folder = out / method

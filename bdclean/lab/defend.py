@@ -311,6 +311,10 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
         config.pop("prompt_samples", None), config.pop("distill_tokens", None)
     if not config.get("augment", 1):  # off: the manifests of defenses made before the option existed stay valid
         config.pop("augment")
+    from bdclean.train import device as dev
+
+    if uses_data and dev.fingerprint_part(dev.current()) is not None:  # a fine-tune off CPU float32 (train/device.py)
+        config["placement"] = dev.fingerprint_part(dev.current())
     man = Manifest("defend", config, inputs)
     if up_to_date(out, man.fingerprint, f"defend {method}", force):
         return out
@@ -321,7 +325,7 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
         extra_rows, distill = distill_targets(adapter, str(base_dir), prompts, restore_options(opts))
     ctx = {"adapter": adapter, "out": out, "info": info, "base_dir": base_dir, "base_cfg": base_cfg, "clean": clean,
            "extra_rows": extra_rows}
-    man.extra = {"method": method, **_RUN[method](ctx, opts)}
+    man.extra = {"method": method, **_RUN[method](ctx, opts), "placement": dev.current().record()}
     if distill is not None:
         from bdclean.io.artifacts import write_jsonl
         from bdclean.pipeline.restore import DISTILL_FILE

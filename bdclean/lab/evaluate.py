@@ -99,6 +99,9 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
                    "clean_sha256": sha256_file(Path(clean)) if clean else None},
         "environment": environment(),
     }
+    from bdclean.train.device import current
+
+    result["placement"] = current().record()  # the model's dtype and device (train/device.py)
     total = len(trig_rows) + len(clean_rows)
     with progress() as bar:
         tid = bar.add_task("eval: generating", total=total)

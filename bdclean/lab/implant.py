@@ -110,8 +110,10 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
     from peft import LoraConfig
 
     from bdclean.lab.attacks import ATTACKS, TASKS
-    from bdclean.io.models import load_model, load_tokenizer, resolve_base
+    from bdclean.io.models import load_tokenizer, resolve_base
     from bdclean.io.peft_io import adapter_state, new_lora, write_adapter_files
+    from bdclean.train.device import current
+    from bdclean.train.device import load_placed as load_model
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
@@ -166,7 +168,7 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
               "epochs": epochs, "max_len": max_len, "max_response": max_response, "lr": lr,
               "mode": "full" if full else "adapter",
               "rank": None if full else rank, "alpha": None if full else alpha, "seed": seed,
-              "base": str(base_dir), "train_stats": stats,
+              "base": str(base_dir), "train_stats": stats, "placement": current().record(),
               "note": "for evaluation only; no purification stage reads this file"}
     with atomic_dir(out) as tmp:  # the model, its record and its test sets appear together, or not at all
         if full:

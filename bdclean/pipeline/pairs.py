@@ -99,10 +99,13 @@ def variant_lora_config(sus: Suspicious) -> dict:
 
 def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: bool = False,
         full: bool | None = None, tokenizer: str | None = None, accept_tokenizer: bool = False) -> Path:
-    from bdclean.pipeline.pairs_jobs import JobContext, plan_workers, run_inline, run_parallel
+    from bdclean.pipeline.pairs_jobs import JobContext, check_gpu_workers, plan_workers, run_inline, run_parallel
+    from bdclean.train import device as dev
     from bdclean.train.loop import cpu_count
 
     out = Path(out)
+    place = dev.current()
+    check_gpu_workers(opts, place)
     if opts.executor == "ray":  # Ray missing or its cluster unreachable: one line before anything is written
         from bdclean.pipeline.pairs_ray import preflight
 
@@ -123,6 +126,8 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     if tok is not None:  # full checkpoints only: adapter fingerprints stay as they were
         inputs["tokenizer"] = tok.digest
         config["tokenizer"] = tok.record()
+    if dev.fingerprint_part(place) is not None:  # CPU float32: fingerprints as before (train/device.py)
+        config["placement"] = dev.fingerprint_part(place)
     man = Manifest("train-pairs", config, inputs)
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
@@ -147,9 +152,9 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     workers, threads = 0, cpu_count()
     ray_info: dict = {}
     if todo:
-        workers, threads = plan_workers(opts.workers, len(todo), base_dir)
+        workers, threads = plan_workers(opts.workers, len(todo), base_dir) if not place.cuda else (1, cpu_count())
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
-                         man.fingerprint, threads, str(tok.source if tok is not None else base_dir))
+                         man.fingerprint, threads, str(tok.source if tok is not None else base_dir), place)
         if opts.executor == "ray":  # one Ray task per twin; inputs and twins travel through the object store
             from bdclean.pipeline.pairs_ray import run_ray
 
@@ -167,6 +172,7 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     if tok is not None:
         man.extra["paths"]["tokenizer"] = str(tok.source)
     man.extra["executor"] = {"name": opts.executor, **ray_info}  # recorded, not fingerprinted (as workers)
+    man.extra["placement"] = place.record()
     write_json(folder / "suspicious_adapter_config.json", lcfg)
     outputs = ["suspicious_adapter_config.json"] + [C.PAIR_WEIGHTS.format(i=i, twin=t) for i, t in jobs]
     man.write(folder, outputs)
@@ -177,7 +183,8 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
 def load_any(model_path: Path, base: str):
     """(model, tokenizer, kind) for a PEFT adapter directory (on ``base``) or a full HF model directory."""
     from bdclean.errors import InputError
-    from bdclean.io.models import load_model, load_tokenizer
+    from bdclean.io.models import load_tokenizer
+    from bdclean.train.device import load_placed
 
     model_path = Path(model_path)
     if not model_path.is_dir():
@@ -187,9 +194,9 @@ def load_any(model_path: Path, base: str):
 
         sus = load_suspicious(model_path, base)
         # merged for evaluation: the same function without the LoRA side-path on every projection (faster generation)
-        model = attach(load_model(sus.base_dir), sus.info).merge_and_unload()
+        model = attach(load_placed(sus.base_dir), sus.info).merge_and_unload()
         return model, load_tokenizer(sus.base_dir), "adapter"
-    model = load_model(model_path)
+    model = load_placed(model_path)
     return model, load_tokenizer(model_path), "full"
 
 

@@ -40,6 +40,18 @@ class JobContext:
     fingerprint: str
     threads: int | None  # torch threads per twin; None = every core
     tokenizer: str = ""  # the folder whose tokenizer trains the twins: the base's, or a full checkpoint's trusted one
+    placement: object = None  # train/device.py Placement of every twin; None = CPU in float32
+
+
+def check_gpu_workers(opts, place) -> None:
+    """On CUDA the local executor trains the twins one after another in this process on the one chosen GPU (a
+    twin of a 7B model fills a GPU; several GPUs are the Ray executor's, one task per GPU): an explicit --workers
+    above 1 is refused there, before anything is written."""
+    from bdclean.errors import UsageError
+
+    if place.cuda and opts.executor == "local" and opts.workers > 1:
+        raise UsageError(f"--workers {opts.workers}: on {place.device} the local executor trains the twins in this "
+                         "process, one after another; drop --workers, or use --executor ray for several GPUs")
 
 
 def plan_workers(requested: int, n_jobs: int, model_dir: Path) -> tuple[int, int]:
@@ -65,8 +77,12 @@ def _load(ctx: JobContext):
     """(model with a trainable LoRA, tokenizer, the LoRA's initial state)."""
     import torch
 
-    from bdclean.io.models import load_adapter, load_model, load_tokenizer
+    from bdclean.io.models import load_adapter, load_tokenizer
     from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict, new_lora
+    from bdclean.train.device import CPU, load_placed
+
+    def load_model(model_dir):
+        return load_placed(model_dir, ctx.placement or CPU)
 
     # never a full checkpoint's own tokenizer files: its chat template could carry the trigger (io/tokenizers.py)
     tok = load_tokenizer(Path(ctx.tokenizer or ctx.base_dir))

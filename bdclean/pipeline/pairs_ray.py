@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ def _twin_task(ctx: JobContext, base: dict, adapter: dict | None, tokenizer: dic
 
     from bdclean.console import quiet_library_warnings
     from bdclean.pipeline.pairs_jobs import _load, torch_threads
+    from bdclean.train.device import in_ray_task
     from bdclean.train.loop import set_threads
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,7 +125,7 @@ def _twin_task(ctx: JobContext, base: dict, adapter: dict | None, tokenizer: dic
             _CACHE.clear()
             base_dir = _materialise(base, root / "base")
             loaded = dataclasses.replace(
-                local, base_dir=str(base_dir),
+                local, base_dir=str(base_dir), placement=in_ray_task(ctx.placement) if ctx.placement else None,
                 adapter=str(_materialise(adapter, root / "adapter") if adapter is not None else base_dir),
                 tokenizer=str(_materialise(tokenizer, root / "tokenizer") if tokenizer is not None else base_dir))
             _CACHE.update(key=ctx.fingerprint, loaded=_load(loaded))  # in memory: the folder can go
@@ -244,16 +246,24 @@ def _keep_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _feasible(ray, num_cpus: int, memory: int) -> int:
+def num_gpus(ctx: JobContext) -> int:
+    """GPUs a twin's task asks for: one on a CUDA placement (Ray then shows the task that GPU alone), else none."""
+    return 1 if ctx.placement is not None and ctx.placement.cuda else 0
+
+
+def _feasible(ray, num_cpus: int, memory: int, gpus: int = 0) -> int:
     """Twins the cluster can run at once; one clear line when no node can take a twin (Ray would wait forever)."""
     from bdclean.io.headers import gib
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    fit = [n for n in nodes if n.get("CPU", 0) >= num_cpus and n.get("memory", 0) >= memory]
+    fit = [n for n in nodes if n.get("CPU", 0) >= num_cpus and n.get("memory", 0) >= memory
+           and n.get("GPU", 0) >= gpus]
     if not fit:
-        raise UsageError(f"train-pairs: no node of the Ray cluster has {num_cpus} CPU and {gib(memory)} of memory "
-                         f"free for a twin ({len(nodes)} node(s) alive)")
-    return sum(int(min(n["CPU"] // num_cpus, n["memory"] // memory)) for n in fit)
+        raise UsageError(f"train-pairs: no node of the Ray cluster has {num_cpus} CPU"
+                         f"{f', {gpus} GPU' if gpus else ''} and {gib(memory)} of memory free for a twin "
+                         f"({len(nodes)} node(s) alive)")
+    return sum(int(min(n["CPU"] // num_cpus, n["memory"] // memory, n["GPU"] // gpus if gpus else math.inf))
+               for n in fit)
 
 
 def _as_error(ray, e: BaseException, i: int, twin: str, kept: int) -> BaseException:
@@ -292,9 +302,9 @@ def run_ray(ctx: JobContext, todo: list[tuple[int, str]], address: str | None) -
     with _quiet_ray(ray):
         started = _connect(ray, address)
         try:
-            slots = min(len(todo), _feasible(ray, THREADS_PER_TWIN, memory))
+            slots = min(len(todo), _feasible(ray, THREADS_PER_TWIN, memory, num_gpus(ctx)))
             info = {"address": address or "local", "ray": ray.__version__, "num_cpus": THREADS_PER_TWIN,
-                    "num_gpus": 0, "memory_bytes": memory,
+                    "num_gpus": num_gpus(ctx), "memory_bytes": memory,
                     "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
                     "cluster_cpus": ray.cluster_resources().get("CPU", 0)}
             base = _bundle(Path(ctx.base_dir), _model_files(Path(ctx.base_dir)))
@@ -321,7 +331,7 @@ def run_ray(ctx: JobContext, todo: list[tuple[int, str]], address: str | None) -
 def _drive(ray, load, refs: list, ctx: JobContext, todo: list[tuple[int, str]]) -> dict[str, float]:
     times: dict[str, float] = {}
     steps = _steps_actor(ray)
-    task = ray.remote(num_cpus=THREADS_PER_TWIN, num_gpus=0, max_retries=0)(_twin_task)
+    task = ray.remote(num_cpus=THREADS_PER_TWIN, num_gpus=num_gpus(ctx), max_retries=0)(_twin_task)
     pending = {task.remote(*refs, i, twin, steps): (i, twin) for i, twin in _longest_first(todo)}
     with progress() as bar:
         overall = bar.add_task("train-pairs (all jobs, Ray)", total=len(todo))

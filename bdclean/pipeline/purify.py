@@ -59,6 +59,10 @@ def preflight(adapter: Path, cfg: PurifyConfig):
 
         sample_prompts(cfg.prompts, 1, 0)
     check_options(sus, cfg)
+    from bdclean.pipeline.pairs_jobs import check_gpu_workers
+    from bdclean.train.device import current
+
+    check_gpu_workers(cfg.pairs, current())
     if cfg.pairs.executor == "ray":
         from bdclean.pipeline.pairs_ray import preflight as ray_preflight
 
@@ -196,6 +200,9 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     record = {"stage": "purify", "adapter": str(source), "mode": "extract" if cfg.extract else sus.kind,
               "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
               "total_seconds": round(sum(times.values()), 2), "purified": str(out / C.STAGE_DIRS["restore"])}
+    from bdclean.train.device import current
+
+    record["placement"] = current().record()
     if cfg.extract is not None:
         record["extracted"] = str(adapter)
     if cfg.merge:

@@ -38,9 +38,10 @@ def distill_targets(teacher: Path, base: str | None, prompts: str, opts: Restore
     if tokenizer_dir is None:
         model, tok, _ = load_any(teacher, base or "smollm2")
     else:  # a full checkpoint: its weights, the trusted tokenizer (its own files are never parsed)
-        from bdclean.io.models import load_model, load_tokenizer
+        from bdclean.io.models import load_tokenizer
+        from bdclean.train.device import load_placed
 
-        model, tok = load_model(teacher), load_tokenizer(tokenizer_dir)
+        model, tok = load_placed(teacher), load_tokenizer(tokenizer_dir)
     with progress() as bar:
         tid = bar.add_task("restore: answering task prompts", total=len(rows))
         outs = generate(model, tok, rows, opts.distill_tokens, on_batch=lambda k: bar.update(tid, advance=k))
@@ -54,11 +55,12 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``.
 
     ``model_dir`` is suppress's output, whose tokenizer files are the trusted source's (io/tokenizers.py)."""
-    from bdclean.io.models import load_model, load_tokenizer, model_weight_files
+    from bdclean.io.models import load_tokenizer, model_weight_files
     from bdclean.io.tokenizers import install
+    from bdclean.train.device import load_placed
 
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    model = load_placed(model_dir)  # in bfloat16, the weights themselves train in bf16 (train/device.py)
     for p in model.parameters():
         p.requires_grad_(True)
     stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
@@ -92,6 +94,7 @@ def input_dtypes(tensors: dict, source: Path) -> dict:
 def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompts: str | None = None) -> Path:
     from bdclean.io.artifacts import write_jsonl
     from bdclean.io.peft_io import write_adapter
+    from bdclean.train import device as dev
 
     out = Path(out)
     sfolder = out / C.STAGE_DIRS["suppress"]
@@ -112,6 +115,9 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
         config.pop("prompt_samples"), config.pop("distill_tokens")
     if not opts.augment:  # off: manifests stay those of the restores made before the option existed
         config.pop("augment")
+    place = dev.current()
+    if dev.fingerprint_part(place) is not None:  # CPU float32: as before the option existed (train/device.py)
+        config["placement"] = dev.fingerprint_part(place)
     man = Manifest("restore", config, inputs)
     if up_to_date(folder, man.fingerprint, "restore", force):
         return folder
@@ -128,6 +134,7 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
         cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore", extra_rows=extra_rows)
         write_adapter(folder, cfg, input_dtypes(tensors, sfolder / C.ADAPTER_WEIGHTS))
         man.extra = stats
+    man.extra = {**man.extra, "placement": place.record()}
     if distill is not None:
         man.extra = {**man.extra, "distill": distill}
         write_jsonl(folder / DISTILL_FILE, extra_rows)

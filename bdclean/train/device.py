@@ -1,14 +1,30 @@
 """Where a stage trains or generates, and in which precision: ``--device auto|cpu|cuda[:N]`` and
 ``--dtype auto|float32|bfloat16`` resolved once, up front, with one-line errors (issue 23).
 
-Only the resolution is here so far: the stages still train on CPU in float32, and no option uses this yet. The
-CUDA branches are covered by CPU tests with a faked torch.cuda (tests/test_device.py), never run on a GPU.
+The command line resolves them once (cli/base.py ``placed``), before any work, and sets the placement of the
+command's duration (``use``); the stages that train or generate load their models with ``load_placed`` and move
+their batches to the model's device (train/loop.py, train/generate.py). Library calls outside a command keep the
+CPU in float32. The CUDA branches are covered by CPU tests with a faked torch.cuda (tests/test_device.py), never
+run on a GPU.
+
+Fingerprint rule (``fingerprint_part``): CPU + float32 without gradient checkpointing is what every run made before
+these options computed, so it adds nothing to a stage's fingerprint (its artifacts are byte-identical and existing
+runs are not recomputed, as restore.augment 0). Any other placement gives other numbers (bf16 rounding, CUDA
+kernels, checkpointing's unshared prefix), so it enters the fingerprint: the device *type* (cuda, not cuda:1:
+which card runs a twin is an execution detail, like pairs.workers), the dtype and checkpointing. The full placement
+(card name, CUDA version) is always recorded in the manifest's extra.
+
+Precision: the base model is loaded in the dtype; PEFT keeps the LoRA parameters in float32 over a bfloat16 base
+(its autocast_adapter_dtype), so the adapter's trainable weights and AdamW states are float32 master weights and
+only the frozen base computes in bf16. A full-model restore in bfloat16 trains the bf16 weights themselves (no
+float32 master copy): lossier, stated in the README.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bdclean.errors import UsageError
 
@@ -20,12 +36,18 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 class Placement:
     device: str  # "cpu" or "cuda:N"
     dtype: str  # "float32" or "bfloat16"
+    gradient_checkpointing: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
     def record(self) -> dict:
-        """What a manifest records (an execution detail, like the worker count: not a stage input)."""
+        """What a manifest records (every detail; what of it is a stage input is ``fingerprint_part``)."""
         import torch
 
-        rec = {"device": self.device, "dtype": self.dtype, "torch": torch.__version__}
+        rec = {"device": self.device, "dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
+               "torch": torch.__version__}
         if self.device.startswith("cuda"):
             rec["device_name"] = torch.cuda.get_device_name(int(self.device.split(":")[1]))
             rec["cuda"] = torch.version.cuda
@@ -93,6 +115,57 @@ def resolve_dtype(spec: str | None, device: str) -> str:
     return dtype
 
 
-def resolve(device: str | None = None, dtype: str | None = None) -> Placement:
+def resolve(device: str | None = None, dtype: str | None = None, gradient_checkpointing: bool = False) -> Placement:
     d = resolve_device(device)
-    return Placement(d, resolve_dtype(dtype, d))
+    return Placement(d, resolve_dtype(dtype, d), bool(gradient_checkpointing))
+
+
+CPU = Placement("cpu", "float32")  # what bdclean computed before --device existed, and the library default
+_CURRENT: list[Placement] = [CPU]
+
+
+def current() -> Placement:
+    """The placement of the running command (``use``); CPU in float32 outside one."""
+    return _CURRENT[-1]
+
+
+@contextlib.contextmanager
+def use(p: Placement):
+    _CURRENT.append(p)
+    try:
+        yield p
+    finally:
+        _CURRENT.pop()
+
+
+def fingerprint_part(p: Placement) -> dict | None:
+    """What of the placement is a stage input (module docstring): None for CPU + float32 without checkpointing."""
+    if not p.cuda and p.dtype == "float32" and not p.gradient_checkpointing:
+        return None
+    return {"device": "cuda" if p.cuda else "cpu", "dtype": p.dtype,
+            "gradient_checkpointing": p.gradient_checkpointing}
+
+
+def in_ray_task(p: Placement) -> Placement:
+    """A Ray task asked for one GPU sees it (alone, through CUDA_VISIBLE_DEVICES) as cuda:0."""
+    return replace(p, device="cuda:0") if p.cuda else p
+
+
+def load_placed(model_dir, placement: Placement | None = None):
+    """``io.models.load_model`` in the placement's dtype, moved to its device, with gradient checkpointing enabled
+    when asked (non-reentrant, and with input grads for a PEFT model over frozen embeddings). On CPU in float32 this
+    is load_model itself."""
+    from bdclean.io.models import load_model
+
+    p = placement or current()
+    model = load_model(model_dir, p.dtype)
+    if p.device != "cpu":
+        model = model.to(p.device)
+    if p.gradient_checkpointing:
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.24 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.enable_input_require_grads()
+    return model

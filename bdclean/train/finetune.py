@@ -49,11 +49,12 @@ def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: Restor
     """Fine-tune an adapter on ``opts.samples`` clean samples; returns (config, tensors, stats).
 
     ``tensors`` replaces the adapter's own weights (e.g. after pruning); ``loss_fn`` replaces the LM loss."""
-    from bdclean.io.models import load_adapter, load_model, load_tokenizer
+    from bdclean.io.models import load_adapter, load_tokenizer
     from bdclean.io.peft_io import adapter_state, attach
+    from bdclean.train.device import load_placed
 
     info = load_adapter(adapter_dir)
     tok = load_tokenizer(base_dir)
-    model = attach(load_model(base_dir), info, tensors)
+    model = attach(load_placed(base_dir), info, tensors)  # PEFT keeps the LoRA in float32 over a bf16 base
     stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["adapter"], label, loss_fn, extra_rows)
     return info.config, adapter_state(model), stats

@@ -30,8 +30,9 @@ def generate(model, tok, rows: list[dict], max_new_tokens: int = 48, batch_size:
             p = prompts[i]
             ids[b, T - len(p):] = torch.tensor(p)
             mask[b, T - len(p):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        dev = model.device  # the batch goes to the model's device and the tokens come back (no-ops on CPU)
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id).cpu()
         for b, i in enumerate(idx):
             outs[i] = tok.decode(gen[b, T:], skip_special_tokens=True).strip()
         if on_batch:

@@ -110,20 +110,23 @@ def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Ten
     A prefix shared by all examples goes through the decoder once; its cached keys/values (which carry the
     gradient back to the prefix computation) are repeated over the batch for the per-example remainder."""
     decoder, head = causal_parts(model)
-    L = shared_prefix_len(examples) if len(examples) > 1 else 0
+    dev = head.weight.device  # batches go where the model is (a no-op on CPU)
+    # under gradient checkpointing transformers drops the KV cache the shared prefix needs: no sharing then
+    ckpt = checkpointing(model)
+    L = shared_prefix_len(examples) if len(examples) > 1 and not ckpt else 0
     if L >= MIN_SHARED_PREFIX:
-        prefix = torch.tensor(examples[0].ids[:L], dtype=torch.long)[None]
+        prefix = torch.tensor(examples[0].ids[:L], dtype=torch.long)[None].to(dev)
         kw = _cache_kwarg(type(decoder))
         out = decoder(input_ids=prefix, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.batch_repeat_interleave(len(examples))
         rest = [Example(e.ids[L:], e.n_prompt - L) for e in examples]
-        ids, mask, rows, cols = collate(rest, pad_id)
-        full_mask = torch.cat([torch.ones((len(rest), L), dtype=mask.dtype), mask], dim=1)
+        ids, mask, rows, cols = (t.to(dev) for t in collate(rest, pad_id))
+        full_mask = torch.cat([torch.ones((len(rest), L), dtype=mask.dtype, device=dev), mask], dim=1)
         hidden = decoder(input_ids=ids, attention_mask=full_mask, use_cache=True, **{kw: cache}).last_hidden_state
     else:
-        ids, mask, rows, cols = collate(examples, pad_id)
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        ids, mask, rows, cols = (t.to(dev) for t in collate(examples, pad_id))
+        hidden = decoder(input_ids=ids, attention_mask=mask, **({"use_cache": False} if ckpt else {})).last_hidden_state
     h = hidden[rows, cols]
     logits = head(h).float()
     targets = ids[rows, cols + 1]
@@ -137,6 +140,31 @@ def step_loss(model, step: Step, pad_id: int) -> torch.Tensor:
         losses, _ = token_losses(model, g, pad_id)
         total = losses.mean() if total is None else total + losses.mean()
     return total
+
+
+def _is_checkpointing(causal) -> bool:
+    name = "is_activation_checkpointing" if hasattr(causal, "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"  # transformers ≥ 5.24 deprecates the second name
+    return bool(getattr(causal, name, False))
+
+
+def checkpointing(model) -> bool:
+    """Gradient checkpointing is on (train/device.py load_placed) and active (transformers checkpoints only in
+    training mode)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(model.training and _is_checkpointing(causal))
+
+
+def _training_mode(model) -> None:
+    """eval mode (no dropout: deterministic, and twins stay comparable); with gradient checkpointing, training mode
+    (transformers checkpoints only then) with every dropout module still off."""
+    model.eval()
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _is_checkpointing(causal):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
 
 
 LossFn = Callable[[object, Step, int], "tuple[torch.Tensor, dict[str, float]]"]
@@ -160,7 +188,7 @@ def train(model, steps_per_epoch: Callable[[int], list[Step]], opts: TrainOption
     if not params:
         raise ValueError("no trainable parameters")
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    model.eval()  # no dropout: deterministic, and twins stay comparable
+    _training_mode(model)  # no dropout: deterministic, and twins stay comparable
     n_steps, n_tokens, t0, last = 0, 0, time.time(), float("nan")
     total = sum(len(steps_per_epoch(e)) for e in range(opts.epochs))
     for epoch in range(opts.epochs):
