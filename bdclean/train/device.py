@@ -17,7 +17,7 @@ which card runs a twin is an execution detail, like pairs.workers), the dtype an
 Precision: the base model is loaded in the dtype; PEFT keeps the LoRA parameters in float32 over a bfloat16 base
 (its autocast_adapter_dtype), so the adapter's trainable weights and AdamW states are float32 master weights and
 only the frozen base computes in bf16. A full-model restore in bfloat16 trains the bf16 weights themselves (no
-float32 master copy): lossier, stated in the README.
+float32 master copy): lossier, stated in SCALING.md.
 """
 
 from __future__ import annotations
