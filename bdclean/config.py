@@ -41,8 +41,8 @@ class TrainOptionsModel(_Strict):
 class PairsOptions(TrainOptionsModel):
     workers: int = Field(0, ge=0, le=256, description="twins trained at once, each in its own process with "
                          "cores ÷ workers threads; 0 = auto (one per CPU core, capped by the number of jobs and by "
-                         "free memory; 1 for models under 64 MiB). On the 2-core demo, 1.24× faster than one "
-                         "2-thread process, with bit-identical twins. Not a stage input: changing it retrains nothing")
+                         "free memory; 1 for models under 64 MiB); faster than one many-thread process on CPU, same twins "
+                         "(RESULTS.md, 'Twins in parallel processes'). Not a stage input: changing it retrains nothing")
     executor: Literal["local", "ray"] = Field("local", description="where the twins train: 'local' (this "
                                               "machine, see workers) or 'ray' (one Ray task per twin; pip install "
                                               "'bdclean[ray]'). Not a stage input: the twins are the same")

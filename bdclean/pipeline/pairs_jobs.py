@@ -1,8 +1,8 @@
 """Running train-pairs' jobs (one twin each): in this process, or in several worker processes at once.
 
-On CPU a twin's training is a chain of small matrix products that two threads share poorly: on the 2-core
-machine the demo's 12 twins took ~1,020 s on two 1-thread worker processes against 1,267 s in one 2-thread process
-(1.24×), and every twin came out bit-identical. Each worker loads the model once and trains whole twins; a twin's
+On CPU a twin's training is a chain of small matrix products that two threads share poorly, so one 1-thread process
+per core is faster than one process using every core, with bit-identical twins (measured: RESULTS.md, "Twins in
+parallel processes"; `make bench-speed`). Each worker loads the model once and trains whole twins; a twin's
 result depends only on its inputs, never on which worker ran it or in what order, so the same seed gives the same
 artifacts.
 """
