@@ -111,6 +111,7 @@ class Eval(_Artifact):
     mc: dict[str, McResult] | None = None  # --mc: per lm-eval task
     seconds: float | None = None  # wall time of the evaluation
     generation_s_per_100_prompts: float | None = None
+    placement: dict[str, Any] | None = None  # device, dtype, torch (and CUDA) versions (train.device.Placement)
 
     def mc_mean(self) -> float | None:
         """Mean accuracy over the multiple-choice tasks, or None without any."""
@@ -168,6 +169,7 @@ class PurifyRecord(_Artifact):
     extracted: str | None = None  # --extract: the adapter extracted from the checkpoint (the pipeline's input)
     merged: str | None = None  # --merge: the purified adapter folded into the base (a full checkpoint)
     tokenizer: dict[str, Any] | None = None  # full checkpoints: the trusted tokenizer used (io.tokenizers)
+    placement: dict[str, Any] | None = None  # device, dtype, torch (and CUDA) versions (train.device.Placement)
 
 
 # --------------------------------------------------------------------------------------------------------- use
