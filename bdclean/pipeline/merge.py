@@ -22,7 +22,7 @@ from bdclean.pipeline.folders import recorded_path, up_to_date
 def run(out: Path, force: bool = False) -> Path:
     import torch
 
-    from bdclean.io.models import load_adapter, load_model, model_weight_files, read_model_config
+    from bdclean.io.models import load_adapter, load_model, read_model_config, shard_size_like
     from bdclean.io.peft_io import attach
     from bdclean.io.tokenizers import install
 
@@ -41,8 +41,7 @@ def run(out: Path, force: bool = False) -> Path:
     dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
     model = attach(load_model(base_dir), load_adapter(pfolder, base_cfg, base_dir)).merge_and_unload()
     model = model.to(getattr(torch, dtype))
-    shards = model_weight_files(base_dir)
-    max_shard = f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
+    max_shard = shard_size_like(base_dir)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
         man.extra = {"dtype": dtype, "tokenizer_files": install(base_dir, tmp), "base": str(base_dir)}

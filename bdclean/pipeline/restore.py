@@ -55,7 +55,7 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``.
 
     ``model_dir`` is suppress's output, whose tokenizer files are the trusted source's (io/tokenizers.py)."""
-    from bdclean.io.models import load_tokenizer, model_weight_files
+    from bdclean.io.models import load_tokenizer, shard_size_like
     from bdclean.io.tokenizers import install
     from bdclean.train.device import load_placed
 
@@ -64,8 +64,7 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     for p in model.parameters():
         p.requires_grad_(True)
     stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
-    shards = model_weight_files(model_dir)
-    max_shard = f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
+    max_shard = shard_size_like(model_dir)
     with atomic_dir(out_folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
         # only the tokenizer files and generation config, as they are in model_dir: the generation_config.json
