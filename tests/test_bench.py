@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.common import FAST_COMPARE_YAML
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,21 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     grid.main(argv)  # resume: nothing changed, so nothing is recomputed or rewritten
     assert "cell badnet-sentiment: done, nothing changed" in capsys.readouterr().out
     assert (results / "cells" / "badnet-sentiment.json").read_bytes() == before
+    # a new column on the finished cell: reset and a restore-only variant; prune is kept, ours reproduces exactly
+    aug = tmp_path / "aug.yaml"
+    aug.write_text("restore:\n  augment: 1\n")
+    more = [a if a != "prune" else "reset" for a in argv] + ["--variant", f"aug={aug}"]
+    grid.main(more)
+    out = capsys.readouterr().out
+    cell = json.loads((results / "cells" / "badnet-sentiment.json").read_text())
+    assert [r["method"] for r in cell["rows"]] == ["none", "prune", "ours", "reset", "ours+aug"]
+    assert "ours: reproduced the earlier row exactly" in out and "kept from the earlier run: ['prune']" in out
+    assert (tmp_path / "runs" / "badnet-sentiment" / "compare-aug" / "ours" / "pairs").is_symlink()
+    assert "`ours+aug` vs reset" in md.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("score:\n  tau: 0.5\n")
+    with pytest.raises(SystemExit, match="restore"):
+        grid.main(argv + ["--variant", f"x={bad}"])
     # --tau auto on the finished cell, reusing its twins
     import tau_auto
 
