@@ -79,9 +79,12 @@ def mlp_module_names(model_type: str, num_layers: int) -> list[dict[str, str]]:
     return [{k: fam[k].format(layer=i) for k in ("gate", "up", "down")} for i in range(num_layers)]
 
 
+PEFT_PREFIX = "base_model.model."  # what PeftModel's wrapper adds to a CausalLM module's name in adapter files
+
+
 def peft_key(module: str) -> str:
-    """The key prefix PEFT uses for a CausalLM module in adapter files."""
-    return f"base_model.model.{module}"
+    """The key PEFT uses for a CausalLM module in adapter files."""
+    return PEFT_PREFIX + module
 
 
 def attn_module_names(model_type: str, num_layers: int) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bdclean import constants as C
-from bdclean.core.arch import ALL_PROJ, LAYER_RE, LORA_FACTOR_RE, MLP_PROJ, PART_OF
+from bdclean.core.arch import ALL_PROJ, LAYER_RE, LORA_FACTOR_RE, MLP_PROJ, PART_OF, PEFT_PREFIX
 from bdclean.errors import BdcleanError, InputError, UsageError, require
 from bdclean.io.headers import quote
 
@@ -183,9 +183,12 @@ class AdapterInfo:
 
     @staticmethod
     def _pattern_value(patterns: dict, module_key: str):
-        """PEFT's alpha_pattern / rank_pattern lookup: the first pattern matching the module name's end."""
+        """PEFT's alpha_pattern / rank_pattern lookup (peft.utils.other.get_pattern_key): the first pattern matching
+        the end of the module's name in the base model, i.e. without the PEFT wrapper's prefix, since a pattern may
+        anchor at that name's start (``^model.layers.0``)."""
+        name = module_key.removeprefix(PEFT_PREFIX)
         for pat, v in (patterns or {}).items():
-            if re.match(rf"(.*\.)?(?:{pat})$", module_key):
+            if re.match(rf"(.*\.)?(?:{pat})$", name):
                 return v
         return None
 
