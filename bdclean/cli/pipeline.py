@@ -7,12 +7,13 @@ from typing import Optional
 
 import typer
 
-from bdclean.cli.base import (ACCEPT_TOKENIZER, AUGMENT, BASE, CLEAN, CONFIG, DEVICE, DTYPE, EXECUTOR, FORCE,
-                              GRADIENT_CHECKPOINTING, OUT, PROMPTS, RAY_ADDRESS, TOKENIZER, WORKERS, app, guarded,
-                              nonempty_name, nonempty_path, placed)
+from bdclean.cli import flags as F
+from bdclean.cli.base import BASE, CONFIG, FORCE, OUT, app, guarded, nonempty_name, nonempty_path, placed
+from bdclean.cli.flags import config_flags
 
 
 def _purify_config(config: Optional[Path], overrides: dict):
+    """PurifyConfig from the YAML with the command's flags on top (CLI > YAML > defaults)."""
     from bdclean.config import PurifyConfig, build, load_yaml
 
     return build(PurifyConfig, load_yaml(config), overrides, where=str(config or "options"))
@@ -25,45 +26,26 @@ def _placed(cfg):
 
 @app.command("make-variants")
 @guarded
-def make_variants(
-    out: Path = OUT,
-    clean: Optional[str] = CLEAN,
-    n_variants: Optional[int] = typer.Option(None, "--n-variants", "-n", help="number of variants N (default 6)"),
-    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples per variant (default 64)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed (default 0)"),
-    config: Optional[Path] = CONFIG,
-    force: bool = FORCE,
-):
+@config_flags(F.CLEAN, F.N_VARIANTS, F.VARIANT_SAMPLES, F.flag("variants.seed", "--seed", type=int))
+def make_variants(out: Path = OUT, overrides: dict = None, config: Optional[Path] = CONFIG, force: bool = FORCE):
     """Build N synthetic backdoor variants (clean subset, key, behavior).
 
     Example: bdclean make-variants --clean alpaca.jsonl --out runs/x -n 6
     """
     from bdclean.pipeline import variants
 
-    cfg = _purify_config(config, {"clean": clean, "variants.n_variants": n_variants, "variants.samples": samples,
-                                  "variants.seed": seed})
+    cfg = _purify_config(config, overrides)
     variants.run(cfg.clean, out, cfg.variants, force)
 
 
 @app.command("train-pairs")
 @guarded
+@config_flags(F.BASE, F.EPOCHS, F.LR, F.BATCH_SIZE, F.MAX_LEN, F.WORKERS, F.EXECUTOR, F.RAY_ADDRESS, F.FULL,
+              F.TOKENIZER, F.ACCEPT_TOKENIZER, *F.PLACEMENT)
 def train_pairs(
     adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
     out: Path = OUT,
-    base: Optional[str] = BASE,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs per twin (default 2)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="clean samples per step (default 8)"),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per sample (default 96)"),
-    workers: Optional[int] = WORKERS,
-    executor: Optional[str] = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    full: Optional[bool] = typer.Option(None, "--full", help="force the full-model threat model"),
-    tokenizer: Optional[str] = TOKENIZER,
-    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
+    overrides: dict = None,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -73,12 +55,7 @@ def train_pairs(
     """
     from bdclean.pipeline import pairs
 
-    cfg = _purify_config(config, {"base": base, "full": full, "pairs.epochs": epochs, "pairs.lr": lr,
-                                  "pairs.batch_size": batch_size, "pairs.max_len": max_len,
-                                  "pairs.workers": workers, "pairs.executor": executor,
-                                  "pairs.ray_address": ray_address, "tokenizer": tokenizer,
-                                  "accept_tokenizer": accept_tokenizer, "device": device, "dtype": dtype,
-                                  "gradient_checkpointing": gradient_checkpointing})
+    cfg = _purify_config(config, overrides)
     with _placed(cfg):
         pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
                   cfg.accept_tokenizer)
@@ -98,24 +75,11 @@ def diff_cmd(out: Path = OUT, force: bool = FORCE):
 
 @app.command("score")
 @guarded
+@config_flags(F.TAU, F.TARGET_ASR, F.TARGET_REMOVAL, F.MAX_PPL_INCREASE, F.LAMBDA, F.SCORE, F.NORM_SCALE, F.HEADS)
 def score_cmd(
     out: Path = OUT,
-    tau: Optional[str] = typer.Option(None, "--tau", help="fraction of MLP channels in the signature "
-                                      "(default 0.8 adapter, 0.05 full model), "
-                                      "or 'auto' (self-validation on held-out synthetic variants)"),
-    target_asr: Optional[float] = typer.Option(None, "--target-asr", help="--tau auto: held-out ASR to reach (0.1)"),
-    target_removal: Optional[float] = typer.Option(None, "--target-removal", help="--tau auto: share of the held-out "
-                                                   "backdoor's likelihood to remove (0.9; 1 = as its clean twin)"),
-    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase",
-                                                     help="--tau auto: allowed perplexity increase (0.1 = 10 %)"),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the alignment term (default 0.01)"),
-    score: Optional[str] = typer.Option(
-        None, "--score", help="combined | norm | align (paper; default combined) | projection (adapters; "
-                              "experimental)"),
-    per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help="top τ in each layer, or overall"),
-    norm_scale: Optional[str] = typer.Option(None, "--norm-scale", help="none (paper) | median"),
-    heads: Optional[str] = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a "
-                                        "fraction < 1 (default all for adapters, 0 full)"),
+    overrides: dict = None,
+    per_layer: Optional[bool] = typer.Option(None, "--per-layer/--global", help=F.describe("score.scope")),
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -126,10 +90,7 @@ def score_cmd(
     from bdclean.pipeline import score as score_stage
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
-    cfg = _purify_config(config, {"score.tau": tau, "score.target_asr": target_asr,
-                                  "score.target_removal": target_removal, "score.max_ppl_increase": max_ppl_increase,
-                                  "score.lambda": lam, "score.score": score, "score.scope": scope,
-                                  "score.norm_scale": norm_scale, "score.heads": heads})
+    cfg = _purify_config(config, {**overrides, "score.scope": scope})
     score_stage.run(out, cfg.score, force)
 
 
@@ -173,20 +134,8 @@ def suppress_cmd(
 
 @app.command("restore")
 @guarded
-def restore_cmd(
-    out: Path = OUT,
-    clean: Optional[str] = CLEAN,
-    samples: Optional[int] = typer.Option(None, "--samples", help="clean samples (default 100)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs (default 1)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 adapter, 1e-5 full model)"),
-    prompts: Optional[str] = PROMPTS,
-    augment: Optional[float] = AUGMENT,
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
-    config: Optional[Path] = CONFIG,
-    force: bool = FORCE,
-):
+@config_flags(F.CLEAN, F.RESTORE_SAMPLES, F.RESTORE_EPOCHS, F.RESTORE_LR, F.PROMPTS, F.AUGMENT, *F.PLACEMENT)
+def restore_cmd(out: Path = OUT, overrides: dict = None, config: Optional[Path] = CONFIG, force: bool = FORCE):
     """Light clean fine-tune of the suppressed model; writes OUT/purified (a PEFT adapter, or a full HF model
     directory in full-model mode).
 
@@ -195,74 +144,19 @@ def restore_cmd(
     from bdclean.pipeline import restore
     from bdclean.pipeline.folders import check_out_inputs
 
-    cfg = _purify_config(config, {"clean": clean, "prompts": prompts, "restore.samples": samples,
-                                  "restore.epochs": epochs, "restore.lr": lr, "restore.augment": augment,
-                                  "device": device, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing})
+    cfg = _purify_config(config, overrides)
     with _placed(cfg):
         check_out_inputs(out, ("restore",), clean=cfg.clean)
         restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
 
 
-# purify's options, shared with validate so that a purify command line can be checked as typed
-N_VARIANTS = typer.Option(None, "--n-variants", "-n", help="number of variants (default 6)")
-SAMPLES = typer.Option(None, "--samples", help="clean samples per variant (default 64)")
-TAU = typer.Option(None, "--tau", help="signature fraction of MLP channels (default 0.8 adapter, 0.05 full) or 'auto'")
-LAMBDA = typer.Option(None, "--lambda", help="alignment weight (default 0.01)")
-HEADS = typer.Option(None, "--heads", help="attention units to add: 'all', a count, or a fraction < 1 (default all "
-                     "for adapters, 0 full)")
-SCORE = typer.Option(None, "--score", help="combined (paper, default) | norm | align | projection (adapters; "
-                     "experimental, see RESULTS.md)")
-SEED = typer.Option(None, "--seed", help="seed for variants, twins and restore (default 0); the τ-auto probes and "
-                    "full-model re-initialisation use fixed seeds")
-FULL = typer.Option(None, "--full", help="force the full-model threat model")
-EXTRACT = typer.Option(None, "--extract", min=1, metavar="RANK", help="the model is a full checkpoint that "
-                       "fine-tunes --base: purify its update as a rank-RANK LoRA on the base (bdclean extract, into "
-                       "OUT/extracted), the known-base route; e.g. --extract 64")
-MERGE = typer.Option(None, "--merge", help="also write OUT/merged: the purified adapter folded into the base, a full "
-                     "checkpoint with the base's tokenizer and generation config")
-
-
-def _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed, workers,
-                    tokenizer, accept_tokenizer, augment=None, extract=None, merge=None,
-                    executor=None, ray_address=None, device=None, dtype=None, gradient_checkpointing=None):
-    ov = {"device": device, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
-          "clean": clean, "prompts": prompts, "base": base, "full": full, "extract": extract, "merge": merge,
-          "variants.n_variants": n_variants,
-          "variants.samples": samples, "score.tau": tau, "score.lambda": lam, "score.heads": heads,
-          "score.score": score, "pairs.workers": workers, "tokenizer": tokenizer, "accept_tokenizer": accept_tokenizer,
-          "restore.augment": augment, "pairs.executor": executor, "pairs.ray_address": ray_address}
-    if seed is not None:
-        ov.update({"variants.seed": seed, "pairs.seed": seed, "restore.seed": seed})
-    return _purify_config(config, ov)
-
-
 @app.command("purify")
 @guarded
+@config_flags(*F.PURIFY)
 def purify_cmd(
     adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
     out: Path = OUT,
-    clean: Optional[str] = CLEAN,
-    base: Optional[str] = BASE,
-    n_variants: Optional[int] = N_VARIANTS,
-    samples: Optional[int] = SAMPLES,
-    tau: Optional[str] = TAU,
-    lam: Optional[float] = LAMBDA,
-    heads: Optional[str] = HEADS,
-    score: Optional[str] = SCORE,
-    seed: Optional[int] = SEED,
-    workers: Optional[int] = WORKERS,
-    executor: Optional[str] = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    full: Optional[bool] = FULL,
-    prompts: Optional[str] = PROMPTS,
-    augment: Optional[float] = AUGMENT,
-    extract: Optional[int] = EXTRACT,
-    merge: Optional[bool] = MERGE,
-    tokenizer: Optional[str] = TOKENIZER,
-    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
+    overrides: dict = None,
     config: Optional[Path] = CONFIG,
     force: bool = FORCE,
 ):
@@ -277,9 +171,7 @@ def purify_cmd(
     """
     from bdclean.pipeline import purify
 
-    cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
-                          workers, tokenizer, accept_tokenizer, augment, extract, merge,
-                          executor, ray_address, device, dtype, gradient_checkpointing)
+    cfg = _purify_config(config, overrides)
     with _placed(cfg):
         purify.run(adapter, out, cfg, force)
 
@@ -313,30 +205,10 @@ def extract_cmd(
 
 @app.command("validate")
 @guarded
+@config_flags(*F.PURIFY)
 def validate_cmd(
     model: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),
-    clean: Optional[str] = CLEAN,
-    base: Optional[str] = BASE,
-    n_variants: Optional[int] = N_VARIANTS,
-    samples: Optional[int] = SAMPLES,
-    tau: Optional[str] = TAU,
-    lam: Optional[float] = LAMBDA,
-    heads: Optional[str] = HEADS,
-    score: Optional[str] = SCORE,
-    seed: Optional[int] = SEED,
-    workers: Optional[int] = WORKERS,
-    executor: Optional[str] = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    full: Optional[bool] = FULL,
-    prompts: Optional[str] = PROMPTS,
-    augment: Optional[float] = AUGMENT,
-    extract: Optional[int] = EXTRACT,
-    merge: Optional[bool] = MERGE,
-    tokenizer: Optional[str] = TOKENIZER,
-    accept_tokenizer: Optional[bool] = ACCEPT_TOKENIZER,
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    gradient_checkpointing: Optional[bool] = GRADIENT_CHECKPOINTING,
+    overrides: dict = None,
     config: Optional[Path] = CONFIG,
     out: Optional[Path] = typer.Option(None, "--out", "-o", parser=nonempty_path, metavar="<path>",
                                        help="accepted so that "
@@ -359,9 +231,7 @@ def validate_cmd(
     from bdclean.io.headers import gib
     from bdclean.pipeline import validate
 
-    cfg = _purify_options(config, clean, prompts, base, full, n_variants, samples, tau, lam, heads, score, seed,
-                          workers, tokenizer, accept_tokenizer, augment, extract, merge,
-                          executor, ray_address, device, dtype, gradient_checkpointing)
+    cfg = _purify_config(config, overrides)
     with _placed(cfg) as where:  # checked as purify would, nothing placed
         summary = validate.run(model, cfg, out)
     summary["placement"] = {"device": where.device, "dtype": where.dtype,
