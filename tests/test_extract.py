@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bdclean.core.extract import low_rank, relative_change
-from tests.common import make_tiny_llama, tiny_rows, write_rows
+from tests.common import make_tiny_llama
 
 FAST = ["--samples", "8", "--epochs", "1", "--max-len", "48", "--batch-size", "4"]
 

@@ -17,7 +17,6 @@ from bdclean.pipeline.folders import recorded_path, up_to_date
 
 
 def run(out: Path, force: bool = False) -> Path:
-    from safetensors.torch import load_file
 
     from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
     from bdclean.core.channels import LowRank, channel_gram, head_gram

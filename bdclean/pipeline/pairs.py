@@ -45,7 +45,8 @@ def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> S
     config.json and safetensors weights is a full checkpoint (``full=True`` forces that reading)."""
     from bdclean.core.arch import family
     from bdclean.errors import InputError
-    from bdclean.io.headers import check_fits, check_full_checkpoint, header_bytes, regular_file
+    from bdclean.io.headers import check_fits, header_bytes, regular_file
+    from bdclean.io.vetting import check_full_checkpoint
     from bdclean.io.models import load_adapter, model_weight_files, read_model_config, resolve_base
     from bdclean.io.peft_io import check_structure
 

@@ -6,7 +6,6 @@ full-model: all weights of the suppressed checkpoint are fine-tuned (lr 1e-5 by 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from bdclean import constants as C
