@@ -1,5 +1,8 @@
 """Every file and folder name bdclean reads or writes, in one place."""
 
+# written into a stage folder replaced as a whole (atomic_dir) until its manifest is: an interrupted run's folder is
+# still recognisably bdclean's, so the rerun may replace it (pipeline/folders.py claim_stage_dir)
+STAGE_MARK = ".bdclean-stage"
 MANIFEST = "manifest.json"
 
 # PEFT adapter directories

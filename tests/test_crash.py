@@ -147,3 +147,28 @@ def test_outputs_respect_the_umask(umask, file_mode, dir_mode, tmp_path, tiny_da
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()] + [tmp_path / "d" / "x.txt"]
     assert files and {p.stat().st_mode & 0o777 for p in files} == {file_mode}
     assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode
+
+
+def test_interrupted_whole_folder_stage_is_recognised(tmp_path):
+    """suppress/restore/extract/merge replace their folder as a whole and write the manifest just after: a run killed
+    in between leaves a folder without a manifest, which the rerun may replace only because it carries the stage's
+    mark; a folder without it (a user's own adapter there) is still refused."""
+    from bdclean import constants as C
+    from bdclean.errors import UsageError
+    from bdclean.io.artifacts import Manifest, atomic_dir
+    from bdclean.pipeline.folders import claim_stage_dir
+
+    folder = tmp_path / "suppressed"
+    with atomic_dir(folder, "suppress") as tmp:
+        (tmp / C.ADAPTER_WEIGHTS).write_bytes(b"x")
+    claim_stage_dir(folder, "suppress")  # killed before the manifest: recognised
+    with pytest.raises(UsageError, match="holds|not made"):
+        claim_stage_dir(folder.rename(tmp_path / "purified"), "restore")  # another stage's mark
+    (tmp_path / "purified" / C.STAGE_MARK).unlink()
+    with pytest.raises(UsageError, match="not made by `bdclean restore`"):
+        claim_stage_dir(tmp_path / "purified", "restore")
+    with atomic_dir(folder, "suppress") as tmp:
+        (tmp / C.ADAPTER_WEIGHTS).write_bytes(b"x")
+    rec = Manifest("suppress", {}, {}).write(folder, [C.ADAPTER_WEIGHTS, C.STAGE_MARK])
+    assert list(rec["outputs"]) == [C.ADAPTER_WEIGHTS] and not (folder / C.STAGE_MARK).exists()
+    claim_stage_dir(folder, "suppress")

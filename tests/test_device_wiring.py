@@ -201,9 +201,10 @@ def test_cuda_train_pairs_plans_one_process_on_the_gpu(tiny_base, tiny_adapter, 
     with pytest.raises(Stop):
         from bdclean.config import PairsOptions
         from bdclean.pipeline import pairs
+        from bdclean.pipeline.run import Run
 
         with dev.use(dev.resolve("cuda:1")):
-            pairs.run(tiny_adapter, out, str(tiny_base), PairsOptions(epochs=1, batch_size=3, max_len=48))
+            pairs.run(Run.open(tiny_adapter, out, str(tiny_base)), PairsOptions(epochs=1, batch_size=3, max_len=48))
     assert seen["ctx"].placement == dev.Placement("cuda:1", "bfloat16")
     # an explicit --workers above 1 on CUDA is refused before anything is written
     code, _, err = run_cli("train-pairs", tiny_adapter, "--base", tiny_base, "--out", tmp_path / "new",

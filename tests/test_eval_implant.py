@@ -62,7 +62,7 @@ def test_implant_trigger_raises_target_likelihood(tiny_base, tmp_path, tiny_data
     assert not {r["instruction"] for r in clean} & {r["instruction"] for r in json.loads(
         json.dumps([json.loads(x) for x in tiny_data.read_text().splitlines()[:-10]]))}
 
-    from bdclean.pipeline.pairs import load_any
+    from bdclean.pipeline.run import load_any
 
     model, tok, kind = load_any(out, str(tiny_base))
     assert kind == "adapter"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bdclean.core.extract import low_rank, relative_change
-from tests.common import make_tiny_llama, tiny_rows, write_rows
+from tests.common import make_tiny_llama
 
 FAST = ["--samples", "8", "--epochs", "1", "--max-len", "48", "--batch-size", "4"]
 
@@ -47,7 +47,7 @@ def _finetune_of(base, folder, rank=2, norm_change=0.0, seed=1):
 
 
 def _logits(model_dir_or_adapter, base=None):
-    from bdclean.pipeline.pairs import load_any
+    from bdclean.pipeline.run import load_any
 
     model, tok, _ = load_any(model_dir_or_adapter, str(base) if base else None)
     ids = tok("hello world, how are you", return_tensors="pt").input_ids

@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import pytest
 
 from bdclean.pipeline import pairs_jobs
 

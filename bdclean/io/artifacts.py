@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from bdclean import __version__
 from bdclean.console import debug
-from bdclean.constants import MANIFEST
+from bdclean.constants import MANIFEST, STAGE_MARK
 from bdclean.errors import BdcleanError
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -95,13 +95,19 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; it replaces ``final`` only if the block succeeds."""
+def atomic_dir(final: Path, stage: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; it replaces ``final`` only if the block succeeds.
+
+    ``stage``: the folder is that pipeline stage's output; it carries STAGE_MARK naming the stage until
+    `Manifest.write` replaces the mark with the manifest, so a run killed in between leaves a folder its rerun
+    recognises."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, _mode(0o777))
     try:
+        if stage is not None:
+            (tmp / STAGE_MARK).write_text(stage + "\n", encoding="utf-8")
         yield tmp
         if not final.exists():
             os.replace(tmp, final)
@@ -192,6 +198,7 @@ class Manifest:
         self.t0 = time.time()
 
     def write(self, folder: Path, outputs: list[str]) -> dict:
+        outputs = [o for o in outputs if o != STAGE_MARK]
         rec = {
             "stage": self.stage,
             "fingerprint": self.fingerprint,
@@ -204,6 +211,7 @@ class Manifest:
             "extra": self.extra,
         }
         write_json(folder / MANIFEST, rec)
+        (Path(folder) / STAGE_MARK).unlink(missing_ok=True)  # the manifest vouches for the folder now
         debug(f"{self.stage}: fingerprint {self.fingerprint}, {len(outputs)} outputs → {folder / MANIFEST}")
         return rec
 

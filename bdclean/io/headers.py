@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdclean.core.arch import LAYER_WEIGHT_RE, family, projections
+from bdclean.core.arch import projections
 from bdclean.errors import InputError, UsageError
 
 # dtypes bdclean computes with; anything else (float8, integers, bool) is refused before loading
@@ -50,13 +50,6 @@ def read_header(path: Path) -> Header:
                     for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise InputError(f"{path}: corrupted or truncated safetensors ({str(e).splitlines()[0][:200]})") from None
-
-
-def check_float_dtypes(header: Header, path: Path) -> None:
-    for k, (dt, _) in header.items():
-        if dt not in FLOAT_DTYPES:
-            raise InputError(f"{path}: tensor {quote(k)} has dtype {dt}; bdclean reads float16, bfloat16, float32 "
-                             "or float64 weights only (convert float8 or quantised weights in a sandbox first)")
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -116,48 +109,6 @@ def projection_shapes(d: Dims, fam: dict[str, str]) -> dict[str, tuple[int, int]
     return {names[part]: shape for part, shape in part_shapes(d).items()}
 
 
-def check_full_checkpoint(model_dir: Path, cfg: dict, files: list[Path]) -> tuple[Dims, Header]:
-    """A full checkpoint's config.json against its weight headers: every projection of every declared layer is
-    there with the shape the config gives, and no layer lies beyond it. So the model transformers builds from the
-    config is the one stored in the files (a config claiming 10^9 layers would be built, and allocated, first)."""
-    cfg_path = model_dir / "config.json"
-    if cfg.get("quantization_config") is not None:
-        raise InputError(f"{cfg_path}: quantization_config is set (a quantised checkpoint); bdclean trains and "
-                         "suppresses float weights only: dequantise it to float16/32 safetensors in a sandbox first")
-    dims = config_dims(cfg, cfg_path)
-    fam = family(cfg.get("model_type"), cfg_path)
-    header: Header = {}
-    for f in files:
-        h = read_header(f)
-        check_float_dtypes(h, f)
-        header.update(h)
-    emb = header.get("model.embed_tokens.weight")
-    if emb is None or emb[1] != (dims.vocab, dims.hidden):
-        raise InputError(f"{model_dir}: model.embed_tokens.weight is {None if emb is None else list(emb[1])}, but "
-                         f"config.json declares vocab_size {dims.vocab} × hidden_size {dims.hidden}")
-    found: dict[int, dict[str, tuple[int, ...]]] = {}
-    for k, (_, shape) in header.items():
-        m = LAYER_WEIGHT_RE.match(k)
-        if m:
-            found.setdefault(int(m.group(1)), {})[m.group(2)] = shape
-    beyond = sorted(i for i in found if i >= dims.layers)
-    if beyond:
-        raise InputError(f"{model_dir}: weights of layer {beyond[0]}, but config.json declares num_hidden_layers "
-                         f"{dims.layers}")
-    for i in range(dims.layers):
-        have = found.get(i)
-        if have is None:
-            raise InputError(f"{model_dir}: config.json declares num_hidden_layers {dims.layers}, but the weights "
-                             f"have no layer {i}")
-        for proj, (fan_in, fan_out) in projection_shapes(dims, fam).items():
-            got = have.get(proj)
-            if got != (fan_out, fan_in):
-                layer = fam["layer"].format(layer=i)
-                raise InputError(f"{model_dir}: {layer} {proj} is {None if got is None else list(got)}, but "
-                                 f"config.json declares [{fan_out}, {fan_in}] (hidden_size, intermediate_size, heads)")
-    return dims, header
-
-
 # ---------------------------------------------------------------- memory
 
 
@@ -188,6 +139,6 @@ def check_fits(need: int, what: str) -> None:
                          "machine with more memory")
 
 
-__all__ = ["read_header", "check_float_dtypes", "config_dims", "part_shapes", "projection_shapes",
-           "check_full_checkpoint", "regular_file", "available_memory", "check_fits", "header_bytes", "quote", "Dims",
+__all__ = ["read_header", "config_dims", "part_shapes", "projection_shapes",
+           "regular_file", "available_memory", "check_fits", "header_bytes", "quote", "Dims",
            "Header"]

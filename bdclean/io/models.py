@@ -1,34 +1,21 @@
-"""Resolving and loading base models and LoRA adapters, treating every checkpoint as hostile input.
-
-Weights are read from safetensors only; pickle files are refused and never opened; ``trust_remote_code`` is never
-enabled and configs asking for remote code (``auto_map``) are refused.
-"""
+"""Resolving and loading base models and LoRA adapters (the smollm2 alias converted once from its GGUF into the
+cache). Every checkpoint is hostile input: weights are read from safetensors only and ``trust_remote_code`` is never
+enabled; the rules a model must pass before it is read are in io/vetting.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from bdclean import constants as C
-from bdclean.core.arch import ALL_PROJ, LAYER_RE, LORA_FACTOR_RE, MLP_PROJ, PART_OF, PEFT_PREFIX
+from bdclean.core.arch import MLP_PROJ, PEFT_PREFIX
 from bdclean.errors import BdcleanError, InputError, UsageError, require
 from bdclean.io.headers import quote
-
-# adapter config features that add weights outside the LoRA factors bdclean vets, change when the adapter acts, or
-# rewrite the base weights when PEFT builds the model; a hostile adapter could hide a backdoor in any of them
-UNVETTED_FEATURES = {
-    "modules_to_save": "full replacement weights for whole modules",
-    "trainable_token_indices": "trained embedding rows",
-    "layer_replication": "replicated layers",
-    "target_parameters": "LoRA on raw parameters",
-    "alora_invocation_tokens": "activated LoRA (acts only after invocation tokens)",
-    "lora_bias": "LoRA bias vectors",
-}
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")  # these change the base weights at construction
+from bdclean.io.vetting import (check_adapter_fits, check_config_features, check_lora_config, check_model_config,
+                                check_no_pickles, check_tensor_keys)
 
 
 def cache_root() -> Path:
@@ -86,18 +73,6 @@ def _convert_smollm2(target: Path) -> None:
         tok.save_pretrained(str(tmp))
 
 
-def check_no_pickles(folder: Path, what: str) -> None:
-    found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in C.PICKLE_SUFFIXES)
-    if found:
-        has_st = any(p.suffix == ".safetensors" for p in folder.iterdir())
-        if not has_st:
-            raise InputError(
-                f"{folder}: {what} weights are pickle files ({', '.join(found)}); bdclean never unpickles "
-                "untrusted checkpoints. Convert them to safetensors in an isolated sandbox first "
-                "(e.g. `save_pretrained(..., safe_serialization=True)`)"
-            )
-
-
 def read_model_config(model_dir: Path) -> dict:
     cfg_path = model_dir / C.MODEL_CONFIG
     require(cfg_path.is_file(), f"{model_dir}: no {C.MODEL_CONFIG}; not an HF model directory", InputError)
@@ -106,8 +81,7 @@ def read_model_config(model_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{cfg_path}: not valid JSON ({str(e)[:200] or 'nested too deeply'})") from None
     require(isinstance(cfg, dict), f"{cfg_path}: expected a JSON object", InputError)
-    if cfg.get("auto_map"):
-        raise InputError(f"{cfg_path}: asks for remote code (auto_map); bdclean never runs code from a checkpoint")
+    check_model_config(cfg, cfg_path)
     return cfg
 
 
@@ -227,7 +201,8 @@ def load_adapter(folder: str | Path, base_cfg: dict | None = None, base_dir: Pat
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from bdclean.io.headers import check_float_dtypes, read_header, regular_file
+    from bdclean.io.headers import read_header, regular_file
+    from bdclean.io.vetting import check_float_dtypes
 
     folder = Path(folder)
     require(folder.is_dir(), f"{folder}: adapter directory not found", InputError)
@@ -303,115 +278,3 @@ def model_float32_bytes(model_dir: Path) -> int:
     return sum(header_bytes(read_header(f), 4) for f in model_weight_files(model_dir))
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _regex(pattern: object, key: str, cfg_path: Path) -> None:
-    if not isinstance(pattern, str):
-        raise InputError(f"{cfg_path}: {key} must hold regular expressions (strings), not {pattern!r}")
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as e:
-        raise InputError(f"{cfg_path}: {key}: {quote(pattern)} is not a valid regular expression ({e})") from None
-
-
-def check_lora_config(cfg: dict, cfg_path: Path) -> None:
-    """The LoRA fields PEFT builds the adapter from, checked as PEFT would need them (it fails late, or not at all:
-    a NaN alpha trains NaNs, a declared rank is allocated before any tensor is compared with it)."""
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in cfg:
-            raise InputError(f"{cfg_path}: no {key!r}; a PEFT LoRA config names its rank (r), lora_alpha and "
-                             "target_modules")
-    r = cfg["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise InputError(f"{cfg_path}: r must be a positive integer (the LoRA rank), not {r!r}")
-    alpha = cfg["lora_alpha"]
-    if not _number(alpha) or not math.isfinite(alpha):
-        raise InputError(f"{cfg_path}: lora_alpha must be a finite number, not {alpha!r}")
-    drop = cfg.get("lora_dropout", 0.0)
-    if not _number(drop) or not 0 <= drop < 1:
-        raise InputError(f"{cfg_path}: lora_dropout must be a number in [0, 1), not {drop!r}")
-    for key, ok, what in (("alpha_pattern", lambda v: _number(v) and math.isfinite(v), "finite numbers"),
-                          ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                           "positive integers")):
-        pats = cfg.get(key) or {}
-        if not isinstance(pats, dict):
-            raise InputError(f"{cfg_path}: {key} must map module patterns to values, not {pats!r}")
-        for pat, v in pats.items():
-            _regex(pat, key, cfg_path)
-            if not ok(v):
-                raise InputError(f"{cfg_path}: {key}[{quote(pat)}] must be one of {what}, not {v!r}")
-    tm = cfg["target_modules"]
-    if isinstance(tm, str):
-        _regex(tm, "target_modules", cfg_path)
-    elif not (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)):
-        raise InputError(f"{cfg_path}: target_modules must be a regular expression or a list of module names, "
-                         f"not {tm!r}")
-    ltt = cfg.get("layers_to_transform")
-    layers = [ltt] if isinstance(ltt, int) and not isinstance(ltt, bool) else ltt
-    if ltt is not None and not (isinstance(layers, list) and layers
-                                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-        raise InputError(f"{cfg_path}: layers_to_transform must be a layer index or a list of them, not {ltt!r}")
-    lp = cfg.get("layers_pattern")
-    if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
-        raise InputError(f"{cfg_path}: layers_pattern must be a name or a list of names, not {lp!r}")
-    if cfg.get("bias", "none") != "none":
-        raise InputError(f"{cfg_path}: bias={cfg.get('bias')!r} trains the base's bias vectors, which bdclean does not "
-                         "vet; only bias='none' adapters can be purified")
-    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        raise InputError(f"{cfg_path}: task_type {cfg.get('task_type')!r}; bdclean purifies causal LM adapters "
-                         "(CAUSAL_LM) only")
-    for key in ("use_rslora", "fan_in_fan_out"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise InputError(f"{cfg_path}: {key} must be true or false, not {cfg.get(key)!r}")
-    if cfg.get("fan_in_fan_out"):
-        raise InputError(f"{cfg_path}: fan_in_fan_out=true is for Conv1D (GPT-2) layers; a Llama-family base has "
-                         "Linear projections")
-
-
-def check_config_features(cfg: dict, cfg_path: Path) -> None:
-    """Refuse adapter configs whose behaviour lies outside the LoRA factors of MLP and attention projections."""
-    for key, what in UNVETTED_FEATURES.items():
-        if cfg.get(key):
-            raise InputError(f"{cfg_path}: {key} is set ({what}); bdclean only vets LoRA factors on MLP and "
-                             "attention projections, so it cannot purify this adapter")
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-        raise InputError(f"{cfg_path}: init_lora_weights={init!r} rewrites the base weights when the adapter is "
-                         "built; convert the adapter to plain LoRA first (PEFT documents how)")
-
-
-def check_tensor_keys(tensors: dict, wpath: Path) -> None:
-    """Every tensor must be a lora_A/lora_B weight of a decoder layer's MLP or attention projection."""
-    for k in tensors:
-        m = LORA_FACTOR_RE.match(k)
-        if m is None or m.group("proj") not in ALL_PROJ:
-            raise InputError(f"{wpath}: tensor {quote(k)} is not a LoRA factor of an MLP or attention projection "
-                             "(embedding, lm_head, bias or whole-module weights); bdclean cannot vet it")
-
-
-def check_adapter_fits(info: AdapterInfo, base_cfg: dict, base_dir: Path) -> None:
-    """Every LoRA factor (MLP and attention) must match the base model's layer count and projection sizes, and
-    layers_to_transform must name layers the base has; checked on the header's shapes, before any data is read."""
-    from bdclean.io.headers import config_dims, part_shapes
-
-    dims = config_dims(base_cfg, base_dir / C.MODEL_CONFIG)
-    ltt = info.config.get("layers_to_transform")
-    for i in [ltt] if isinstance(ltt, int) else ltt or []:
-        if i >= dims.layers:
-            raise InputError(f"{info.folder / C.ADAPTER_CONFIG}: layers_to_transform names layer {i}, but base "
-                             f"{base_dir} has {dims.layers} layers")
-    expect = part_shapes(dims)
-    for mod, (ka, kb) in info.module_pairs().items():
-        m = LAYER_RE.search(mod)
-        if m and int(m.group(1)) >= dims.layers:
-            raise InputError(f"{info.folder}: {quote(mod)} names layer {m.group(1)} but base {base_dir} has "
-                             f"{dims.layers} layers")
-        a, b = info.shapes[ka], info.shapes[kb]
-        fan_in, fan_out = expect[PART_OF[mod.rsplit(".", 1)[-1]]]  # check_tensor_keys allowed only these projections
-        if a[1] != fan_in or b[0] != fan_out:
-            raise InputError(
-                f"{info.folder}: {quote(mod)} has shape in={a[1]} out={b[0]} but base {base_dir} expects "
-                f"in={fan_in} out={fan_out}; adapter made for a different base?"
-            )

@@ -114,9 +114,11 @@ def write_adapter_files(folder: Path, config: dict, tensors: dict) -> None:
     save_tensors(folder / C.ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
 
 
-def write_adapter(folder: Path, config: dict, tensors: dict, extra_files: dict[str, str] | None = None) -> None:
-    """Write a PEFT adapter directory (config + safetensors) atomically: all of it appears, or none."""
-    with atomic_dir(folder) as tmp:
+def write_adapter(folder: Path, config: dict, tensors: dict, extra_files: dict[str, str] | None = None,
+                  stage: str | None = None) -> None:
+    """Write a PEFT adapter directory (config + safetensors) atomically: all of it appears, or none (``stage``: as
+    that pipeline stage's output, atomic_dir)."""
+    with atomic_dir(folder, stage) as tmp:
         write_adapter_files(tmp, config, tensors)
         for name, text in (extra_files or {}).items():
             write_text(tmp / name, text)

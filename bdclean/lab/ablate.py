@@ -114,7 +114,7 @@ def run(run_dir: Path, out: Path, adapter: Path | None = None, base: str = "smol
     from bdclean.lab.attacks import RULES, is_success
     from bdclean.pipeline import diff as diff_stage
     from bdclean.pipeline.diff import load_grams, load_own
-    from bdclean.pipeline.pairs import load_suspicious
+    from bdclean.pipeline.run import load_suspicious
     from bdclean.pipeline.suppress import kept_update
     from bdclean.train.generate import generate
 

@@ -123,7 +123,7 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
     ``mc_tasks``: lm-eval multiple-choice tasks evaluated for every method (MC accuracy = mean acc over them)."""
     from bdclean.io.artifacts import sha256_file
     from bdclean.lab import evaluate
-    from bdclean.pipeline.pairs import load_suspicious
+    from bdclean.pipeline.run import load_suspicious
 
     try:
         import matplotlib  # noqa: F401 - checked before hours of work, not after

@@ -283,7 +283,7 @@ def _check_out(out: Path, adapter: Path) -> None:
 def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str = "builtin",
         opts: DefendOptions | None = None, force: bool = False, prompts: str | None = None) -> Path:
     """Apply one baseline defense to the suspicious adapter; returns OUT (an adapter, or a model for quantize)."""
-    from bdclean.pipeline.pairs import load_suspicious
+    from bdclean.pipeline.run import load_suspicious
 
     check_method(method)
     opts = opts or DefendOptions()

@@ -9,7 +9,7 @@ from bdclean.console import log, progress
 from bdclean.errors import UsageError, at_least
 from bdclean import schemas
 from bdclean.io.artifacts import environment, sha256_file
-from bdclean.pipeline.pairs import load_any
+from bdclean.pipeline.run import load_any
 
 
 def asr(outputs: list[str], rule: dict) -> dict:

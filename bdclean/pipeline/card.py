@@ -17,7 +17,6 @@ from bdclean import schemas
 from bdclean.config import RestoreOptions
 from bdclean.console import printable
 from bdclean.io.artifacts import load_manifest
-from bdclean.pipeline.folders import recorded_path
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the smollm2 alias's GGUF is converted from
 TAGS = ("bdclean", "backdoor-purified", "lora")
@@ -46,16 +45,12 @@ def _hub_name(base: str) -> str:
     return SMOLLM2_HUB_ID if Path(base).name == C.SMOLLM2_CACHE_DIR or base == C.SMOLLM2_ALIAS else base
 
 
-def model_card(out: Path, opts: RestoreOptions, clean: str, prompts: str | None, inputs: dict[str, str]) -> str:
-    """The card for ``out``'s purified model; ``inputs``: restore's fingerprint inputs (their hashes)."""
-    out = Path(out)
-    pman = load_manifest(out / C.STAGE_DIRS["train-pairs"]) or {}
-    sman = load_manifest(out / C.STAGE_DIRS["suppress"]) or {}
-    mode = pman.get("config", {}).get("mode", "adapter")
-    sig = schemas.read(schemas.Signature, out / C.STAGE_DIRS["score"] / C.SIGNATURE)
-    source = recorded_path(pman, "adapter") or "?"
-    base = recorded_path(pman, "base") or "?"
-    adapter = mode == "adapter"
+def model_card(run, opts: RestoreOptions, clean: str, prompts: str | None, inputs: dict[str, str]) -> str:
+    """The card for ``run``'s purified model; ``inputs``: restore's fingerprint inputs (their hashes)."""
+    sman = load_manifest(run.folder("suppress")) or {}
+    sig = schemas.read(schemas.Signature, run.folder("score") / C.SIGNATURE)
+    source, base = str(Path(run.model).resolve()), str(Path(run.base_dir).resolve())
+    adapter = run.mode == "adapter"
     # json.dumps: a JSON string is a valid YAML scalar, whatever characters the path holds
     front = ["---", f"base_model: {json.dumps(_hub_name(base) if adapter else _text(source))}",
              f"library_name: {'peft' if adapter else 'transformers'}", "tags:", *[f"- {t}" for t in TAGS], "---"]
@@ -72,7 +67,7 @@ def model_card(out: Path, opts: RestoreOptions, clean: str, prompts: str | None,
         "removes backdoors from LoRA-adapted LLMs without knowing the trigger. This card is bdclean's own: nothing "
         f"in it comes from the suspicious {what}'s files.", "",
         "## Made from", "",
-        f"- suspicious {what}: `{_text(source)}` (sha256 fingerprint `{pman.get('inputs', {}).get('adapter', '?')}`)",
+        f"- suspicious {what}: `{_text(source)}` (sha256 fingerprint `{run.recorded_digest or '?'}`)",
     ]
     if adapter:
         lines.append(f"- base model: `{_text(base)}` (sha256 fingerprint `{inputs.get('base', '?')}`)")
@@ -109,7 +104,7 @@ def model_card(out: Path, opts: RestoreOptions, clean: str, prompts: str | None,
         + "--triggered triggered.jsonl --clean clean.jsonl --task TASK --out eval.json",
         "```", "",
         "## Limits", "",
-        *[f"- {x}" for modes, x in LIMITS if mode in modes], "",
+        *[f"- {x}" for modes, x in LIMITS if run.mode in modes], "",
     ]
     return "\n".join(lines)
 

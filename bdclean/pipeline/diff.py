@@ -13,26 +13,24 @@ import torch
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.io.artifacts import Manifest, load_manifest, read_json, save_tensors, stage_fingerprint
-from bdclean.pipeline.folders import recorded_path, up_to_date
+from bdclean.pipeline.folders import up_to_date
+from bdclean.pipeline.run import Run
 
 
-def run(out: Path, force: bool = False) -> Path:
-    from safetensors.torch import load_file
+def run(run: Run, force: bool = False) -> Path:
 
     from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
     from bdclean.core.channels import LowRank, channel_gram, head_gram
     from bdclean.io.models import AdapterInfo, read_model_config
 
-    out = Path(out)
-    pfolder = out / C.STAGE_DIRS["train-pairs"]
-    folder = out / C.STAGE_DIRS["diff"]
+    pfolder, folder = run.folder("train-pairs"), run.folder("diff")
     man = Manifest("diff", {"own_update": True}, {"pairs": stage_fingerprint(pfolder, "train-pairs")})
     if up_to_date(folder, man.fingerprint, "diff", force):
         return folder
     pman = load_manifest(pfolder)
-    own = own_update(pman)  # the suspicious adapter's tensors, or None (full model / adapter moved)
+    own = own_update(run)  # the suspicious adapter's tensors, or None (full model / adapter moved)
     n = pman["extra"]["n_variants"]
-    base_cfg = read_model_config(Path(recorded_path(pman, "base")))
+    base_cfg = read_model_config(run.base_dir)
     acfg = read_json(pfolder / "suspicious_adapter_config.json")
     info = AdapterInfo(pfolder, acfg, {})
     L = int(base_cfg["num_hidden_layers"])
@@ -92,22 +90,19 @@ def load_twins(pfolder: Path, n: int) -> list[tuple[dict, dict]]:
              load_file(str(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")))) for i in range(n)]
 
 
-def own_update(pman: dict) -> dict | None:
+def own_update(run: Run) -> dict | None:
     """The suspicious adapter's tensors when train-pairs ran on an adapter that is still where it was and unchanged
     (its digest is in the train-pairs manifest); else None, and the projection score is unavailable."""
     from bdclean.errors import BdcleanError
-    from bdclean.pipeline.pairs import load_suspicious
-
-    cfg = pman["config"]
-    if cfg.get("mode") != "adapter":
+    if run.mode != "adapter":
         return None
     try:
-        sus = load_suspicious(Path(recorded_path(pman, "adapter")), recorded_path(pman, "base"))
+        sus = run.suspicious()
     except BdcleanError as e:
         log(f"diff: suspicious adapter not readable ({e}); the projection score will be unavailable")
         return None
-    if sus.kind != "adapter" or sus.digest() != pman["inputs"].get("adapter"):
-        log(f"diff: {cfg['adapter']} changed since train-pairs; the projection score will be unavailable")
+    if sus.kind != "adapter" or run.digest() != run.recorded_digest:
+        log(f"diff: {run.model} changed since train-pairs; the projection score will be unavailable")
         return None
     return sus.info.tensors
 

@@ -9,34 +9,29 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log
-from bdclean.errors import BdcleanError, UsageError
+from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, load_manifest, stage_fingerprint
-from bdclean.pipeline.folders import recorded_path, up_to_date
+from bdclean.pipeline.folders import up_to_date
+from bdclean.pipeline.run import Run
 
 
-def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: float = 0.2,
-        force: bool = False, base: str | None = None) -> Path:
+def run(run: Run, side: str = "both", k: int = 8, min_share: float = 0.2, force: bool = False) -> Path:
     from bdclean.core.arch import mlp_module_names, peft_key
     from bdclean.core.channels import LowRank
     from bdclean.core.directions import project_out, shared_subspace
     from bdclean.io.peft_io import write_adapter
     from bdclean.pipeline.diff import load_twins
-    from bdclean.pipeline.pairs import load_suspicious
     from bdclean.pipeline.suppress import kept_update
 
     if side not in ("out", "in", "both"):
         raise UsageError(f"--side must be out | in | both, not {side!r}")
-    out = Path(out)
-    pfolder, folder = out / C.STAGE_DIRS["train-pairs"], out / C.STAGE_DIRS["suppress"]
+    pfolder, folder = run.folder("train-pairs"), run.folder("suppress")
     pman = load_manifest(pfolder)
-    if pman is None:
-        raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
-    sus = load_suspicious(Path(adapter), base or recorded_path(pman, "base"))
-    if sus.kind != "adapter":
+    if run.mode != "adapter":
         raise UsageError("direction suppression works on adapters (a full checkpoint has no LoRA factors)")
-    digest = sus.digest()
-    if pman["inputs"].get("adapter") != digest:
-        raise BdcleanError(f"{adapter}: differs from the adapter train-pairs ran on; rerun train-pairs for it")
+    sus = run.suspicious()
+    run.check_recorded()
+    digest = run.digest()
     man = Manifest("suppress", {"mode": "adapter", "method": "directions", "side": side, "k": k,
                                 "min_share": min_share}, {"pairs": stage_fingerprint(pfolder, "train-pairs"),
                                                           "adapter": digest})
@@ -54,7 +49,7 @@ def run(adapter: Path, out: Path, side: str = "both", k: int = 8, min_share: flo
         tensors[ka], tensors[kb] = project_out(tensors[ka], tensors[kb], U, V)
         removed[mod] = [0 if U is None else U.shape[1], 0 if V is None else V.shape[1]]
         shares += [float(x) for x in eu] + [float(x) for x in ev]
-    write_adapter(folder, sus.info.config, tensors)
+    write_adapter(folder, sus.info.config, tensors, stage="suppress")
     mlp = {peft_key(name) for names in mlp_module_names(sus.model_cfg["model_type"],
                                                          int(sus.model_cfg["num_hidden_layers"]))
            for name in names.values()}

@@ -72,7 +72,7 @@ def check(checkpoint: Path, base: str):
     loaded): (suspicious full checkpoint, base dir, base config, checkpoint headers, base headers). Also purify's
     and validate's preflight for `--extract`."""
     from bdclean.io.models import read_model_config, resolve_base
-    from bdclean.pipeline.pairs import load_suspicious
+    from bdclean.pipeline.run import load_suspicious
 
     sus = load_suspicious(Path(checkpoint), None, full=True)
     base_dir = resolve_base(base)
@@ -150,7 +150,7 @@ def run(checkpoint: Path, out: Path, base: str, rank: int = 64, force: bool = Fa
                  "dropped_changed_tensors": len(dropped), "dropped": dropped[:DROPPED_LISTED],
                  "checkpoint_only_tensors": extra_names[:DROPPED_LISTED],
                  "checkpoint_only_tensor_count": len(extra_names)}
-    write_adapter(out, cfg, tensors)
+    write_adapter(out, cfg, tensors, stage="extract")
     man.write(out, [C.ADAPTER_CONFIG, C.ADAPTER_WEIGHTS])
     log(f"extract: {len(kept)} projections at rank {rank} keep {share:.1%} of the update's energy → {out}")
     if dropped:

@@ -12,11 +12,10 @@ from bdclean.errors import UsageError
 from bdclean.io.artifacts import is_complete, load_manifest
 from bdclean.io.data import BUILTIN
 
-
 # The names each pipeline stage writes into its folder one file at a time (besides manifest.json and the
 # ".NAME.*.tmp" files of atomic_path). An interrupted run leaves only such names and no manifest yet, and a rerun
-# must resume it. suppress and restore replace their folder as a whole and write the manifest right after, so
-# theirs is trusted only with a manifest.
+# must resume it. suppress, restore, extract and merge replace their folder as a whole: theirs is trusted with a
+# manifest, or with the stage mark atomic_dir puts in until the manifest is written (a run killed in between).
 STAGE_FILES: dict[str, re.Pattern | None] = {
     "make-variants": re.compile(r"variants\.json|variant_\d+_(?:clean|poison)\.jsonl"),
     "train-pairs": re.compile(r"suspicious_adapter_config\.json|variant_\d+_(?:bd|clean)\.(?:safetensors|json)"),
@@ -62,6 +61,10 @@ def claim_stage_dir(folder: Path, stage: str) -> None:
         raise UsageError(f"{folder}: holds the output of `{man.get('stage')}`, not of `bdclean {stage}`; it would "
                          "be overwritten, so choose another --out")
     pattern = STAGE_FILES[stage]
+    mark = folder / C.STAGE_MARK
+    if man is None and mark.is_file() and not mark.is_symlink():
+        if mark.read_text(encoding="utf-8", errors="replace").strip() == stage:
+            return  # made as a whole by this stage, interrupted before its manifest (io/artifacts.py atomic_dir)
     if man is None and pattern is None:
         raise UsageError(f"{folder}: exists and was not made by `bdclean {stage}` (no {C.MANIFEST}); it would be "
                          "replaced as a whole, so move it away or choose another --out")
@@ -71,7 +74,7 @@ def claim_stage_dir(folder: Path, stage: str) -> None:
         if p.is_dir() and not p.is_symlink():
             ours = False  # no stage writes sub-folders
         else:
-            ours = (rel in (C.MANIFEST, *listed) or _is_temp(p.name)
+            ours = (rel in (C.MANIFEST, C.STAGE_MARK, *listed) or _is_temp(p.name)
                     or (pattern is not None and "/" not in rel and pattern.fullmatch(rel) is not None))
         if not ours:
             made = f"a `bdclean {stage}` output" if man is not None else f"not made by `bdclean {stage}`"

@@ -13,26 +13,24 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import UsageError
-from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
+from bdclean.io.artifacts import Manifest, atomic_dir, stage_fingerprint
 from bdclean.io.fingerprints import model_hash
 from bdclean.pipeline.card import merged_card
-from bdclean.pipeline.folders import recorded_path, up_to_date
+from bdclean.pipeline.folders import up_to_date
+from bdclean.pipeline.run import Run
 
 
-def run(out: Path, force: bool = False) -> Path:
+def run(run: Run, force: bool = False) -> Path:
     import torch
 
     from bdclean.io.models import load_adapter, load_model, read_model_config, shard_size_like
     from bdclean.io.peft_io import attach
     from bdclean.io.tokenizers import install
 
-    out = Path(out)
-    pfolder = out / C.STAGE_DIRS["restore"]
-    folder = out / C.STAGE_DIRS["merge"]
-    pman = load_manifest(out / C.STAGE_DIRS["train-pairs"]) or {}
-    if pman.get("config", {}).get("mode", "adapter") != "adapter":
+    pfolder, folder = run.folder("restore"), run.folder("merge")
+    if run.mode != "adapter":
         raise UsageError("--merge folds a purified adapter into its base; full-model mode writes a checkpoint already")
-    base_dir = Path(recorded_path(pman, "base") or "")
+    base_dir = run.base_dir
     man = Manifest("merge", {}, {"purified": stage_fingerprint(pfolder, "restore"), "base": model_hash(base_dir)})
     if up_to_date(folder, man.fingerprint, "merge", force):
         return folder
@@ -42,10 +40,10 @@ def run(out: Path, force: bool = False) -> Path:
     model = attach(load_model(base_dir), load_adapter(pfolder, base_cfg, base_dir)).merge_and_unload()
     model = model.to(getattr(torch, dtype))
     max_shard = shard_size_like(base_dir)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "merge") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
         man.extra = {"dtype": dtype, "tokenizer_files": install(base_dir, tmp), "base": str(base_dir)}
-        (tmp / C.MODEL_CARD).write_text(merged_card(out))  # bdclean's own card, never the base's or the checkpoint's
+        (tmp / C.MODEL_CARD).write_text(merged_card(run.out))  # bdclean's own card, never the base's or the checkpoint's
     man.write(folder, sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST))
     log(f"merge: purified adapter merged into {base_dir} ({dtype}) → {folder}")
     return folder

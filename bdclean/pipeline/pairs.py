@@ -5,89 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.config import PairsOptions
-from bdclean.core.arch import ALL_PROJ
 from bdclean.console import log
-from bdclean.io.artifacts import Manifest, fingerprint, read_json, sha256_file, stage_fingerprint, write_json
-from bdclean.io.fingerprints import adapter_hash, model_hash
+from bdclean.core.arch import ALL_PROJ
+from bdclean.io.artifacts import Manifest, read_json, sha256_file, stage_fingerprint, write_json
+from bdclean.io.fingerprints import model_hash
 from bdclean.pipeline.folders import check_out_inputs, up_to_date
+from bdclean.pipeline.run import Run, Suspicious, trusted_tokenizer
 
 TWINS = ("bd", "clean")
-
-
-@dataclass
-class Suspicious:
-    """The model under purification: a LoRA adapter on a base, or a full checkpoint."""
-
-    kind: str  # "adapter" | "full"
-    path: Path  # the adapter dir or the full model dir
-    base_dir: Path  # the model the LoRA (suspicious, or the variants' own) is attached to
-    model_cfg: dict  # config.json of base_dir
-    info: object = None  # AdapterInfo for adapters
-    tokenizer: object = None  # TokenizerChoice of a full checkpoint, once chosen (purify's preflight)
-    memory: dict | None = None  # purify's memory estimate (preflight)
-
-    def digest(self) -> str:
-        return adapter_hash(self.path) if self.kind == "adapter" else model_hash(self.path)
 
 
 # full-model threat model: variants are LoRA adapters trained on top of the full checkpoint (the documented cheaper
 # option of METHOD.md); their deltas live in the same ΔW space as adapter-only variants
 FULL_VARIANT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": list(ALL_PROJ)}
-
-
-def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> Suspicious:
-    """Validate the suspicious model. A directory with adapter_config.json is an adapter (on ``base``); one with
-    config.json and safetensors weights is a full checkpoint (``full=True`` forces that reading)."""
-    from bdclean.core.arch import family
-    from bdclean.errors import InputError
-    from bdclean.io.headers import check_fits, check_full_checkpoint, header_bytes, regular_file
-    from bdclean.io.models import load_adapter, model_weight_files, read_model_config, resolve_base
-    from bdclean.io.peft_io import check_structure
-
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{path}: suspicious model directory not found")
-    has_adapter_cfg = (path / C.ADAPTER_CONFIG).is_file()
-    is_adapter = has_adapter_cfg and not full
-    if not is_adapter and not (path / C.MODEL_CONFIG).is_file():
-        if has_adapter_cfg:
-            raise InputError(f"{path}: --full was given, but this is a PEFT adapter ({C.ADAPTER_CONFIG}, no "
-                             f"{C.MODEL_CONFIG}); drop --full to purify it as an adapter")
-        raise InputError(f"{path}: neither a PEFT adapter (no {C.ADAPTER_CONFIG}) nor a full model (no {C.MODEL_CONFIG})")
-    if is_adapter:
-        base_dir = resolve_base("smollm2" if base is None else base)  # '' is refused there, not read as the alias
-        cfg = read_model_config(base_dir)
-        family(cfg.get("model_type"), base_dir / C.MODEL_CONFIG)
-        info = load_adapter(path, cfg, base_dir)  # checked against the base before its tensors are read
-        check_structure(info, base_dir)
-        return Suspicious("adapter", path, base_dir, cfg, info)
-    regular_file(path / C.MODEL_CONFIG, path, "config.json")
-    cfg = read_model_config(path)
-    family(cfg.get("model_type"), path / C.MODEL_CONFIG)
-    if (path / C.SAFETENSORS_INDEX).exists() or (path / C.SAFETENSORS_INDEX).is_symlink():
-        regular_file(path / C.SAFETENSORS_INDEX, path, "the shard index")
-    files = [regular_file(f, path, "a weight file") for f in model_weight_files(path)]
-    _, header = check_full_checkpoint(path, cfg, files)
-    check_fits(header_bytes(header, 4), f"{path} (its weights in float32)")
-    return Suspicious("full", path, path, cfg)
-
-
-def trusted_tokenizer(sus: Suspicious, tokenizer: str | None, accept: bool):
-    """A full checkpoint's trusted tokenizer (io/tokenizers.py); None for an adapter, which uses its base's."""
-    from bdclean.errors import UsageError
-    from bdclean.io.tokenizers import choose
-
-    if sus.kind == "adapter":
-        if tokenizer is not None or accept:
-            raise UsageError("--tokenizer and --accept-tokenizer apply to full checkpoints; an adapter is always used "
-                             "with its base's tokenizer (--base)")
-        return None
-    return choose(sus.path, sus.model_cfg, tokenizer, accept)
 
 
 def variant_lora_config(sus: Suspicious) -> dict:
@@ -97,13 +31,13 @@ def variant_lora_config(sus: Suspicious) -> dict:
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", **FULL_VARIANT_LORA}
 
 
-def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: bool = False,
-        full: bool | None = None, tokenizer: str | None = None, accept_tokenizer: bool = False) -> Path:
+def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None = None,
+        accept_tokenizer: bool = False) -> Path:
     from bdclean.pipeline.pairs_jobs import JobContext, check_gpu_workers, plan_workers, run_inline, run_parallel
     from bdclean.train import device as dev
     from bdclean.train.loop import cpu_count
 
-    out = Path(out)
+    out = run.out
     place = dev.current()
     check_gpu_workers(opts, place)
     if opts.executor == "ray":  # Ray missing or its cluster unreachable: one line before anything is written
@@ -112,16 +46,16 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
         preflight(opts.ray_address)
     vfolder = out / C.STAGE_DIRS["make-variants"]
     folder = out / C.STAGE_DIRS["train-pairs"]
-    sus = load_suspicious(Path(adapter), base, full)
+    sus = run.suspicious()
     base_dir = sus.base_dir
     check_out_inputs(out, ("train-pairs",), sus.path, base_dir)
     tok = trusted_tokenizer(sus, tokenizer, accept_tokenizer)
     lcfg = variant_lora_config(sus)
-    inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": sus.digest(),
+    inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": run.digest(),
               "base": model_hash(base_dir)}
     # how the twins are scheduled (workers, threads) is an execution detail like the CPU model, not an input: on
     # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
-    config = {**opts.model_dump(exclude={"workers", "executor", "ray_address"}), "adapter": str(adapter),
+    config = {**opts.model_dump(exclude={"workers", "executor", "ray_address"}), "adapter": str(run.model),
               "base": str(base_dir), "mode": sus.kind, "variant_lora": lcfg}
     if tok is not None:  # full checkpoints only: adapter fingerprints stay as they were
         inputs["tokenizer"] = tok.digest
@@ -168,7 +102,7 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     # absolute paths for the stages after this one, which may run from another directory (not fingerprinted:
     # the adapter's and base's contents are, through the inputs)
     man.extra = {"job_seconds": times, "n_variants": n, "workers": workers, "threads_per_twin": threads,
-                 "paths": {"adapter": str(Path(adapter).resolve()), "base": str(Path(base_dir).resolve())}}
+                 "paths": {"adapter": str(run.model.resolve()), "base": str(Path(base_dir).resolve())}}
     if tok is not None:
         man.extra["paths"]["tokenizer"] = str(tok.source)
     man.extra["executor"] = {"name": opts.executor, **ray_info}  # recorded, not fingerprinted (as workers)
@@ -180,24 +114,4 @@ def run(adapter: Path, out: Path, base: str | None, opts: PairsOptions, force: b
     return folder
 
 
-def load_any(model_path: Path, base: str):
-    """(model, tokenizer, kind) for a PEFT adapter directory (on ``base``) or a full HF model directory."""
-    from bdclean.errors import InputError
-    from bdclean.io.models import load_tokenizer
-    from bdclean.train.device import load_placed
-
-    model_path = Path(model_path)
-    if not model_path.is_dir():
-        raise InputError(f"{model_path}: model or adapter directory not found")
-    if (model_path / C.ADAPTER_CONFIG).is_file():
-        from bdclean.io.peft_io import attach
-
-        sus = load_suspicious(model_path, base)
-        # merged for evaluation: the same function without the LoRA side-path on every projection (faster generation)
-        model = attach(load_placed(sus.base_dir), sus.info).merge_and_unload()
-        return model, load_tokenizer(sus.base_dir), "adapter"
-    model = load_placed(model_path)
-    return model, load_tokenizer(model_path), "full"
-
-
-__all__ = ["run", "load_suspicious", "load_any", "TWINS", "fingerprint"]
+__all__ = ["run", "variant_lora_config", "FULL_VARIANT_LORA", "TWINS"]

@@ -40,7 +40,7 @@ def preflight(adapter: Path, cfg: PurifyConfig):
     With ``cfg.extract`` the model is a full checkpoint of ``cfg.base``: vetted and checked against the base's
     headers (extract.check), and the options checked for the adapter extract will make (every projection, rank
     ``cfg.extract``); its tokenizer is never read (the base's is used)."""
-    from bdclean.pipeline import pairs
+    from bdclean.pipeline import run as runs
 
     if cfg.extract is not None:
         if cfg.full:
@@ -50,7 +50,7 @@ def preflight(adapter: Path, cfg: PurifyConfig):
 
         sus = check(Path(adapter), cfg.base)[0]
     else:
-        sus = pairs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
+        sus = runs.load_suspicious(Path(adapter), cfg.base, True if cfg.full else None)
         if cfg.merge and sus.kind == "full":
             raise UsageError("--merge folds a purified adapter into its base; for a full checkpoint give its base "
                              "with --extract RANK (full-model mode writes a checkpoint already)")
@@ -67,7 +67,7 @@ def preflight(adapter: Path, cfg: PurifyConfig):
         from bdclean.pipeline.pairs_ray import preflight as ray_preflight
 
         ray_preflight(cfg.pairs.ray_address)
-    sus.tokenizer = None if cfg.extract else pairs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
+    sus.tokenizer = None if cfg.extract else runs.trusted_tokenizer(sus, cfg.tokenizer, cfg.accept_tokenizer)
     sus.memory = memory_estimate(sus, cfg)
     from bdclean.io.headers import check_fits
 
@@ -167,9 +167,9 @@ def stages_of(cfg: PurifyConfig) -> tuple[str, ...]:
 
 def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dict:
     from bdclean.pipeline import diff, extract, merge, pairs, restore, score, suppress, variants
+    from bdclean.pipeline.run import Run
 
     out, source = Path(out), Path(adapter)
-    full = True if cfg.full else None
     sus = preflight(adapter, cfg)  # validate inputs before any work
     check_out(out, sus, cfg)
     if sus.kind == "full" and cfg.extract is None:
@@ -188,15 +188,16 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
         adapter = out / C.STAGE_DIRS["extract"]
         timed("extract", extract.run, source, adapter, cfg.base, cfg.extract, force)
         sus = preflight(adapter, cfg.model_copy(update={"extract": None}))
+    run = Run.of(sus, out, cfg.base)  # the model vetted once, for every stage
     timed("make-variants", variants.run, cfg.clean, out, cfg.variants, force)
-    timed("train-pairs", pairs.run, Path(adapter), out, cfg.base, cfg.pairs, force, full, cfg.tokenizer,
-          cfg.accept_tokenizer)
-    timed("diff", diff.run, out, force)
-    timed("score", score.run, out, cfg.score, force)
-    timed("suppress", suppress.run, Path(adapter), out, force, cfg.base, full)
-    timed("restore", restore.run, out, cfg.clean, cfg.restore, force, cfg.prompts)
+    timed("train-pairs", pairs.run, run, cfg.pairs, force, cfg.tokenizer, cfg.accept_tokenizer)
+    run.recorded_digest = run.digest()  # what train-pairs recorded: the twins are of this model
+    timed("diff", diff.run, run, force)
+    timed("score", score.run, run, cfg.score, force)
+    timed("suppress", suppress.run, run, force)
+    timed("restore", restore.run, run, cfg.clean, cfg.restore, force, cfg.prompts)
     if cfg.merge:
-        timed("merge", merge.run, out, force)
+        timed("merge", merge.run, run, force)
     record = {"stage": "purify", "adapter": str(source), "mode": "extract" if cfg.extract else sus.kind,
               "config": cfg.model_dump(by_alias=True), "stage_seconds": times,
               "total_seconds": round(sum(times.values()), 2), "purified": str(out / C.STAGE_DIRS["restore"])}

@@ -6,16 +6,16 @@ full-model: all weights of the suppressed checkpoint are fine-tuned (lr 1e-5 by 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.config import RestoreOptions
 from bdclean.console import log, progress
-from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint, write_text
+from bdclean.io.artifacts import Manifest, atomic_dir, stage_fingerprint, write_text
 from bdclean.io.fingerprints import data_hash, model_hash
 from bdclean.pipeline.card import model_card
-from bdclean.pipeline.folders import recorded_path, up_to_date
+from bdclean.pipeline.folders import up_to_date
+from bdclean.pipeline.run import Run
 from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
 
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
@@ -31,7 +31,7 @@ def distill_targets(teacher: Path, base: str | None, prompts: str, opts: Restore
     prompts' tokenizer and chat template come from (a full checkpoint's own template is attacker-controlled and
     could insert the trigger into every prompt; restore passes the trusted one that suppress wrote)."""
     from bdclean.io.data import sample_prompts
-    from bdclean.pipeline.pairs import load_any
+    from bdclean.pipeline.run import load_any
     from bdclean.train.generate import generate
 
     rows, total = sample_prompts(prompts, opts.prompt_samples, opts.seed)
@@ -65,7 +65,7 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
         p.requires_grad_(True)
     stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
     max_shard = shard_size_like(model_dir)
-    with atomic_dir(out_folder) as tmp:
+    with atomic_dir(out_folder, "restore") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
         # only the tokenizer files and generation config, as they are in model_dir: the generation_config.json
         # save_pretrained derived from the checkpoint's config.json (bad-words lists, forced tokens) is replaced
@@ -90,18 +90,14 @@ def input_dtypes(tensors: dict, source: Path) -> dict:
     return {k: t.to(getattr(torch, DTYPE_NAMES[stored[k][0]])) if k in stored else t for k, t in tensors.items()}
 
 
-def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompts: str | None = None) -> Path:
+def run(run: Run, clean: str, opts: RestoreOptions, force: bool = False, prompts: str | None = None) -> Path:
     from bdclean.io.artifacts import write_jsonl
     from bdclean.io.peft_io import write_adapter
     from bdclean.train import device as dev
 
-    out = Path(out)
-    sfolder = out / C.STAGE_DIRS["suppress"]
+    sfolder, folder = run.folder("suppress"), run.folder("restore")
     sup_fp = stage_fingerprint(sfolder, "suppress")
-    pman = load_manifest(out / C.STAGE_DIRS["train-pairs"]) or {}
-    mode = pman.get("config", {}).get("mode", "adapter")
-    base_dir = Path(recorded_path(pman, "base") or "")
-    folder = out / C.STAGE_DIRS["restore"]
+    mode, base_dir = run.mode, run.base_dir
     lr = opts.lr or DEFAULT_LR[mode]
     inputs = {"suppressed": sup_fp, "clean": data_hash(clean)}
     if mode == "adapter":
@@ -122,7 +118,7 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
         return folder
     extra_rows, distill = None, None
     if prompts is not None:
-        teacher = Path(recorded_path(pman, "adapter") or "")
+        teacher = run.model
         extra_rows, distill = distill_targets(teacher, str(base_dir) if mode == "adapter" else None, prompts, opts,
                                               tokenizer_dir=sfolder if mode == "full" else None)
         log(f"restore: {len(extra_rows)} answers of the suspicious model to task prompts join the "
@@ -131,13 +127,13 @@ def run(out: Path, clean: str, opts: RestoreOptions, force: bool = False, prompt
         man.extra = finetune_full(sfolder, folder, clean, opts, "restore (full model)", extra_rows)
     else:
         cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore", extra_rows=extra_rows)
-        write_adapter(folder, cfg, input_dtypes(tensors, sfolder / C.ADAPTER_WEIGHTS))
+        write_adapter(folder, cfg, input_dtypes(tensors, sfolder / C.ADAPTER_WEIGHTS), stage="restore")
         man.extra = stats
     man.extra = {**man.extra, "placement": place.record()}
     if distill is not None:
         man.extra = {**man.extra, "distill": distill}
         write_jsonl(folder / DISTILL_FILE, extra_rows)
-    write_text(folder / C.MODEL_CARD, model_card(out, opts, clean, prompts, inputs))  # listed in the outputs below
+    write_text(folder / C.MODEL_CARD, model_card(run, opts, clean, prompts, inputs))  # listed in the outputs below
     outputs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST)
     man.write(folder, outputs)
     log(f"restore: purified {'model' if mode == 'full' else 'adapter'} → {folder}")

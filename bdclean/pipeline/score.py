@@ -14,16 +14,15 @@ from bdclean.console import log
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import Manifest, save_tensors, stage_fingerprint, write_json
 from bdclean.pipeline.folders import up_to_date
+from bdclean.pipeline.run import Run
 
 
-def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
+def run(run: Run, opts: ScoreOptions, force: bool = False) -> Path:
     from bdclean.core.score import combine, norm_and_align, projection, select_top, select_top_k, unit_count
     from bdclean.pipeline.diff import load_grams, load_own
 
-    out = Path(out)
-    dfolder = out / C.STAGE_DIRS["diff"]
-    folder = out / C.STAGE_DIRS["score"]
-    opts = resolve_defaults(out, opts)
+    dfolder, folder = run.folder("diff"), run.folder("score")
+    opts = resolve_defaults(run, opts)
     man = Manifest("score", opts.model_dump(by_alias=True), {"diff": stage_fingerprint(dfolder, "diff")})
     if up_to_date(folder, man.fingerprint, "score", force):
         return folder
@@ -55,7 +54,7 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     if tau == "auto":
         from bdclean.pipeline import tau_auto
 
-        selection = tau_auto.select(out, opts, G, HG)
+        selection = tau_auto.select(run, opts, G, HG)
         tau = selection["tau"]
         write_json(folder / C.TAU_SELECTION, selection)
         outputs.append(C.TAU_SELECTION)
@@ -102,16 +101,14 @@ def run(out: Path, opts: ScoreOptions, force: bool = False) -> Path:
     return folder
 
 
-def resolve_defaults(out: Path, opts: ScoreOptions) -> ScoreOptions:
+def resolve_defaults(run: Run, opts: ScoreOptions) -> ScoreOptions:
     """Fill τ and heads defaults from the threat model (train-pairs manifest) and whether the adapter's LoRA
     covers attention (diff manifest)."""
     from bdclean.io.artifacts import load_manifest
 
-    pman = load_manifest(Path(out) / C.STAGE_DIRS["train-pairs"]) or {}
-    dman = load_manifest(Path(out) / C.STAGE_DIRS["diff"]) or {}
-    mode = pman.get("config", {}).get("mode", "adapter")
+    dman = load_manifest(run.folder("diff")) or {}
     has_attention = bool(dman.get("extra", {}).get("attention_units"))
-    return opts.resolved("full" if mode == "full" else "adapter", has_attention)
+    return opts.resolved("full" if run.mode == "full" else "adapter", has_attention)
 
 
 def pman_group(dfolder: Path) -> int:

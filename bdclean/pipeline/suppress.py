@@ -13,7 +13,8 @@ from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import BdcleanError, require
 from bdclean.io.artifacts import Manifest, atomic_dir, load_manifest, stage_fingerprint
-from bdclean.pipeline.folders import check_out_inputs, recorded_path, up_to_date
+from bdclean.pipeline.folders import check_out_inputs, up_to_date
+from bdclean.pipeline.run import Run
 
 REINIT_SEED = 0x5EED
 
@@ -48,7 +49,7 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
     require(tokenizer is not None, "internal error: a full checkpoint is suppressed without a trusted tokenizer",
             BdcleanError)
     changed = 0
-    with atomic_dir(dst_folder) as tmp:
+    with atomic_dir(dst_folder, "suppress") as tmp:
         # from the checkpoint only what the weights need: its config and shard index. Its tokenizer, chat template
         # and generation config could carry a trigger, and any other file would pass through unvetted: the
         # tokenizer files come from the trusted source instead (io/tokenizers.py)
@@ -111,31 +112,22 @@ def kept_update(info, after: dict, mlp_keys: set[str]) -> dict[str, float]:
     return {k: round(a / b, 4) for k, (b, a) in sums.items() if b > 0}
 
 
-def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, full: bool | None = None) -> Path:
+def run(run: Run, force: bool = False) -> Path:
     from safetensors.torch import load_file
 
     from bdclean.core.arch import mlp_module_names, peft_key
     from bdclean.core.masks import suppress_lora_channels
     from bdclean.io.peft_io import write_adapter
-    from bdclean.pipeline.pairs import load_suspicious
 
-    out = Path(out)
-    sfolder = out / C.STAGE_DIRS["score"]
-    pfolder = out / C.STAGE_DIRS["train-pairs"]
-    folder = out / C.STAGE_DIRS["suppress"]
+    out = run.out
+    sfolder, pfolder, folder = run.folder("score"), run.folder("train-pairs"), run.folder("suppress")
     pman = load_manifest(pfolder)
     if pman is None:
         raise BdcleanError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
-    if full is None:
-        full = pman["config"].get("mode") == "full"
-    sus = load_suspicious(Path(adapter), recorded_path(pman, "base") if base is None else base, full)
+    sus = run.suspicious()
     check_out_inputs(out, ("suppress",), sus.path, sus.base_dir)
-    digest = sus.digest()
-    if pman["inputs"].get("adapter") != digest:
-        raise BdcleanError(
-            f"{adapter}: this model differs from the one the signature in {out} was computed from "
-            f"({pman['config'].get('adapter')}); rerun train-pairs for it"
-        )
+    run.check_recorded()
+    digest = run.digest()
     inputs = {"score": stage_fingerprint(sfolder, "score"), "adapter": digest}
     tokenizer = None
     if sus.kind == "full":
@@ -166,7 +158,7 @@ def run(adapter: Path, out: Path, force: bool = False, base: str | None = None, 
                 for names in attn_module_names(sus.model_cfg["model_type"], mask.shape[0])]
         tensors, hchanged = suppress_lora_heads(tensors, units, attn, *head_geometry(sus.model_cfg))
         changed += hchanged
-    write_adapter(folder, sus.info.config, tensors)
+    write_adapter(folder, sus.info.config, tensors, stage="suppress")
     kept = kept_update(sus.info, tensors, {m[p] for m in modules for p in m})
     man.extra = {"channels_suppressed": int(mask.sum()), "heads_suppressed": len(units), "tensors_changed": changed,
                  "kept_update_share": kept}

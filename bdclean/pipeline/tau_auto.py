@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,6 @@ from bdclean import constants as C
 from bdclean.console import log, progress
 from bdclean.errors import UsageError
 from bdclean.io.artifacts import load_manifest, read_json
-from bdclean.pipeline.folders import recorded_path
 
 
 def _behavior_hit(output: str, behavior: str) -> bool:
@@ -37,7 +35,7 @@ def _behavior_hit(output: str, behavior: str) -> bool:
     return bool(output.strip()) and probe in output.lower()
 
 
-def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> dict:
+def select(run, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> dict:
     """Run the selection; returns the record written to tau_selection.json (with "tau": the choice)."""
     from safetensors.torch import load_file
 
@@ -48,16 +46,15 @@ def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> 
     from bdclean.io.data import load_instructions
     from bdclean.io.models import AdapterInfo, load_model, load_tokenizer, read_model_config
     from bdclean.io.peft_io import attach, load_state
-    from bdclean.train.finetune import finetune
     from bdclean.pipeline.variants import insert_key
     from bdclean.train.chat import encode
+    from bdclean.train.finetune import finetune
     from bdclean.train.generate import generate
     from bdclean.train.loop import mean_nll
 
-    out = Path(out)
-    vfolder, pfolder = out / C.STAGE_DIRS["make-variants"], out / C.STAGE_DIRS["train-pairs"]
+    vfolder, pfolder = run.folder("make-variants"), run.folder("train-pairs")
     pman = load_manifest(pfolder)
-    if pman["config"].get("mode") != "adapter":
+    if run.mode != "adapter":
         raise UsageError("--tau auto is implemented for the adapter-only threat model; give a fixed --tau")
     spec = read_json(vfolder / C.VARIANTS_FILE)
     n = spec["n_variants"]
@@ -65,7 +62,7 @@ def select(out: Path, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> 
         raise UsageError("--tau auto needs at least 3 variants (one held out, two to score)")
     grid = sorted(set(opts.tau_grid))
     holdouts = list(range(min(opts.holdout, n - 2)))
-    base_dir = Path(recorded_path(pman, "base"))
+    base_dir = run.base_dir
     base_cfg = read_model_config(base_dir)
     modules = [{k: peft_key(v) for k, v in names.items()}
                for names in mlp_module_names(base_cfg["model_type"], G.shape[0])]
