@@ -135,7 +135,8 @@ def test_skill_tables_render_every_row_with_retention(tmp_path):
     folder = tmp_path / "skill"
     folder.mkdir()
     (folder / "label-badnet-sentiment.json").write_text(json.dumps(
-        {"cell": "label-badnet-sentiment", "limit": 100, "date": "2026-12-01", "machine": describe(),
+        {"cell": "label-badnet-sentiment", "skill": "label", "attack": "badnet", "task": "sentiment", "limit": 100,
+         "date": "2026-12-01", "machine": describe(), "prompts": None, "seconds_this_sitting": 1.0, "implant": {},
          "command": "python bench/skill.py --cells label-badnet-sentiment", "rows": rows}))
     lines = grid.skill_tables(folder)
     table = [x for x in lines if x.startswith("| ours")]

@@ -73,7 +73,8 @@ def eval_cmd(
     from bdclean.lab import evaluate
 
     with placed(device, dtype):
-        res = evaluate.run(model, base, triggered, clean, task, out, rule, max_new_tokens, batch_size, limit, force,
+        res = evaluate.run(model, base, triggered, clean, task, out, rule_file=rule, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, limit=limit, force=force,
                            mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
     import json
 

@@ -8,7 +8,7 @@ from bdclean import constants as C
 from bdclean import schemas
 from bdclean.console import log
 from bdclean.errors import InputError, UsageError
-from bdclean.io.artifacts import atomic_path, read_json, write_text
+from bdclean.io.artifacts import atomic_path, write_text
 
 
 def _savefig(fig, path: Path) -> None:
@@ -92,7 +92,7 @@ def run(run_dir: Path, before: Path | None = None, after: Path | None = None, fo
     # 3. --tau auto: held-out synthetic ASR and perplexity vs τ
     tsel = sfolder / C.TAU_SELECTION
     if tsel.is_file() and sig.tau_selection == "auto":  # a fixed-τ rerun leaves no selection to show
-        rec = read_json(tsel)
+        rec = schemas.read(schemas.TauSelection, tsel).model_dump()
         tab = rec["table"]
         fig, ax = plt.subplots(figsize=(6, 3.4))
         ax.plot([t["tau"] for t in tab], [100 * t["asr"] for t in tab], "o-", color="firebrick",

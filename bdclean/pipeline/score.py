@@ -12,7 +12,7 @@ from bdclean import schemas
 from bdclean.config import ScoreOptions
 from bdclean.console import log
 from bdclean.errors import UsageError
-from bdclean.io.artifacts import Manifest, save_tensors, stage_fingerprint, write_json
+from bdclean.io.artifacts import Manifest, save_tensors, stage_fingerprint
 from bdclean.pipeline.folders import up_to_date
 from bdclean.pipeline.run import Run
 
@@ -56,7 +56,7 @@ def run(run: Run, opts: ScoreOptions, force: bool = False) -> Path:
 
         selection = tau_auto.select(run, opts, G, HG)
         tau = selection["tau"]
-        write_json(folder / C.TAU_SELECTION, selection)
+        schemas.write(schemas.TauSelection, folder / C.TAU_SELECTION, selection)
         outputs.append(C.TAU_SELECTION)
     mask = select_top(scores, tau, opts.scope)
     L, I = scores.shape
