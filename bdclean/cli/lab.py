@@ -99,32 +99,31 @@ def report_cmd(
     report.run(run, before, after, force)
 
 
+def _defend_flags():
+    from bdclean.lab.defend import DefendOptions
+
+    def f(field, decl, type):
+        return F.flag(field, decl, type=type, model=DefendOptions)
+
+    return (f("samples", "--samples", int), f("epochs", "--epochs", int), f("lr", "--lr", float),
+            f("tau", "--tau", float), f("seed", "--seed", int), f("batch_size", "--batch-size", int),
+            f("max_len", "--max-len", int), f("crow_alpha", "--alpha", float), f("crow_eps", "--eps", float),
+            f("group_size", "--group-size", int), f("augment", "--augment", float))
+
+
 @app.command("defend")
 @guarded
+@F.config_flags(*_defend_flags())
 def defend_cmd(
     method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow | reset | retrain"),
     suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize)"),
     base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
     clean: str = typer.Option("builtin", "--clean", help="clean data for fine-tuning ('builtin' = shipped set)"),
-    samples: Optional[int] = typer.Option(None, "--samples",
-                                          help="clean samples for fine-tuning (as restore: 100)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="fine-tuning epochs (as restore: 1)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (as restore: 2e-4; the CROW paper "
-                                       "used 1e-3)"),
-    tau: Optional[float] = typer.Option(None, "--tau", help="fraction of MLP channels pruned (prune, "
-                                        "fine-prune; the benchmark's setting, not purify's τ: default 0.5)"),
-    seed: int = typer.Option(0, "--seed", help="seed for samples, batch order and random pruning"),
-    batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
-    max_len: int = typer.Option(96, "--max-len", help="tokens per sample"),
-    alpha: float = typer.Option(5.5, "--alpha", help="CROW consistency weight"),
-    eps: float = typer.Option(0.1, "--eps", help="CROW FGSM step on the embeddings"),
-    group_size: int = typer.Option(128, "--group-size", help="INT4 group size along the input dim (quantize)"),
+    overrides: dict = None,
     prompts: Optional[str] = typer.Option(None, "--prompts", help="unlabeled task prompts: the suspicious "
                                           "adapter's answers to them join the fine-tuning data (as restore "
                                           "--prompts; finetune, fine-prune, crow, reset, retrain)"),
-    augment: Optional[float] = typer.Option(None, "--augment", help="trigger-invariance copies per "
-                                            "fine-tuning sample (as restore --augment; default 0 = off)"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
     device: Optional[str] = F.option(F.DEVICE),
     dtype: Optional[str] = F.option(F.DTYPE),
@@ -140,14 +139,11 @@ def defend_cmd(
     from bdclean.lab import defend
 
     defend.check_method(method)
-    opts = build(defend.DefendOptions, {}, {"samples": samples, "epochs": epochs, "lr": lr, "tau": tau,
-                                            "seed": seed, "batch_size": batch_size, "max_len": max_len,
-                                            "crow_alpha": alpha, "crow_eps": eps, "group_size": group_size,
-                                            "augment": augment},
-                 where="options")
+    opts = build(defend.DefendOptions, {}, overrides, where="options")
     with placed(device, dtype, gradient_checkpointing):
         defend.run(method, suspicious, out, base, clean, opts, force, prompts)
     typer.echo(str(out))
+
 
 @app.command("compare")
 @guarded
