@@ -241,3 +241,27 @@ def test_projection_ranks_what_the_suspicious_update_moved_along_the_variants():
         projection(own[:, :2].double(), G.double())
     with pytest.raises(ValueError):
         combine(p, p, 0.01, "projection")
+
+
+def test_save_tensors_bytes_do_not_depend_on_the_process(tmp_path):
+    """safetensors writes metadata keys in a per-process hash order: bdclean writes one key at most, so the same
+    tensors give the same bytes (same seed, same artifacts)."""
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    from bdclean.errors import BdcleanError
+    from bdclean.io.artifacts import save_tensors, sha256_file
+
+    with pytest.raises(BdcleanError, match="more than one key"):
+        save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)}, {"k1": "1", "k2": "2"})
+    code = ("import sys, torch; from bdclean.io.artifacts import save_tensors; "
+            "save_tensors(__import__('pathlib').Path(sys.argv[1]), {'b': torch.arange(4.), 'a': torch.ones(2)}, "
+            "{'format': 'pt'})")
+    digests = set()
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
+        digests.add(sha256_file(tmp_path / f"{i}.safetensors"))
+    assert len(digests) == 1

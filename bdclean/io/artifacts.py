@@ -146,7 +146,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` atomically. ``metadata``: one key at most, because safetensors writes a header's metadata
+    keys in the order of a hash map seeded per process, so two keys make the same tensors differ in bytes from run
+    to run (and the same seed would no longer give the same artifacts)."""
     from safetensors.torch import save_file
+
+    if metadata is not None and len(metadata) > 1:
+        raise BdcleanError(f"internal error: {path.name}: safetensors metadata with more than one key is written in "
+                           "a random order")
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

@@ -73,7 +73,7 @@ def run(run: Run, force: bool = False) -> Path:
                 ap[part].append(own_delta(own, ka, kb, s_))
             _store(grams, f"heads.{layer}", head_gram(ap["q"], ap["k"], ap["v"], ap["o"], n_q, n_kv, hd), n,
                    own is not None)
-    save_tensors(folder / C.GRAM_FILE, grams, metadata={"n_variants": str(n), "layers": str(L)})
+    save_tensors(folder / C.GRAM_FILE, grams)  # n_variants and layers: in the manifest
     man.extra = {"n_variants": n, "layers": L, "channels": int(grams["layer.0"].shape[0]),
                  "attention_units": n_kv if has_attn else 0, "query_heads_per_unit": n_q // n_kv,
                  "own_update": own is not None}

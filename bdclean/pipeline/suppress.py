@@ -60,7 +60,6 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
         for shard in model_weight_files(src):
             tensors = {}
             with safe_open(str(shard), framework="pt") as fh:
-                meta = fh.metadata()
                 for key in fh.keys():
                     t = fh.get_tensor(key)
                     if key in targets:
@@ -75,7 +74,8 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
                         t = reinit_heads(t, head_slices(unit, n_q, n_kv, hd)[part], part, std, g)
                         changed += 1
                     tensors[key] = t.contiguous()
-            save_file(tensors, str(tmp / shard.name), metadata=meta or {"format": "pt"})
+            # transformers' one key; the checkpoint's own header metadata is not carried over
+            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
             del tensors
     return {"init_std": std, "tensors_changed": changed}
 
