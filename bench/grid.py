@@ -189,7 +189,7 @@ def write_markdown(results_dir: Path, out: Path) -> None:
                   "triggered ASR of all methods.", ""]
         lines += [f"- {c['cell']}: " + target_check(c) for c in cells]
         lines += ["", *machines_lines(cells),
-                  "Commands: " + "; ".join(f"`{c['commands'][0]}`" for c in cells), ""]
+                  "Commands: " + "; ".join(f"`{cmd}`" for c in cells for cmd in c["commands"]), ""]
     lines += skill_tables(results_dir / "skill")
     lines += tau_auto_table(results_dir / "tau_auto")
     lines += ablation_tables(results_dir / "ablation.jsonl")
