@@ -59,12 +59,15 @@ def flag(path: str | tuple[str, ...], *decls: str, type: Any = str, name: str | 
     return Flag(name, decls, paths, type, help, extra, model)
 
 
-def model_flags(model: type, extra: dict[str, dict] | None = None) -> tuple[Flag, ...]:
-    """One flag per field of a flat options model: ``--field-name``, typed as the field (``X | None`` → X)."""
+def model_flags(model: type, extra: dict[str, dict] | None = None, skip: tuple[str, ...] = ()) -> tuple[Flag, ...]:
+    """One flag per field of a flat options model (but ``skip``): ``--field-name``, typed as the field
+    (``X | None`` → X)."""
     import typing
 
     out = []
     for name, info in model.model_fields.items():
+        if name in skip:
+            continue
         args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
         cli_type = args[0] if args else info.annotation
         out.append(flag(name, "--" + name.replace("_", "-"), type=cli_type, model=model,

@@ -42,27 +42,27 @@ def implant_cmd(
         implant.run(opts, out)
 
 
+def _eval_mc_help() -> str:
+    from bdclean.lab.evaluate import EvalOptions
+
+    return F.describe("mc", EvalOptions)
+
+
+def _eval_flags():
+    from bdclean.lab.evaluate import EvalOptions
+
+    return F.model_flags(EvalOptions, {"base": {"parser": nonempty_name}}, skip=("mc",))
+
+
 @app.command("eval")
 @guarded
+@F.config_flags(*_eval_flags())
 def eval_cmd(
     model: Path = typer.Argument(..., help="PEFT adapter directory or full HF model directory"),
     out: Path = typer.Option(..., "--out", "-o", parser=nonempty_path, metavar="<path>", help="eval JSON to write"),
-    triggered: Optional[Path] = typer.Option(None, "--triggered", help="prompts carrying the trigger"),
-    clean: Optional[Path] = typer.Option(None, "--clean", help="clean prompts (with reference outputs for perplexity)"),
-    task: str = typer.Option("sentiment", "--task", help="sentiment | refusal | jailbreak | code"),
-    rule: Optional[Path] = typer.Option(None, "--rule", help="custom keyword file, one per line (success = any)"),
-    base: str = typer.Option("smollm2", "--base", parser=nonempty_name, help="base model for an adapter"),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    limit: Optional[int] = typer.Option(None, "--limit",
-                                        help="evaluate only the first N prompts of each set (and of each --mc task)"),
+    overrides: dict = None,
+    mc: Optional[str] = typer.Option(None, "--mc", help=_eval_mc_help()),
     force: bool = typer.Option(False, "--force", help="overwrite an existing eval file"),
-    mc: Optional[str] = typer.Option(None, "--mc", help="lm-eval multiple-choice tasks, comma-separated: "
-                                     "bdclean_mc (offline) or any lm-eval task online; needs pip install lm-eval"),
-    skill: Optional[Path] = typer.Option(None, "--skill", help="a skill.json (from `implant --skill`): grade the "
-                                         "clean answers with the skill's metric against their gold answers"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="perplexity of this file's reference answers "
-                                             "(no generation) instead of the --clean set's"),
     device: Optional[str] = F.option(F.DEVICE),
     dtype: Optional[str] = F.option(F.DTYPE),
 ):
@@ -70,12 +70,13 @@ def eval_cmd(
 
     Example: bdclean eval runs/x/purified --triggered t.jsonl --clean c.jsonl --task sentiment --out eval.json
     """
+    from bdclean.config import build
     from bdclean.lab import evaluate
 
+    opts = build(evaluate.EvalOptions, {}, {**overrides, "mc": mc.split(",") if mc is not None else None},
+                 where="options")
     with placed(device, dtype):
-        res = evaluate.run(model, base, triggered, clean, task, out, rule_file=rule, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, limit=limit, force=force,
-                           mc_tasks=mc.split(",") if mc is not None else None, skill=skill, reference=reference)
+        res = evaluate.run(model, out, opts, force)
     import json
 
     summary = {k: res[k] for k in ("triggered", "clean", "perplexity", "mc", "skill") if k in res}

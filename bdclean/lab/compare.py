@@ -168,9 +168,9 @@ def run(adapter: Path, out: Path, base: str, clean: str, triggered: Path, clean_
             log(f"skip eval {method}: up to date in {ev}", style="green")
             res = schemas.read(schemas.Eval, ev)
         else:
-            res = schemas.parse(schemas.Eval, evaluate.run(
-                model, base, Path(triggered), Path(clean_test), task, ev, rule_file, max_new_tokens=max_new_tokens,
-                limit=limit, force=True, mc_tasks=mc_tasks or None), ev)
+            res = schemas.parse(schemas.Eval, evaluate.run(model, ev, evaluate.EvalOptions(
+                base=base, triggered=Path(triggered), clean=Path(clean_test), task=task, rule=rule_file,
+                max_new_tokens=max_new_tokens, limit=limit, mc=mc_tasks or None), force=True), ev)
         rows.append({"method": method, "triggered_asr": res.triggered.asr if res.triggered else None,
                      "clean_asr": res.clean.asr if res.clean else None, "perplexity": res.perplexity,
                      "mc_acc": res.mc_mean(),

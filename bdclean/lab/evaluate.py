@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from bdclean.console import log, progress
 from bdclean.errors import UsageError, at_least
 from bdclean import schemas
@@ -57,10 +59,30 @@ def read_skill(skill: Path, clean: Path | None) -> dict:
     return check_spec(spec, str(p))
 
 
-def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None, task: str, out: Path,
-        rule_file: Path | None = None, max_new_tokens: int = 48, batch_size: int = 16, limit: int | None = None,
-        force: bool = False, mc_tasks: list[str] | None = None, skill: Path | None = None,
-        reference: Path | None = None) -> dict:
+class EvalOptions(BaseModel):
+    """`bdclean eval`'s options (its CLI flags are generated from these fields, cli/flags.py); `compare` evaluates
+    every method with one of these. Ranges are checked in `run`, whose messages name the flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    triggered: Path | None = Field(None, description="prompts carrying the trigger")
+    clean: Path | None = Field(None, description="clean prompts (with reference outputs for perplexity)")
+    task: str = Field("sentiment", description="sentiment | refusal | jailbreak | code: the keyword rule")
+    rule: Path | None = Field(None, description="custom keyword file, one per line (success = any)")
+    base: str = Field("smollm2", description="base model for an adapter")
+    max_new_tokens: int = Field(48, description="greedy new tokens per answer")
+    batch_size: int = Field(16, description="prompts generated at once")
+    limit: int | None = Field(None, description="evaluate only the first N prompts of each set (and of each --mc "
+                              "task)")
+    mc: list[str] | None = Field(None, description="lm-eval multiple-choice tasks, comma-separated: bdclean_mc "
+                                 "(offline) or any lm-eval task online; needs pip install lm-eval")
+    skill: Path | None = Field(None, description="a skill.json (from `implant --skill`): grade the clean answers "
+                               "with the skill's metric against their gold answers")
+    reference: Path | None = Field(None, description="perplexity of this file's reference answers (no generation) "
+                                   "instead of the --clean set's")
+
+
+def run(model_path: Path, out: Path, opts: EvalOptions, force: bool = False) -> dict:
     import math
 
     from bdclean.io.data import load_instructions
@@ -68,6 +90,9 @@ def run(model_path: Path, base: str, triggered: Path | None, clean: Path | None,
     from bdclean.train.generate import generate
     from bdclean.train.loop import mean_nll
 
+    base, triggered, clean, task, rule_file = opts.base, opts.triggered, opts.clean, opts.task, opts.rule
+    max_new_tokens, batch_size, limit, mc_tasks = opts.max_new_tokens, opts.batch_size, opts.limit, opts.mc
+    skill, reference = opts.skill, opts.reference
     for option, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size), ("--limit", limit)):
         at_least(option, value)
     out = Path(out)
