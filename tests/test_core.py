@@ -265,3 +265,15 @@ def test_save_tensors_bytes_do_not_depend_on_the_process(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
         digests.add(sha256_file(tmp_path / f"{i}.safetensors"))
     assert len(digests) == 1
+
+
+def test_cli_import_loads_no_heavy_library():
+    """`bdclean --help` builds every command's flags: it must not import torch, transformers or peft (commands import
+    them when they run), or the help takes seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bdclean.cli; heavy = [m for m in ('torch', 'transformers', 'peft', 'safetensors') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

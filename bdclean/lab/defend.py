@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
 
 from bdclean import constants as C
@@ -36,6 +36,9 @@ from bdclean.errors import BdcleanError, UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest
 from bdclean.io.fingerprints import adapter_hash, data_hash, model_hash
 from bdclean.pipeline.folders import up_to_date
+
+if TYPE_CHECKING:  # torch is imported where it is used: `bdclean --help` builds defend's flags from this module
+    import torch
 
 METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow", "reset", "retrain")
 RANDOM_SELECTION = "random (adapter-only, as in the paper)"
@@ -87,6 +90,8 @@ def mlp_modules(base_cfg: dict) -> list[dict[str, str]]:
 
 def channel_norms(info, base_cfg: dict) -> torch.Tensor:
     """‖ΔW channel j‖ = ‖(gate row j, up row j, down column j) of s·B@A‖ per layer and channel, [layers, I]."""
+    import torch
+
     from bdclean.core.channels import LowRank, channel_gram
 
     modules = mlp_modules(base_cfg)
@@ -116,6 +121,8 @@ def magnitude_mask(info, base_cfg: dict, tau: float) -> tuple[torch.Tensor, torc
 
 
 def random_mask(layers: int, channels: int, tau: float, seed: int) -> torch.Tensor:
+    import torch
+
     from bdclean.core.score import fraction_count
 
     k = fraction_count(tau, layers * channels)
@@ -168,6 +175,8 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
 
 
 def _quantize(ctx: dict, opts: DefendOptions) -> dict:
+    import torch
+
     from bdclean.lab.quant import max_distinct_per_group, quantize_rtn_int4
     from bdclean.io.artifacts import atomic_dir
     from bdclean.io.models import load_model
@@ -218,6 +227,8 @@ def _crow(ctx: dict, opts: DefendOptions) -> dict:
 def reset_tensors(info, base_cfg: dict) -> tuple[dict, int]:
     """The adapter with its change to every MLP channel and every attention unit zeroed: what suppress writes for a
     signature of everything. ΔW = 0 in every module, and each module keeps one factor so a fine-tune can train."""
+    import torch
+
     from bdclean.core.arch import attn_module_names, head_geometry, peft_key
     from bdclean.core.masks import suppress_lora_channels, suppress_lora_heads
 
@@ -248,6 +259,8 @@ def _reset(ctx: dict, opts: DefendOptions) -> dict:
 
 def fresh_tensors(info, base_dir: Path, seed: int) -> dict:
     """LoRA tensors as PEFT initialises them for this adapter's config (A random, B zero), from ``seed``."""
+    import torch
+
     from bdclean.io.models import load_model
     from bdclean.io.peft_io import adapter_state, lora_config, new_lora
 
