@@ -34,7 +34,6 @@ class Suspicious:
         return adapter_hash(self.path) if self.kind == "adapter" else model_hash(self.path)
 
 
-
 def load_suspicious(path: Path, base: str | None, full: bool | None = None) -> Suspicious:
     """Validate the suspicious model. A directory with adapter_config.json is an adapter (on ``base``); one with
     config.json and safetensors weights is a full checkpoint (``full=True`` forces that reading)."""
@@ -84,7 +83,6 @@ def trusted_tokenizer(sus: Suspicious, tokenizer: str | None, accept: bool):
                              "with its base's tokenizer (--base)")
         return None
     return choose(sus.path, sus.model_cfg, tokenizer, accept)
-
 
 
 @dataclass
