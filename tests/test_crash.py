@@ -172,3 +172,20 @@ def test_interrupted_whole_folder_stage_is_recognised(tmp_path):
     rec = Manifest("suppress", {}, {}).write(folder, [C.ADAPTER_WEIGHTS, C.STAGE_MARK])
     assert list(rec["outputs"]) == [C.ADAPTER_WEIGHTS] and not (folder / C.STAGE_MARK).exists()
     claim_stage_dir(folder, "suppress")
+
+
+def test_interrupted_defend_output_is_recognised(tmp_path):
+    """defend writes its adapter folder as a whole, then the manifest: a defend killed in between may be rerun into
+    the same --out (its mark says whose the folder is); a folder without it is still refused."""
+    from bdclean import constants as C
+    from bdclean.errors import UsageError
+    from bdclean.io.artifacts import atomic_dir
+    from bdclean.lab.defend import _check_out
+
+    out = tmp_path / "reset"
+    with atomic_dir(out, "defend") as tmp:
+        (tmp / C.ADAPTER_WEIGHTS).write_bytes(b"x")
+    _check_out(out, tmp_path / "suspicious")
+    (out / C.STAGE_MARK).unlink()
+    with pytest.raises(UsageError, match="not a defend output"):
+        _check_out(out, tmp_path / "suspicious")

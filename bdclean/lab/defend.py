@@ -141,7 +141,7 @@ def _finetune(ctx: dict, opts: DefendOptions) -> dict:
 
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                            "defend finetune", extra_rows=ctx["extra_rows"])
-    write_adapter(ctx["out"], cfg, tensors)
+    write_adapter(ctx["out"], cfg, tensors, stage="defend")
     return {"train": stats}
 
 
@@ -152,7 +152,7 @@ def _prune(ctx: dict, opts: DefendOptions) -> dict:
     info, base_cfg = ctx["info"], ctx["base_cfg"]
     mask, norms = magnitude_mask(info, base_cfg, opts.tau)
     tensors, changed = suppress_lora_channels(info.tensors, mask, mlp_modules(base_cfg))
-    write_adapter(ctx["out"], info.config, tensors)
+    write_adapter(ctx["out"], info.config, tensors, stage="defend")
     return {"selection": MAGNITUDE_SELECTION, "channels_pruned": int(mask.sum()), "channels_total": mask.numel(),
             "tensors_changed": changed, "max_pruned_norm": float(norms[mask].max()) if mask.any() else None,
             "min_kept_norm": float(norms[~mask].min()) if (~mask).any() else None}
@@ -169,7 +169,7 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
     tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                          "defend fine-prune", tensors=tensors, extra_rows=ctx["extra_rows"])
-    write_adapter(out, cfg, tuned)
+    write_adapter(out, cfg, tuned, stage="defend")
     return {"selection": RANDOM_SELECTION, "channels_pruned": int(mask.sum()), "channels_total": mask.numel(),
             "tensors_changed": changed, "mask_seed": opts.seed, "train": stats}
 
@@ -200,7 +200,7 @@ def _quantize(ctx: dict, opts: DefendOptions) -> dict:
             distinct = max(distinct, max_distinct_per_group(q, opts.group_size))
             w.copy_(q)
     require(distinct <= 16, f"internal error: {distinct} distinct values in a 4-bit group", BdcleanError)
-    with atomic_dir(ctx["out"]) as tmp:
+    with atomic_dir(ctx["out"], "defend") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (base_dir / name).is_file():
@@ -220,7 +220,7 @@ def _crow(ctx: dict, opts: DefendOptions) -> dict:
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                            "defend crow", loss_fn=crow_loss(opts.crow_alpha, opts.crow_eps),
                                            extra_rows=ctx["extra_rows"])
-    write_adapter(ctx["out"], cfg, tensors)
+    write_adapter(ctx["out"], cfg, tensors, stage="defend")
     return {"train": {**stats, "alpha": opts.crow_alpha, "eps": opts.crow_eps}}
 
 
@@ -253,7 +253,7 @@ def _reset(ctx: dict, opts: DefendOptions) -> dict:
     kept = kept_update(info, tensors, {m[p] for m in mlp_modules(base_cfg) for p in m})
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                          "defend reset", tensors=tensors, extra_rows=ctx["extra_rows"])
-    write_adapter(ctx["out"], cfg, tuned)
+    write_adapter(ctx["out"], cfg, tuned, stage="defend")
     return {"tensors_changed": changed, "kept_update_share_before_restore": kept, "train": stats}
 
 
@@ -275,7 +275,7 @@ def _retrain(ctx: dict, opts: DefendOptions) -> dict:
     tensors = fresh_tensors(ctx["info"], ctx["base_dir"], opts.seed)
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                          "defend retrain", tensors=tensors, extra_rows=ctx["extra_rows"])
-    write_adapter(ctx["out"], cfg, tuned)
+    write_adapter(ctx["out"], cfg, tuned, stage="defend")
     return {"init": "PEFT default (fresh)", "init_seed": opts.seed, "kept_update_share_before_restore": {"all": 0.0},
             "train": stats}
 
@@ -289,6 +289,9 @@ def _check_out(out: Path, adapter: Path) -> None:
     if out.exists():
         require(out.is_dir(), f"{out}: exists and is not a directory")
         man = load_manifest(out)
+        mark = out / C.STAGE_MARK  # written before the manifest (io/artifacts.py atomic_dir): an interrupted defend
+        if man is None and mark.is_file() and not mark.is_symlink() and mark.read_text().strip() == "defend":
+            return
         if any(out.iterdir()) and (man is None or man.get("stage") != "defend"):
             raise UsageError(f"{out}: exists and is not a defend output; choose another --out")
 
