@@ -1,4 +1,5 @@
-"""CLI flags generated from the options models (bdclean/config.py), so a flag's help and default have one source.
+"""CLI flags generated from the options models (bdclean/config.py; the lab's ImplantOptions, EvalOptions and
+DefendOptions), so a flag's help and default have one source.
 
 A command declares the config fields it exposes as `Flag`s; `config_flags` adds them to the command's signature
 (typer reads ``__signature__``) and hands the command one dict ``overrides`` {config path: value or None}, which
