@@ -10,6 +10,7 @@ import typer
 from bdclean.cli import flags as F
 from bdclean.cli.base import BASE, CONFIG, FORCE, OUT, app, guarded, nonempty_name, nonempty_path, placed
 from bdclean.cli.flags import config_flags
+from bdclean.pipeline.run import Run  # light: no torch, no transformers
 
 
 def _purify_config(config: Optional[Path], overrides: dict):
@@ -54,7 +55,6 @@ def train_pairs(
     Example: bdclean train-pairs suspicious_adapter/ --out runs/x
     """
     from bdclean.pipeline import pairs
-    from bdclean.pipeline.run import Run
 
     cfg = _purify_config(config, overrides)
     with _placed(cfg):
@@ -70,7 +70,6 @@ def diff_cmd(out: Path = OUT, force: bool = FORCE):
     Example: bdclean diff --out runs/x
     """
     from bdclean.pipeline import diff
-    from bdclean.pipeline.run import Run
 
     diff.run(Run.load(out), force)
 
@@ -90,18 +89,10 @@ def score_cmd(
     Example: bdclean score --out runs/x --tau 0.3
     """
     from bdclean.pipeline import score as score_stage
-    from bdclean.pipeline.run import Run
 
     scope = None if per_layer is None else ("per-layer" if per_layer else "global")
     cfg = _purify_config(config, {**overrides, "score.scope": scope})
     score_stage.run(Run.load(out), cfg.score, force)
-
-
-def _named_run(out: Path, model: Path, base: str | None):
-    """The run in ``out`` for the model a command names, which must be the one train-pairs ran on."""
-    from bdclean.pipeline.run import Run
-
-    return Run.load(out, model, base)
 
 
 @app.command("suppress")
@@ -133,13 +124,13 @@ def suppress_cmd(
         at_least("--k", k, 1)
         if not 0 <= min_share <= 1:
             raise UsageError(f"--min-share must lie in [0, 1], not {min_share}")
-        directions.run(_named_run(out, adapter, base), side, k, min_share, force)
+        directions.run(Run.load(out, adapter, base), side, k, min_share, force)
         return
     if method != "channels":
         raise UsageError(f"--method must be channels | directions, not {method!r}")
     from bdclean.pipeline import suppress
 
-    suppress.run(_named_run(out, adapter, base), force)
+    suppress.run(Run.load(out, adapter, base), force)
 
 
 @app.command("restore")
@@ -153,7 +144,6 @@ def restore_cmd(out: Path = OUT, overrides: dict = None, config: Optional[Path] 
     """
     from bdclean.pipeline import restore
     from bdclean.pipeline.folders import check_out_inputs
-    from bdclean.pipeline.run import Run
 
     cfg = _purify_config(config, overrides)
     with _placed(cfg):

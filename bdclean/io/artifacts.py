@@ -145,6 +145,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def stage_marked(folder: Path, stage: str) -> bool:
+    """Whether ``folder`` still carries the mark atomic_dir made it with for ``stage`` (its manifest not yet
+    written: a run killed in between)."""
+    mark = Path(folder) / STAGE_MARK
+    return (mark.is_file() and not mark.is_symlink()
+            and mark.read_text(encoding="utf-8", errors="replace").strip() == stage)
+
+
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` atomically. ``metadata``: one key at most, because safetensors writes a header's metadata
     keys in the order of a hash map seeded per process, so two keys make the same tensors differ in bytes from run

@@ -33,7 +33,7 @@ from bdclean import constants as C
 from bdclean.config import BASELINE_PRUNE_TAU, RestoreOptions
 from bdclean.console import log
 from bdclean.errors import BdcleanError, UsageError, require
-from bdclean.io.artifacts import Manifest, load_manifest
+from bdclean.io.artifacts import Manifest, load_manifest, stage_marked
 from bdclean.io.fingerprints import adapter_hash, data_hash, model_hash
 from bdclean.pipeline.folders import up_to_date
 
@@ -289,8 +289,7 @@ def _check_out(out: Path, adapter: Path) -> None:
     if out.exists():
         require(out.is_dir(), f"{out}: exists and is not a directory")
         man = load_manifest(out)
-        mark = out / C.STAGE_MARK  # written before the manifest (io/artifacts.py atomic_dir): an interrupted defend
-        if man is None and mark.is_file() and not mark.is_symlink() and mark.read_text().strip() == "defend":
+        if man is None and stage_marked(out, "defend"):  # an interrupted defend (io/artifacts.py atomic_dir)
             return
         if any(out.iterdir()) and (man is None or man.get("stage") != "defend"):
             raise UsageError(f"{out}: exists and is not a defend output; choose another --out")

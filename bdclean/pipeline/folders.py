@@ -9,7 +9,7 @@ from pathlib import Path
 from bdclean import constants as C
 from bdclean.console import debug, log
 from bdclean.errors import UsageError
-from bdclean.io.artifacts import is_complete, load_manifest
+from bdclean.io.artifacts import is_complete, load_manifest, stage_marked
 from bdclean.io.data import BUILTIN
 
 # The names each pipeline stage writes into its folder one file at a time (besides manifest.json and the
@@ -61,10 +61,8 @@ def claim_stage_dir(folder: Path, stage: str) -> None:
         raise UsageError(f"{folder}: holds the output of `{man.get('stage')}`, not of `bdclean {stage}`; it would "
                          "be overwritten, so choose another --out")
     pattern = STAGE_FILES[stage]
-    mark = folder / C.STAGE_MARK
-    if man is None and mark.is_file() and not mark.is_symlink():
-        if mark.read_text(encoding="utf-8", errors="replace").strip() == stage:
-            return  # made as a whole by this stage, interrupted before its manifest (io/artifacts.py atomic_dir)
+    if man is None and stage_marked(folder, stage):
+        return  # made as a whole by this stage, interrupted before its manifest (io/artifacts.py atomic_dir)
     if man is None and pattern is None:
         raise UsageError(f"{folder}: exists and was not made by `bdclean {stage}` (no {C.MANIFEST}); it would be "
                          "replaced as a whole, so move it away or choose another --out")

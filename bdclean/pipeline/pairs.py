@@ -63,6 +63,7 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     if dev.fingerprint_part(place) is not None:  # CPU float32: fingerprints as before (train/device.py)
         config["placement"] = dev.fingerprint_part(place)
     man = Manifest("train-pairs", config, inputs)
+    run.recorded_digest = inputs["adapter"]  # the twins (made now or already) are of this model
     if up_to_date(folder, man.fingerprint, "train-pairs", force):
         return folder
     folder.mkdir(parents=True, exist_ok=True)

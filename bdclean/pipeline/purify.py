@@ -191,7 +191,6 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     run = Run.of(sus, out, cfg.base)  # the model vetted once, for every stage
     timed("make-variants", variants.run, cfg.clean, out, cfg.variants, force)
     timed("train-pairs", pairs.run, run, cfg.pairs, force, cfg.tokenizer, cfg.accept_tokenizer)
-    run.recorded_digest = run.digest()  # what train-pairs recorded: the twins are of this model
     timed("diff", diff.run, run, force)
     timed("score", score.run, run, cfg.score, force)
     timed("suppress", suppress.run, run, force)
