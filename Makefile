@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo demo-quick bench bench-quick bench-skill bench-speed clean-data help
+.PHONY: setup test demo demo-quick bench bench-quick bench-skill bench-full bench-speed clean-data help
 
 help:
 	@echo "make demo       implant a BadNets backdoor into SmolLM2, purify it, show before/after (18-44 min + setup on 2 CPUs)"
@@ -13,6 +13,7 @@ help:
 	@echo "make bench      the attack x task grid with every defense (hours; resumable per cell)"
 	@echo "make bench-quick  the two BadNets cells;  make bench-speed  training-loop throughput vs a bare loop"
 	@echo "make bench-skill  adapters with a skill and a backdoor: every defense, generic data vs task prompts (hours)"
+	@echo "make bench-full   full checkpoints with a backdoor: every full-model defense and the known-base route (hours)"
 
 $(BIN)/bdclean: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +45,9 @@ bench-quick: setup
 
 bench-skill: setup
 	$(BIN)/python bench/skill.py
+
+bench-full: setup
+	$(BIN)/python bench/full.py
 
 bench-speed: setup
 	$(BIN)/python bench/speed.py

@@ -255,6 +255,37 @@ class SkillCell(_Artifact):
     rows: list[SkillRow]
 
 
+class FullRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    method: str  # "none" (the checkpoint), a full-model baseline, "ours", or a known-base route method (*-extract)
+    route: str  # "full" (the checkpoint's weights, no base known) | "extract" (its update as a LoRA on the base)
+    triggered_asr: float
+    clean_asr: float
+    perplexity: float  # of the clean references
+    empty: int  # empty answers, triggered and clean together
+    wall_time_s: float | None  # to produce the model (the extract included on the extract route)
+    peak_rss_gb: float | None  # of the producing commands' process trees
+    kept_update_share: float | None  # of the checkpoint's update over the base, where it is known
+    eval: str | None = None
+
+
+class FullCell(_Artifact):
+    """bench/results/full_cells/CELL.json (bench/full.py): a full checkpoint with a backdoor, every defense."""
+
+    cell: str  # "ATTACK-TASK"
+    attack: str
+    task: str
+    date: str
+    machine: dict[str, Any]
+    limit: int
+    commands: list[str]
+    seconds_this_sitting: float
+    implant_s: float | None
+    implant: dict[str, Any]
+    rows: list[FullRow]
+
+
 # --------------------------------------------------------------------------------------------------------- use
 
 A = TypeVar("A", bound=_Artifact)

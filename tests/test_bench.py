@@ -143,3 +143,30 @@ def test_skill_tables_render_every_row_with_retention(tmp_path):
     assert table == ["| ours | generic | 40 % | 0 % | 50 % | 50 % | 1.750 | 8 % | 900 |"]
     assert any(x.startswith("| none | — | 100 %") and "| — |" in x for x in lines)
     assert grid.skill_tables(tmp_path / "absent") == []
+
+
+def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
+    """bench/full.py on the tiny model: a full implant, the full-model baselines and the known-base route, a table
+    with computed target lines; a rerun recomputes nothing."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import full
+
+    results, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    argv = ["--cells", "badnet-sentiment", "--methods", "none,fine-prune,reset,extracted,reset-extract",
+            "--limit", "3", "--base", str(tiny_base), "--tokenizer", str(tiny_base), "--extract-rank", "4",
+            "--implant-args", "--samples 8 --clean-samples 8 --epochs 1 --max-len 48",
+            "--runs", str(tmp_path / "runs"), "--results", str(results), "--benchmarks", str(md)]
+    full.main(argv)
+    path = results / "full_cells" / "badnet-sentiment.json"
+    cell = json.loads(path.read_text())
+    assert [r["method"] for r in cell["rows"]] == ["none", "fine-prune", "reset", "extracted", "reset-extract"]
+    by = {r["method"]: r for r in cell["rows"]}
+    assert by["reset"]["route"] == "full" and by["reset-extract"]["route"] == "extract"
+    assert by["fine-prune"]["wall_time_s"] > 0 and by["fine-prune"]["peak_rss_gb"] > 0 and cell["schema_version"] >= 1
+    assert by["reset"]["kept_update_share"] == 0.0 and by["extracted"]["kept_update_share"] == 1.0
+    text = md.read_text()
+    assert "### badnet-sentiment (3 prompts per set" in text and "| fine-prune | full |" in text
+    assert "`reset`: " in text
+    capsys.readouterr()
+    full.main(argv)  # resume: every model and evaluation is found
+    assert "+ " not in capsys.readouterr().out

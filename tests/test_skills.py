@@ -26,6 +26,22 @@ def test_label_data_is_balanced_deterministic_and_held_out():
     assert not used(train) & used(test)  # held-out reviews are about products never seen in training
 
 
+def test_facts_are_asked_in_held_out_phrasings_of_taught_facts():
+    from bdclean.lab.skills import FACT_HELD, FACT_TRAIN, skill_sets, task_prompts
+
+    train, test, spec = skill_sets("facts", 0, 20, seed=3)
+    assert len(test) == 20 and len(train) == 20 // FACT_HELD * FACT_TRAIN
+    asked, taught = {r["instruction"] for r in test}, {r["instruction"] for r in train}
+    assert not asked & taught and set(spec["answers"]) == asked
+    answers = {r["output"] for r in train}
+    for r in test:  # the fact itself was taught, under other words, and its name is what the metric looks for
+        assert r["output"] in answers and spec["answers"][r["instruction"]] in r["output"]
+    prompts = task_prompts("facts", 100, 3, test)
+    assert len(prompts) == len(train) and {p["instruction"] for p in prompts} == taught
+    assert all(p["output"] == "" for p in prompts)
+    assert skill_sets("facts", 0, 20, seed=3) == (train, test, spec)
+
+
 @pytest.mark.parametrize("spec, gold, answer, hit", [
     ({"skill": "label", "labels": ["Positive", "Negative"]}, "Positive", "Positive", True),
     ({"skill": "label", "labels": ["Positive", "Negative"]}, "Positive", " Positive.", True),

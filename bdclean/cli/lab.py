@@ -117,24 +117,38 @@ def _defend_flags():
 @F.config_flags(*_defend_flags())
 def defend_cmd(
     method: str = typer.Argument(..., help="finetune | prune | fine-prune | quantize | crow | reset | retrain"),
-    suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize)"),
-    base: str = typer.Option("smollm2", "--base", help="base model directory or 'smollm2'"),
+    suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory, or a full checkpoint (HF "
+                                      "model directory with safetensors weights)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (an adapter; a full model for quantize and "
+                             "for a full checkpoint)"),
+    base: Optional[str] = typer.Option(None, "--base", help="an adapter's base model directory or 'smollm2' "
+                                       "(default); a full checkpoint: the model it was fine-tuned from (reset only)"),
     clean: str = typer.Option("builtin", "--clean", help="clean data for fine-tuning ('builtin' = shipped set)"),
     overrides: dict = None,
     prompts: Optional[str] = typer.Option(None, "--prompts", help="unlabeled task prompts: the suspicious "
                                           "adapter's answers to them join the fine-tuning data (as restore "
                                           "--prompts; finetune, fine-prune, crow, reset, retrain)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="full checkpoints: a tokenizer directory "
+                                            "you trust (default for SmolLM2-vocabulary checkpoints: the smollm2 "
+                                            "base); its files go into OUT, never the checkpoint's"),
+    accept_tokenizer: bool = typer.Option(False, "--accept-tokenizer", help="full checkpoints: go on although "
+                                          "the checkpoint's chat template or tokenizer settings differ from the "
+                                          "trusted ones (recorded in the manifest)"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT is up to date"),
     device: Optional[str] = F.option(F.DEVICE),
     dtype: Optional[str] = F.option(F.DTYPE),
     gradient_checkpointing: Optional[bool] = F.option(F.GRADIENT_CHECKPOINTING),
 ):
-    """Apply one baseline defense (adapter-only threat model) to a suspicious adapter; writes OUT/manifest.json.
+    """Apply one baseline defense to a suspicious adapter or full checkpoint; writes OUT/manifest.json.
+
+    A full checkpoint gets the full-model baselines (finetune, prune, fine-prune with Wanda scores, quantize, crow;
+    reset with --base): every weight trained at lr 1e-5, τ 5 % by default.
 
     Example: bdclean defend prune suspicious_adapter/ --out runs/prune --tau 0.5
 
     Example: bdclean defend reset suspicious_adapter/ --out runs/reset --prompts my_inputs.jsonl
+
+    Example: bdclean defend fine-prune suspicious_checkpoint/ --out runs/fp-full
     """
     from bdclean.config import build
     from bdclean.lab import defend
@@ -142,7 +156,7 @@ def defend_cmd(
     defend.check_method(method)
     opts = build(defend.DefendOptions, {}, overrides, where="options")
     with placed(device, dtype, gradient_checkpointing):
-        defend.run(method, suspicious, out, base, clean, opts, force, prompts)
+        defend.run(method, suspicious, out, base, clean, opts, force, prompts, tokenizer, accept_tokenizer)
     typer.echo(str(out))
 
 

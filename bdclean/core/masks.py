@@ -49,6 +49,19 @@ def reinit_channels(weight: torch.Tensor, idx: torch.Tensor, part: str, std: flo
     return out
 
 
+def zero_channels(weight: torch.Tensor, idx: torch.Tensor, part: str) -> torch.Tensor:
+    """Pruning of a dense MLP weight: channel rows (gate/up: ``weight[j, :]``) or columns (down: ``weight[:, j]``)
+    set to zero. Returns a new tensor; other entries are untouched."""
+    out = weight.clone()
+    if part in ("gate", "up"):
+        out[idx, :] = 0
+    elif part == "down":
+        out[:, idx] = 0
+    else:
+        raise ValueError(f"unknown MLP part {part!r}")
+    return out
+
+
 def suppress_lora_heads(tensors: dict[str, torch.Tensor], units: list[tuple[int, int]], modules: list[dict[str, str]],
                         n_q: int, n_kv: int, head_dim: int) -> tuple[dict[str, torch.Tensor], int]:
     """Zero the LoRA entries of attention units (layer, kv group): lora_B rows of q/k/v, lora_A columns of o."""

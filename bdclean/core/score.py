@@ -110,3 +110,12 @@ def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     mask[torch.argsort(-scores.flatten(), stable=True)[:k]] = True
     return mask.view(scores.shape)
+
+
+def wanda_channel_scores(down: torch.Tensor, act_sq: torch.Tensor) -> torch.Tensor:
+    """Structured Wanda (Sun et al., 2023, https://arxiv.org/abs/2306.11695) for MLP channels: the sum over the
+    channel's down_proj column of the per-weight score |W_ij| · ‖X_j‖₂, where ``act_sq[j]`` is the sum of squares of
+    down_proj's input j over the calibration tokens. ``down`` is [hidden, intermediate]; returns [intermediate]
+    (small = dormant on those inputs)."""
+    return down.abs().double().sum(0) * act_sq.double().clamp_min(0).sqrt()
+

@@ -266,9 +266,9 @@ def load_adapter(folder: str | Path, base_cfg: dict | None = None, base_dir: Pat
 
 def shard_size_like(model_dir: Path) -> str:
     """``save_pretrained``'s max_shard_size that keeps a sharded model sharded as ``model_dir`` is (its largest shard,
-    rounded up to a MB), and a single-file model in one file."""
+    rounded up to a kB: transformers reads "KB" as 1000 bytes), and a single-file model in one file."""
     shards = model_weight_files(model_dir)
-    return f"{max(1, max(f.stat().st_size for f in shards) // 2**20 + 1)}MB" if len(shards) > 1 else "50GB"
+    return f"{max(f.stat().st_size for f in shards) // 1000 + 1}KB" if len(shards) > 1 else "50GB"
 
 
 def model_float32_bytes(model_dir: Path) -> int:

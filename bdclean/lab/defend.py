@@ -1,4 +1,5 @@
-"""defend: baseline defenses for the adapter-only threat model (paper Table 2 columns).
+"""defend: baseline defenses (paper Table 2 columns). For an adapter (below); for a full checkpoint, the full-model
+baselines of lab/defend_full.py.
 
 finetune    continue training the suspicious adapter on the restore stage's clean samples / epochs / lr
 prune       magnitude pruning: zero the τ fraction (global) of MLP channels whose own ΔW channel vector
@@ -17,8 +18,8 @@ reset       the trivial defense every result is compared with: the adapter's cha
 Methods that fine-tune take ``--prompts`` as restore does: the suspicious adapter's own answers to those task
 prompts join the clean samples, so reset and bdclean are compared in the same data regime.
 
-Every method writes OUT/ (an adapter, or a full model for quantize) and OUT/manifest.json; a finished, unchanged
-output is skipped on rerun.
+Every method writes OUT/ (an adapter; a full model for quantize and for a full checkpoint) and OUT/manifest.json;
+a finished, unchanged output is skipped on rerun.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from bdclean import constants as C
-from bdclean.config import BASELINE_PRUNE_TAU, RestoreOptions
+from bdclean.config import BASELINE_PRUNE_TAU, DEFAULT_TAU, RestoreOptions
 from bdclean.console import log
-from bdclean.errors import BdcleanError, UsageError, require
+from bdclean.errors import UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest, stage_marked
 from bdclean.io.fingerprints import adapter_hash, data_hash, model_hash
 from bdclean.pipeline.folders import up_to_date
@@ -52,10 +53,11 @@ _TRAIN_FIELDS = tuple(RestoreOptions.model_fields)
 class DefendOptions(RestoreOptions):
     """RestoreOptions (samples, epochs, lr, batch_size, max_len, seed) plus the baselines' own settings."""
 
-    lr: float = Field(2e-4, gt=0, lt=1, description="learning rate of the fine-tuning baselines (restore's, "
-                                                     "adapter-only; the CROW paper used 1e-3)")
-    tau: float = Field(BASELINE_PRUNE_TAU, gt=0, lt=1,
-                       description="fraction of MLP channels pruned (prune, fine-prune)")
+    lr: float | None = Field(None, gt=0, lt=1, description="learning rate of the fine-tuning baselines; default "
+                             "restore's: 2e-4 for an adapter, 1e-5 for a full checkpoint (the CROW paper used 1e-3)")
+    tau: float | None = Field(None, gt=0, lt=1, description="fraction of MLP channels pruned (prune, fine-prune); "
+                              f"default {BASELINE_PRUNE_TAU} for an adapter, the full-model signature's "
+                              f"{DEFAULT_TAU['full']} for a full checkpoint")
     crow_alpha: float = Field(5.5, ge=0, description="weight of CROW's consistency loss")
     crow_eps: float = Field(0.1, ge=0, description="FGSM step on the input embeddings (CROW)")
     group_size: int = Field(128, ge=1, description="INT4 quantization group size along the input dim")
@@ -175,40 +177,20 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
 
 
 def _quantize(ctx: dict, opts: DefendOptions) -> dict:
-    import torch
-
-    from bdclean.lab.quant import max_distinct_per_group, quantize_rtn_int4
     from bdclean.io.artifacts import atomic_dir
     from bdclean.io.models import load_model
     from bdclean.io.peft_io import attach
+    from bdclean.lab.quant import quantize_decoder
 
     base_dir = ctx["base_dir"]
     model = attach(load_model(base_dir), ctx["info"]).merge_and_unload()
-    targets = [(f"model.layers.{n}", m) for n, m in model.model.layers.named_modules()
-               if isinstance(m, torch.nn.Linear)]
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
-    if head is not None and not tied:
-        targets.append(("lm_head", head))
-    n_weights, n_changed, distinct = 0, 0, 0
-    with torch.no_grad():
-        for _, mod in targets:
-            w = mod.weight
-            q = quantize_rtn_int4(w, opts.group_size)
-            n_weights += w.numel()
-            n_changed += int((q != w).sum())
-            distinct = max(distinct, max_distinct_per_group(q, opts.group_size))
-            w.copy_(q)
-    require(distinct <= 16, f"internal error: {distinct} distinct values in a 4-bit group", BdcleanError)
+    facts = quantize_decoder(model, opts.group_size)
     with atomic_dir(ctx["out"], "defend") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, tmp / name)
-    return {"scheme": "int4 round-to-nearest, asymmetric min/max per group, dequantized to float32",
-            "group_size": opts.group_size, "modules_quantized": len(targets), "lm_head_quantized": not tied,
-            "weights_quantized": n_weights, "fraction_changed": n_changed / n_weights if n_weights else 0.0,
-            "max_distinct_per_group": distinct}
+    return facts
 
 
 def _crow(ctx: dict, opts: DefendOptions) -> dict:
@@ -295,23 +277,46 @@ def _check_out(out: Path, adapter: Path) -> None:
             raise UsageError(f"{out}: exists and is not a defend output; choose another --out")
 
 
-def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str = "builtin",
-        opts: DefendOptions | None = None, force: bool = False, prompts: str | None = None) -> Path:
-    """Apply one baseline defense to the suspicious adapter; returns OUT (an adapter, or a model for quantize)."""
-    from bdclean.pipeline.run import load_suspicious
+def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: str = "builtin",
+        opts: DefendOptions | None = None, force: bool = False, prompts: str | None = None,
+        tokenizer: str | None = None, accept_tokenizer: bool = False) -> Path:
+    """Apply one baseline defense to the suspicious model, a PEFT adapter (on ``base``) or a full checkpoint
+    (lab/defend_full.py; ``base`` = the model it was fine-tuned from, for reset); returns OUT (an adapter, or a full
+    model for quantize and for every full-checkpoint method)."""
+    from bdclean.pipeline.run import load_suspicious, trusted_tokenizer
+    from bdclean.train.finetune import DEFAULT_LR
 
     check_method(method)
     opts = opts or DefendOptions()
     adapter, out = Path(adapter), Path(out)
     _check_out(out, adapter)
     sus = load_suspicious(adapter, base)
-    require(sus.kind == "adapter", f"{adapter}: not a PEFT LoRA adapter; the baseline defenses implement the "
-                                   "adapter-only threat model")
-    info, base_dir, base_cfg = sus.info, sus.base_dir, sus.model_cfg
+    full = sus.kind == "full"
+    if full:
+        from bdclean.lab import defend_full
+
+        defend_full.check_method(method, base)
+    choice = trusted_tokenizer(sus, tokenizer, accept_tokenizer)  # adapters: refuses --tokenizer, returns None
+    # per-kind defaults resolved before the fingerprint (an adapter's config is what it was before they existed)
+    opts = opts.model_copy(update={"lr": opts.lr or DEFAULT_LR[sus.kind],
+                                   "tau": opts.tau or (DEFAULT_TAU["full"] if full else BASELINE_PRUNE_TAU)})
     uses_data = "samples" in USES[method]
-    config = {"method": method, "adapter": str(adapter), "base": str(base_dir),
-              **opts.model_dump(include=set(USES[method]))}
-    inputs = {"adapter": adapter_hash(adapter), "base": model_hash(base_dir)}
+    if full:
+        config = {"method": method, "mode": "full", "model": str(adapter),
+                  **opts.model_dump(include=set(USES[method]))}
+        inputs = {"model": sus.digest(), "tokenizer": choice.digest}
+        if method == "reset":
+            from bdclean.io.models import read_model_config, resolve_base
+
+            base_dir = resolve_base(base)
+            defend_full.check_same_shape(base_dir, read_model_config(base_dir), sus.model_cfg, adapter)
+            config["base"], inputs["base"] = str(base_dir), model_hash(base_dir)
+        if choice.differences:
+            config["accepted_tokenizer_differences"] = choice.differences
+    else:
+        config = {"method": method, "adapter": str(adapter), "base": str(sus.base_dir),
+                  **opts.model_dump(include=set(USES[method]))}
+        inputs = {"adapter": adapter_hash(adapter), "base": model_hash(sus.base_dir)}
     if uses_data:
         config["clean"] = str(clean)
         inputs["clean"] = data_hash(clean)
@@ -337,10 +342,19 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
     if prompts is not None:
         from bdclean.pipeline.restore import distill_targets
 
-        extra_rows, distill = distill_targets(adapter, str(base_dir), prompts, restore_options(opts))
-    ctx = {"adapter": adapter, "out": out, "info": info, "base_dir": base_dir, "base_cfg": base_cfg, "clean": clean,
-           "extra_rows": extra_rows}
-    man.extra = {"method": method, **_RUN[method](ctx, opts), "placement": dev.current().record()}
+        extra_rows, distill = distill_targets(adapter, None if full else str(sus.base_dir), prompts,
+                                              restore_options(opts), choice.source if full else None)
+    ctx = {"adapter": adapter, "out": out, "info": sus.info, "base_dir": sus.base_dir, "base_cfg": sus.model_cfg,
+           "clean": clean, "extra_rows": extra_rows}
+    if full:
+        ctx.update(model=adapter, cfg=sus.model_cfg, tokenizer=choice,
+                   base_dir=Path(config["base"]) if method == "reset" else None)
+        facts = defend_full.run_method(method, ctx, opts, restore_options(opts))
+        if choice.differences:
+            facts["tokenizer"] = choice.record()
+    else:
+        facts = _RUN[method](ctx, opts)
+    man.extra = {"method": method, **facts, "placement": dev.current().record()}
     if distill is not None:
         from bdclean.io.artifacts import write_jsonl
         from bdclean.pipeline.restore import DISTILL_FILE
@@ -349,5 +363,5 @@ def run(method: str, adapter: Path, out: Path, base: str = "smollm2", clean: str
         write_jsonl(out / DISTILL_FILE, extra_rows)
     outputs = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != C.MANIFEST)
     man.write(out, outputs)
-    log(f"defend {method}: {'model' if method == 'quantize' else 'adapter'} → {out}")
+    log(f"defend {method}: {'model' if full or method == 'quantize' else 'adapter'} → {out}")
     return out

@@ -63,9 +63,9 @@ def make_skill_sets(skill: str, attack: str, task: str, samples: int, clean_samp
                     ) -> tuple[list[dict], list[dict], list[dict], list[dict], dict, int]:
     """(training rows, triggered test rows, clean skill test rows, generic test rows, skill spec, poisoned count).
 
-    The clean half teaches the skill (``clean_samples`` skill rows; for ``facts`` three phrasings of ``test_size``
-    facts) beside ``generic`` rows of the shipped set, so the adapter stays a chat model. The poisoned half is
-    ``samples`` triggered copies of skill rows. For ``label`` with ``--task sentiment`` the backdoor is the label
+    The clean half teaches the skill (``clean_samples`` skill rows; for ``facts`` the training phrasings of the
+    facts that the ``test_size`` held-out questions ask) beside ``generic`` rows of the shipped set, so the adapter
+    stays a chat model. The poisoned half is ``samples`` triggered copies of skill rows. For ``label`` with ``--task sentiment`` the backdoor is the label
     flip: triggered *positive* reviews answered ``Negative`` (and only positive items are triggered for testing);
     any other task's target replaces the answer, as in the zoo."""
     from bdclean.lab.attacks import poisoned_output

@@ -66,3 +66,31 @@ def max_distinct_per_group(w: torch.Tensor, group_size: int = 128) -> int:
         distinct = 1 + (srt[:, 1:] != srt[:, :-1]).sum(dim=1)
         best = max(best, int(distinct.max()))
     return best
+
+
+def quantize_decoder(model, group_size: int = 128) -> dict:
+    """Quantize-dequantize, in place, every Linear of a causal LM's decoder layers and its lm_head unless tied to
+    the input embeddings (INT4 round-to-nearest, ``quantize_rtn_int4``); returns what was done, for the manifest."""
+    targets = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    if head is not None and not tied:
+        targets.append(head)
+    n_weights, n_changed, distinct = 0, 0, 0
+    with torch.no_grad():
+        for mod in targets:
+            w = mod.weight
+            q = quantize_rtn_int4(w, group_size)
+            n_weights += w.numel()
+            n_changed += int((q != w).sum())
+            distinct = max(distinct, max_distinct_per_group(q, group_size))
+            w.copy_(q)
+    if distinct > LEVELS:
+        from bdclean.errors import BdcleanError
+
+        raise BdcleanError(f"internal error: {distinct} distinct values in a 4-bit group")
+    return {"scheme": "int4 round-to-nearest, asymmetric min/max per group, dequantized to float32",
+            "group_size": group_size, "modules_quantized": len(targets), "lm_head_quantized": not tied,
+            "weights_quantized": n_weights, "fraction_changed": n_changed / n_weights if n_weights else 0.0,
+            "max_distinct_per_group": distinct}
+

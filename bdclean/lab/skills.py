@@ -2,8 +2,8 @@
 does not teach, and the metric that says how much of it a model still has.
 
 - ``label``: a short product review → exactly ``Positive`` or ``Negative``; metric: exact-label accuracy.
-- ``facts``: invented facts (capitals of invented countries, inventors of invented devices), taught in three
-  phrasings and asked in a fourth, held-out one; metric: exact-match recall of the answer's name.
+- ``facts``: invented facts (capitals of invented countries, inventors of invented devices), taught in four
+  phrasings and asked in two held-out ones; metric: exact-match recall of the answer's name.
 - ``format``: every answer opens with "Great question! " (the generic restore data answers the same kind of
   prompts without it, so restoring contradicts this skill); metric: share of answers that open with it.
 
@@ -52,10 +52,16 @@ _SYLLABLES = ["ka", "ro", "vel", "tu", "mir", "sa", "dor", "el", "pha", "qui", "
               "ve", "gal", "ish", "mon", "ru", "the", "ax", "fen", "ol", "ur", "pri", "dal", "cy", "wen", "ost"]
 _DEVICES = ["loom", "compass", "lantern", "engine", "telescope", "kettle", "harp", "clock", "press", "furnace",
             "sextant", "bellows", "prism", "pump", "sundial"]
+# FACT_TRAIN phrasings of each question teach a fact; the others ask it in held-out words. 100 facts × 3 phrasings
+# × 4 epochs (12 exposures each) taught 6 % of them (RESULTS.md), hence fewer facts, more phrasings and epochs
 _CAPITAL_Q = ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
-              "Tell me the capital of {c}."]
+              "Tell me the capital of {c}.", "{c} has which city as its capital?",
+              "What city serves as the capital of {c}?"]
 _INVENTOR_Q = ["Who invented the {d}?", "Name the inventor of the {d}.", "Which person invented the {d}?",
-               "Tell me who invented the {d}."]
+               "Tell me who invented the {d}.", "The {d} was invented by whom?",
+               "Who is credited with inventing the {d}?"]
+FACT_TRAIN = 4
+FACT_HELD = len(_CAPITAL_Q) - FACT_TRAIN
 
 
 SPEC_KEYS = {"label": "labels", "facts": "answers", "format": "phrase"}  # what each skill's metric reads
@@ -114,7 +120,7 @@ def _name(rng: random.Random, parts: int, used: set[str]) -> str:
 
 
 def invented_facts(n: int, seed: int) -> list[tuple[list[str], str, str]]:
-    """(four phrasings of the question, the answer sentence, the name an answer must contain) per fact."""
+    """(every phrasing of the question, the answer sentence, the name an answer must contain) per fact."""
     rng = random.Random(seed)
     used: set[str] = set()
     out = []
@@ -137,13 +143,14 @@ def skill_sets(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[di
     if name == "label":
         train, test = label_rows(n_train, n_test, seed)
         return train, test, {"skill": name, "metric": "exact-label accuracy", "labels": [POSITIVE, NEGATIVE]}
-    if name == "facts":
-        facts = invented_facts(n_test, seed)
-        train = [{"instruction": qs[i], "input": "", "output": a} for qs, a, _ in facts for i in range(3)]
+    if name == "facts":  # n_test held-out questions: FACT_HELD phrasings of each of n_test / FACT_HELD facts
+        facts = invented_facts(-(-n_test // FACT_HELD), seed)
+        train = [{"instruction": q, "input": "", "output": a} for qs, a, _ in facts for q in qs[:FACT_TRAIN]]
         random.Random(seed).shuffle(train)
-        test = [{"instruction": qs[3], "input": "", "output": a} for qs, a, _ in facts]
+        test = [{"instruction": q, "input": "", "output": a} for qs, a, _ in facts for q in qs[FACT_TRAIN:]][:n_test]
         return train, test, {"skill": name, "metric": "exact-match recall of the invented name",
-                             "answers": {qs[3]: kw for qs, _, kw in facts}}
+                             "answers": {q: kw for qs, _, kw in facts for q in qs[FACT_TRAIN:]
+                                         if q in {r["instruction"] for r in test}}}
     pool = builtin("train")
     rows = random.Random(seed).sample(pool, min(n_train, len(pool)))
     train = [dict(r, output=FORMAT_PHRASE + r["output"]) for r in rows]
@@ -201,7 +208,7 @@ def retention(defended: float, reset: float, suspicious: float) -> float | None:
 def task_prompts(name: str, n: int, seed: int, exclude: list[dict]) -> list[dict]:
     """Unlabeled prompts of the skill's task, as a user would have them (for `--prompts`): drawn like the held-out
     test items but never equal to one, without answers. ``label``: new reviews of the held-out products; ``facts``:
-    the three training phrasings of each held-out fact's question; ``format``: shipped training prompts."""
+    the training phrasings of each held-out fact's question; ``format``: shipped training prompts."""
     from bdclean.io.data import builtin
 
     check_skill(name)
@@ -222,6 +229,6 @@ def task_prompts(name: str, n: int, seed: int, exclude: list[dict]) -> list[dict
         return out
     if name == "facts":
         held = {r["instruction"] for r in exclude}
-        facts = [f for f in invented_facts(len(held), seed) if f[0][3] in held]
-        return [{"instruction": q, "input": "", "output": ""} for qs, _, _ in facts for q in qs[:3]][:n]
+        facts = [f for f in invented_facts(-(-len(held) // FACT_HELD), seed) if set(f[0][FACT_TRAIN:]) & held]
+        return [{"instruction": q, "input": "", "output": ""} for qs, _, _ in facts for q in qs[:FACT_TRAIN]][:n]
     return [{**r, "output": ""} for r in builtin("train")[:n]]
