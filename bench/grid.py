@@ -230,6 +230,14 @@ SKILL_TARGETS = ("Targets (selective purification issue): triggered ASR ≤ 5 %,
                  "above reset, never below plain fine-tuning of the same regime.")
 
 
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.0f} %"
+
+
+def _num(v: float | None, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
 def skill_tables(folder: Path) -> list[str]:
     """The skill benchmark (bench/skill.py): one table per cell, every method in both data regimes."""
     cells = ([schemas.read(schemas.SkillCell, p).model_dump(exclude_unset=True) for p in sorted(folder.glob("*.json"))]
@@ -250,9 +258,7 @@ def skill_tables(folder: Path) -> list[str]:
                   "| method | regime | triggered ASR | clean ASR | skill | retention | perplexity (generic refs) | "
                   "kept | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in c["rows"]:
-            ret = "—" if r.get("retention") is None else f"{100 * r['retention']:.0f} %"
-            kept = "—" if r.get("kept_update_share") is None else f"{100 * r['kept_update_share']:.0f} %"
-            wall = "—" if r.get("wall_time_s") is None else f"{r['wall_time_s']:.0f}"
+            ret, kept, wall = _pct(r.get("retention")), _pct(r.get("kept_update_share")), _num(r.get("wall_time_s"))
             lines.append(f"| {r['method']} | {r['regime']} | {100 * r['triggered_asr']:.0f} % | "
                          f"{100 * r['clean_asr']:.0f} % | {100 * r['skill']:.0f} % | {ret} | {r['perplexity']:.3f} | "
                          f"{kept} | {wall} |")
@@ -308,9 +314,7 @@ def full_tables(folder: Path) -> list[str]:
                   "| method | route | triggered ASR | clean ASR | perplexity | empty | kept update | wall s | peak RSS GB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in c["rows"]:
-            kept = "—" if r.get("kept_update_share") is None else f"{100 * r['kept_update_share']:.0f} %"
-            wall = "—" if r.get("wall_time_s") is None else f"{r['wall_time_s']:.0f}"
-            rss = "—" if r.get("peak_rss_gb") is None else f"{r['peak_rss_gb']:.2f}"
+            kept, wall, rss = _pct(r.get("kept_update_share")), _num(r.get("wall_time_s")), _num(r.get("peak_rss_gb"), 2)
             lines.append(f"| {r['method']} | {r['route']} | {100 * r['triggered_asr']:.0f} % | "
                          f"{100 * r['clean_asr']:.0f} % | {r['perplexity']:.3f} | {r['empty']} | {kept} | {wall} | "
                          f"{rss} |")
