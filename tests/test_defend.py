@@ -215,7 +215,10 @@ def test_defend_cli_help_comes_from_defend_options():
     params = {p.name: p for p in cmd.params}
     fields = DefendOptions.model_fields
     for opt, field in {"seed": "seed", "batch_size": "batch_size", "max_len": "max_len", "alpha": "crow_alpha",
-                       "eps": "crow_eps", "group_size": "group_size", "samples": "samples", "tau": "tau"}.items():
+                       "eps": "crow_eps", "group_size": "group_size", "samples": "samples"}.items():
         assert params[opt].default is None, opt
         assert params[opt].help.startswith(fields[field].description), opt
         assert f"(default {fields[field].default:g})" in params[opt].help, opt
+    for opt in ("tau", "lr"):  # defaults that depend on the suspicious model's kind, named in the description
+        assert params[opt].default is None and fields[opt].default is None
+        assert params[opt].help.startswith(fields[opt].description) and "full checkpoint" in params[opt].help
