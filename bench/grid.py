@@ -341,6 +341,8 @@ def full_target_lines(cell: dict, none: dict) -> list[str]:
         if r["triggered_asr"] > best:
             missed.append("not the lowest triggered ASR")
         out.append(f"`{r['method']}`: " + ("every target met" if not missed else "misses " + ", ".join(missed)))
+    if not any(r["method"] == "ours" for r in cell["rows"]):
+        out.append("`ours` (`bdclean purify` on the checkpoint, no base): not run in this cell yet")
     return out
 
 
