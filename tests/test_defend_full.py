@@ -169,6 +169,8 @@ def test_reset_needs_the_base_and_starts_from_it(run_cli, checkpoint, tiny_base,
     assert not (tmp_path / "r0").exists()
     code, _, err = run_cli("defend", "retrain", checkpoint, "--out", tmp_path / "r1", *args)
     assert code == 2 and "reset --base" in err
+    code, _, err = run_cli("defend", "finetune", checkpoint, "--out", tmp_path / "r1", "--base", tiny_base, *args)
+    assert code == 2 and "only reset uses" in err and not (tmp_path / "r1").exists()
     other = make_tiny_llama(tmp_path / "other", inter=64)
     code, _, err = run_cli("defend", "reset", checkpoint, "--out", tmp_path / "r2", "--base", other, *args)
     assert code == 2 and "intermediate_size" in err

@@ -36,6 +36,9 @@ def check_method(method: str, base: str | None) -> None:
                          "(the base's weights, then the same fine-tune)")
     require(method in FULL_METHODS, f"{method} is not implemented for full checkpoints; choose one of "
                                     f"{', '.join(FULL_METHODS)}", UsageError)
+    if method != "reset" and base is not None:
+        raise UsageError(f"--base names the model a full checkpoint was fine-tuned from, which only reset uses; "
+                         f"drop it for {method}")
     if method == "reset" and base is None:
         raise UsageError("reset of a full checkpoint needs --base, the model it was fine-tuned from: its weights "
                          "replace the checkpoint's before the fine-tune")
