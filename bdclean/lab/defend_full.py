@@ -17,7 +17,6 @@ from the checkpoint.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from bdclean.errors import InputError, UsageError, require
@@ -137,25 +136,12 @@ def zero_mask(model, cfg: dict, mask) -> int:
     return changed
 
 
-def _tokenizer(ctx: dict):
-    from bdclean.io.models import load_tokenizer
-
-    return load_tokenizer(ctx["tokenizer"].source)
-
-
-def _clean_rows(clean: str, n: int, seed: int) -> list[dict]:
-    from bdclean.io.data import load_instructions
-
-    pool = load_instructions(clean)
-    return random.Random(seed).sample(pool, min(n, len(pool)))  # the fine-tune's own draw (train/finetune.py)
-
-
 def _train(model, ctx: dict, opts, label: str, loss_fn=None) -> dict:
     from bdclean.train.finetune import finetune
 
     for p in model.parameters():
         p.requires_grad_(True)
-    return finetune(model, _tokenizer(ctx), ctx["clean"], opts, opts.lr, label, loss_fn, ctx["extra_rows"])
+    return finetune(model, ctx["tok"], ctx["clean"], opts, opts.lr, label, loss_fn, ctx["extra_rows"])
 
 
 def _write(model, ctx: dict) -> None:
@@ -170,15 +156,13 @@ def _write(model, ctx: dict) -> None:
         install(ctx["tokenizer"].source, tmp)
 
 
-def _load(ctx: dict, source: Path | None = None):
-    from bdclean.train.device import load_placed
-
-    return load_placed(source or ctx["model"])
-
-
 def run_method(method: str, ctx: dict, opts, restore_opts) -> dict:
     """Apply one full-model baseline; writes ctx["out"] and returns the manifest's facts."""
+    from bdclean.io.models import load_tokenizer
+    from bdclean.train.device import load_placed
+
     cfg = ctx["cfg"]
+    ctx = {**ctx, "tok": load_tokenizer(ctx["tokenizer"].source)}  # the trusted one, loaded once
     if method == "quantize":
         from bdclean.io.models import load_model
         from bdclean.lab.quant import quantize_decoder
@@ -188,12 +172,12 @@ def run_method(method: str, ctx: dict, opts, restore_opts) -> dict:
         _write(model, ctx)
         return facts
     if method == "reset":
-        model = _load(ctx, ctx["base_dir"])
+        model = load_placed(ctx["base_dir"])
         stats = _train(model, ctx, restore_opts, "defend reset")
         _write(model, ctx)
         return {"init": f"the base's weights ({ctx['base_dir']})", "kept_update_share_before_restore": {"all": 0.0},
                 "train": stats}
-    model = _load(ctx)
+    model = load_placed(ctx["model"])
     facts: dict = {}
     if method == "prune" or method == "fine-prune":
         if method == "prune":
@@ -202,8 +186,10 @@ def run_method(method: str, ctx: dict, opts, restore_opts) -> dict:
             norms = weight_channel_norms(model, cfg)
             mask, selection = select_top(-norms, opts.tau, "global"), MAGNITUDE_SELECTION
         else:
-            rows = _clean_rows(ctx["clean"], restore_opts.samples, restore_opts.seed)
-            mask, _ = wanda_mask(model, _tokenizer(ctx), rows, cfg, opts.tau, restore_opts.max_len,
+            from bdclean.train.finetune import clean_draw
+
+            rows = clean_draw(ctx["clean"], restore_opts)  # the samples the fine-tune then trains on
+            mask, _ = wanda_mask(model, ctx["tok"], rows, cfg, opts.tau, restore_opts.max_len,
                                  restore_opts.batch_size)
             selection = f"{WANDA_SELECTION} ({len(rows)} samples)"
         facts = {"selection": selection, "channels_pruned": int(mask.sum()), "channels_total": mask.numel(),

@@ -14,6 +14,14 @@ if TYPE_CHECKING:
 DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
 
 
+def clean_draw(clean: str, opts: RestoreOptions) -> list[dict]:
+    """The ``opts.samples`` clean rows a fine-tune trains on (seeded by ``opts.seed``)."""
+    from bdclean.io.data import load_instructions
+
+    pool = load_instructions(clean)
+    return random.Random(opts.seed).sample(pool, min(opts.samples, len(pool)))
+
+
 def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str, loss_fn=None,
              extra_rows: list[dict] | None = None) -> dict:
     """Train ``model`` in place on ``opts.samples`` seeded clean samples of ``clean`` (plus ``extra_rows``, plus
@@ -21,12 +29,10 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
 
     The recipe of restore, of the τ-auto mini restores and of the lab's fine-tuning baselines. ``loss_fn``
     replaces the LM loss (CROW)."""
-    from bdclean.io.data import load_instructions
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
-    pool = load_instructions(clean)
-    rows = random.Random(opts.seed).sample(pool, min(opts.samples, len(pool))) + list(extra_rows or [])
+    rows = clean_draw(clean, opts) + list(extra_rows or [])
     augmented = []
     if opts.augment > 0:
         from bdclean.train.augment import augment_rows, vocabulary
