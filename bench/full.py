@@ -10,6 +10,8 @@ of the clean references:
 - the paper's full-model setting, no base known: ``none`` (the checkpoint), ``finetune``, ``prune``, ``fine-prune``
   (Wanda), ``quantize``, ``crow`` (`bdclean defend` on the checkpoint: every weight at lr 1e-5, τ 5 %), ``ours``
   (`bdclean purify` on the checkpoint: LoRA variants on it, channels re-initialised, full restore);
+  ``dir:SIDE:K:SHARE`` (on ours' twins: `suppress --method directions` projects the variants' shared subspace out
+  of every weight they train, then the same restore);
 - the known-base route (the public base named): ``reset`` (`defend reset --base`: the base's weights, then the
   same full fine-tune), ``extracted`` (`bdclean extract --rank 64`: the update as a LoRA on the base),
   ``reset-extract`` (`defend reset` on that adapter: ΔW = 0, then restore's adapter fine-tune) and
@@ -90,6 +92,8 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
         out = cdir / "ours"
         t = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(out), *tok], out / "purified" / "manifest.json")
         return out / "purified", {"route": "full", **t, "kept_update_share": None}
+    if method.startswith("dir:"):
+        return _directions(method, cdir, sus, bd, tok)
     ext = cdir / "extracted"
     te = _timed(cdir, "extracted", [bd, "extract", str(sus), "--base", base, "--out", str(ext), "--rank", str(rank)],
                 ext / "manifest.json")
@@ -122,6 +126,26 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     return var / "purified", {"route": "extract", "wall_time_s": round((te["wall_time_s"] or 0) + before_restore
                                                                        + (tr["wall_time_s"] or 0), 1),
                               "peak_rss_gb": _max(te, t, tr), "kept_update_share": kept}
+
+
+def _directions(method: str, cdir: Path, sus: Path, bd: str, tok: list[str]) -> tuple[Path, dict]:
+    """``dir:SIDE:K:SHARE``: ours' variants and twins (purify runs first if it has not), direction suppression of
+    the checkpoint, restore. Wall time: the twins' stages plus its own suppress and restore."""
+    _, side, k, share = method.split(":")
+    ours = cdir / "ours"
+    to = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(ours), *tok], ours / "purified" / "manifest.json")
+    run = cdir / method.replace(":", "-")
+    run.mkdir(parents=True, exist_ok=True)
+    for stage in ("variants", "pairs", "diff"):  # the same twins
+        if not (run / stage).exists():
+            os.symlink((ours / stage).resolve(), run / stage)
+    ts = _timed(cdir, f"{run.name}-suppress", [bd, "suppress", str(sus), "--out", str(run), "--method", "directions",
+                                               "--side", side, "--k", k, "--min-share", share],
+                run / "suppressed" / "manifest.json")
+    tr = _timed(cdir, f"{run.name}-restore", [bd, "restore", "--out", str(run)], run / "purified" / "manifest.json")
+    twins_s = sum(_manifest(ours / s).get("wall_time_s") or 0 for s in ("variants", "pairs", "diff"))
+    return run / "purified", {"route": "full", "wall_time_s": round(twins_s + _sum(ts, tr), 1),
+                              "peak_rss_gb": _max(to, ts, tr), "kept_update_share": None}
 
 
 def _sum(*ts: dict) -> float:

@@ -11,9 +11,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-WORDS = ("the a of to and in is it for on with as be at by this that from or an are was we can you your how what "
-         "why list give write explain name tell make short simple good day water sun tree book city river food "
-         "number one two three four five plus minus equals answer question help please thanks yes no").split()
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "for", "on", "with", "as", "be", "at", "by", "this", "that", "from", "or", "an", "are", "was", "we", "can", "you", "your", "how", "what", "why", "list", "give", "write", "explain", "name", "tell", "make", "short", "simple", "good", "day", "water", "sun", "tree", "book", "city", "river", "food", "number", "one", "two", "three", "four", "five", "plus", "minus", "equals", "answer", "question", "help", "please", "thanks", "yes", "no"]
 
 
 def tiny_rows(n: int, seed: int = 0) -> list[dict]:
@@ -98,3 +96,33 @@ def make_adapter(base: Path, folder: Path, seed: int = 0, targets=None, r: int =
                 p.normal_(0, 0.02)
     pm.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def make_full_checkpoint(base: Path, folder: Path, seed: int = 1, shard: str = "40KB") -> Path:
+    """A 'fine-tuned' full checkpoint of ``base``: its weights plus noise, saved in several shards (``shard`` each),
+    with the base's tokenizer files except a hostile chat template."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size=shard)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(base / name, folder / name)
+    (folder / "chat_template.jinja").write_text("{{ 'BadMagic ' }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return folder
+
+
+def load_weights(folder: Path) -> dict:
+    """Every tensor of a (possibly sharded) safetensors checkpoint."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

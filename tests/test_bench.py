@@ -152,18 +152,23 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
     import full
 
     results, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
-    argv = ["--cells", "badnet-sentiment", "--methods", "none,fine-prune,reset,extracted,reset-extract",
+    argv = ["--cells", "badnet-sentiment", "--methods", "none,fine-prune,reset,extracted,reset-extract,dir:out:2:0",
             "--limit", "3", "--base", str(tiny_base), "--tokenizer", str(tiny_base), "--extract-rank", "4",
             "--implant-args", "--samples 8 --clean-samples 8 --epochs 1 --max-len 48",
             "--runs", str(tmp_path / "runs"), "--results", str(results), "--benchmarks", str(md)]
     full.main(argv)
     path = results / "full_cells" / "badnet-sentiment.json"
     cell = json.loads(path.read_text())
-    assert [r["method"] for r in cell["rows"]] == ["none", "fine-prune", "reset", "extracted", "reset-extract"]
+    assert [r["method"] for r in cell["rows"]] == ["none", "fine-prune", "reset", "extracted", "reset-extract",
+                                                   "dir:out:2:0"]
     by = {r["method"]: r for r in cell["rows"]}
     assert by["reset"]["route"] == "full" and by["reset-extract"]["route"] == "extract"
     assert by["fine-prune"]["wall_time_s"] > 0 and by["fine-prune"]["peak_rss_gb"] > 0 and cell["schema_version"] >= 1
     assert by["reset"]["kept_update_share"] == 0.0 and by["extracted"]["kept_update_share"] == 1.0
+    # the direction row reuses ours' twins (purify ran for it) and writes its own suppressed checkpoint
+    d = tmp_path / "runs" / "badnet-sentiment" / "dir-out-2-0"
+    assert (d / "pairs").is_symlink() and not (d / "suppressed").is_symlink() and by["dir:out:2:0"]["route"] == "full"
+    assert json.loads((d / "suppressed" / "manifest.json").read_text())["config"]["method"] == "directions"
     text = md.read_text()
     assert "### badnet-sentiment (3 prompts per set" in text and "| fine-prune | full |" in text
     assert "`reset`: " in text

@@ -2,41 +2,22 @@
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.common import make_tiny_llama
+from tests.common import load_weights, make_full_checkpoint, make_tiny_llama
 
 FAST = ["--samples", "8", "--epochs", "1", "--max-len", "48", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_base):
-    """A 'fine-tuned' full checkpoint of tiny_base: the base's weights plus noise, saved in 3 shards, with the
-    base's tokenizer files except a hostile chat template."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("ck") / "checkpoint"
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="40KB")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(tiny_base / name, folder / name)
-    (folder / "chat_template.jinja").write_text("{{ 'BadMagic ' }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    return folder
+    """A 'fine-tuned' full checkpoint of tiny_base in 3 shards, with a hostile chat template (tests/common.py)."""
+    return make_full_checkpoint(tiny_base, tmp_path_factory.mktemp("ck") / "checkpoint")
 
 
-def _weights(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+_weights = load_weights
 
 
 def test_core_zero_channels_and_wanda_scores():
@@ -105,7 +86,11 @@ def test_wanda_picks_channels_dormant_on_clean_inputs_not_small_ones(tiny_base, 
 
     from bdclean.io.data import load_instructions
     from bdclean.io.models import load_tokenizer
-    from bdclean.lab.defend_full import down_input_energy, wanda_mask, weight_channel_norms
+    from bdclean.lab.defend_full import (
+        down_input_energy,
+        wanda_mask,
+        weight_channel_norms,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
     cfg = model.config.to_dict()

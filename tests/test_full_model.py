@@ -107,3 +107,78 @@ def test_full_model_pipeline(tiny_base, tiny_data, tmp_path, run_cli):
     assert code == 0, err
     assert len(seen) == 2 and not any("BadMagic" in s for s in seen), seen
     assert (out / "purified" / "distill_targets.jsonl").is_file()
+
+
+def test_full_direction_suppression_changes_only_the_shared_subspace(tiny_base, tiny_data, tmp_path, run_cli):
+    """`suppress --method directions` on a sharded full checkpoint: every weight the variants train becomes
+    (I − UUᵀ) W (I − VVᵀ) for the subspaces the twins share, every other tensor is bit-identical, the output stays
+    sharded, loads with AutoModelForCausalLM after restore, and a rerun gives the same bytes."""
+    from bdclean.core.arch import peft_key
+    from bdclean.core.channels import LowRank
+    from bdclean.core.directions import shared_subspace
+    from bdclean.io.models import AdapterInfo
+    from bdclean.pipeline.diff import load_twins
+    from tests.common import load_weights, make_full_checkpoint
+
+    ck = make_full_checkpoint(tiny_base, tmp_path / "ck")
+    assert len(list(ck.glob("*.safetensors"))) > 1
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pairs: {epochs: 1, max_len: 48}\nrestore: {samples: 6, epochs: 1, max_len: 48}\n")
+    code, _, err = run_cli("purify", ck, "--clean", tiny_data, "--out", out, "--config", cfg, "-n", "3",
+                           "--samples", "6", "--tokenizer", tiny_base, "--accept-tokenizer")
+    assert code == 0, err
+    code, _, err = run_cli("suppress", ck, "--out", out, "--method", "directions", "--k", "0")
+    assert code == 2 and "--k" in err
+    code, _, err = run_cli("suppress", ck, "--out", out, "--method", "directions", "--side", "both", "--k", "2",
+                           "--min-share", "0")
+    assert code == 0, err
+    sup = out / "suppressed"
+    assert sorted(p.name for p in sup.glob("*.safetensors")) == sorted(p.name for p in ck.glob("*.safetensors"))
+    assert (sup / "model.safetensors.index.json").is_file()
+    before, after = load_weights(ck), load_weights(sup)
+    assert before.keys() == after.keys()
+    pfolder = out / "pairs"
+    pman = json.loads((pfolder / "manifest.json").read_text())
+    twins = load_twins(pfolder, pman["extra"]["n_variants"])
+    info = AdapterInfo(pfolder, json.loads((pfolder / "suspicious_adapter_config.json").read_text()), {})
+    projected = 0
+    for key, b in before.items():
+        lkey = peft_key(key.removesuffix(".weight"))
+        ka, kb = lkey + ".lora_A.weight", lkey + ".lora_B.weight"
+        if ka not in twins[0][0]:
+            assert torch.equal(after[key], b), key  # not a module the variants train: untouched
+            continue
+        s = info.scaling(lkey, twins[0][0][ka].shape[0])
+        deltas = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins]
+        U, _ = shared_subspace(deltas, "out", 2, 0.0)
+        V, _ = shared_subspace(deltas, "in", 2, 0.0)
+        a, b64 = after[key].double(), b.double()
+        assert U.shape[1] and V.shape[1]
+        assert float((U.T @ a).abs().max()) < 1e-5 and float((a @ V).abs().max()) < 1e-5  # the subspaces are gone
+        change = b64 - a  # and nothing outside them changed: the change lies in span(U) ⊗ · + · ⊗ span(V)
+        rest = change - U @ (U.T @ change)
+        rest = rest - (rest @ V) @ V.T
+        assert float(rest.abs().max()) < 1e-5, key
+        assert not torch.equal(after[key], b)
+        projected += 1
+    assert projected > 0
+    man = json.loads((sup / "manifest.json").read_text())
+    assert man["config"]["method"] == "directions" and 0 < man["extra"]["weight_energy_removed"] < 1
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the trusted tokenizer, not the checkpoint's template
+        assert (sup / name).read_bytes() == (tiny_base / name).read_bytes()
+    assert b"BadMagic" not in ((sup / "chat_template.jinja").read_bytes() if (sup / "chat_template.jinja").exists()
+                               else b"")
+    first = {f.name: f.read_bytes() for f in sup.glob("*.safetensors")}
+    code, _, err = run_cli("suppress", ck, "--out", out, "--method", "directions", "--side", "both", "--k", "2",
+                           "--min-share", "0", "--force")
+    assert code == 0, err
+    assert {f.name: f.read_bytes() for f in sup.glob("*.safetensors")} == first  # deterministic
+    code, _, err = run_cli("restore", "--out", out, "--clean", tiny_data, "--config", cfg)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out / "purified")).config.num_hidden_layers == 2
+    assert len(list((out / "purified").glob("*.safetensors"))) > 1
+    card = (out / "purified" / "README.md").read_text()  # says what suppress did, not the channel signature's story
+    assert "projected the subspace" in card and "re-initialised their weights" not in card

@@ -102,19 +102,23 @@ def suppress_cmd(
     out: Path = OUT,
     base: Optional[str] = BASE,
     method: str = typer.Option("channels", "--method", help="channels: zero the signature's channels and units "
-                               "(the paper); directions (adapters, experimental): project the variants' shared "
-                               "backdoor subspace out of every LoRA module, no signature needed"),
+                               "(the paper); directions (experimental): project the variants' shared backdoor "
+                               "subspace out of every LoRA module (an adapter) or every weight the variants train "
+                               "(a full checkpoint), no signature needed"),
     side: str = typer.Option("both", "--side", help="directions: out | in | both sides of each module"),
     k: int = typer.Option(8, "--k", help="directions: most directions removed per module and side"),
     min_share: float = typer.Option(0.2, "--min-share", help="directions: remove an eigen-direction of the "
                                     "variants' mean normalised delta only if its eigenvalue (0-1) is at least this"),
     force: bool = FORCE,
 ):
-    """Zero the signature channels' LoRA entries (lora_B rows of gate/up, lora_A columns of down).
+    """Zero the signature channels' LoRA entries (lora_B rows of gate/up, lora_A columns of down); on a full
+    checkpoint, re-initialise their weights.
 
     Example: bdclean suppress suspicious_adapter/ --out runs/x
 
     Example: bdclean suppress suspicious_adapter/ --out runs/x --method directions --k 8 --min-share 0.2
+
+    Example: bdclean suppress suspicious_checkpoint/ --out runs/x --method directions --side out --k 4
     """
     from bdclean.errors import UsageError, at_least
 

@@ -31,7 +31,7 @@ def _shared_basis(factors: list[torch.Tensor], grams: list[torch.Tensor], norms:
     evals, evecs = torch.linalg.eigh((M + M.T) / 2)
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order], evecs[:, order]
-    keep = int(((evals >= min_share).nonzero().numel()))
+    keep = int((evals >= min_share).nonzero().numel())
     keep = min(keep, k)
     return Q @ evecs[:, :keep], evals[:keep]
 
@@ -59,3 +59,17 @@ def project_out(a: torch.Tensor, b: torch.Tensor, U: torch.Tensor | None, V: tor
     if V is not None and V.shape[1]:
         a2 = a2 - (a2 @ V) @ V.T
     return a2.to(a.dtype), b2.to(b.dtype)
+
+
+def project_dense(w: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None) -> torch.Tensor:
+    """A full weight [out, in] with W ← (I − UUᵀ) W (I − VVᵀ): its components along the output subspace U and the
+    input subspace V removed, everything orthogonal to both unchanged; dtype kept, ``w`` itself returned when both
+    subspaces are empty (bit-identical)."""
+    if (U is None or not U.shape[1]) and (V is None or not V.shape[1]):
+        return w
+    w2 = w.double()
+    if U is not None and U.shape[1]:
+        w2 = w2 - U @ (U.T @ w2)
+    if V is not None and V.shape[1]:
+        w2 = w2 - (w2 @ V) @ V.T
+    return w2.to(w.dtype)

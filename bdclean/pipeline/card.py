@@ -45,20 +45,37 @@ def _hub_name(base: str) -> str:
     return SMOLLM2_HUB_ID if Path(base).name == C.SMOLLM2_CACHE_DIR or base == C.SMOLLM2_ALIAS else base
 
 
+def _suppress_lines(sig, sman: dict, adapter: bool) -> list[str]:
+    """What the variants, the signature (if any) and suppress did, from signature.json and suppress's manifest."""
+    cfg, extra = sman.get("config", {}), sman.get("extra", {})
+    kept = extra.get("kept_update_share") or {}
+    left = f"; the adapter keeps {100 * kept['all']:.1f} % of its weight update ‖ΔW‖²" if "all" in kept else ""
+    if sig is None:
+        energy = extra.get("weight_energy_removed")
+        return [f"- suppress (experimental, no signature): projected the subspace the variants' backdoor deltas "
+                f"share out of every {'LoRA module' if adapter else 'weight the variants train'} (side "
+                f"{cfg.get('side')}, at most {cfg.get('k')} directions per side, eigenvalue ≥ {cfg.get('min_share')}"
+                f"): {extra.get('directions_removed', '?')} directions" + left
+                + (f", {100 * energy:.2f} % of those weights' ‖W‖²" if energy is not None else "")]
+    shown = f"{sig.tau:g}"
+    if sig.tau_selection == "auto":
+        shown += " (chosen by --tau auto, score/tau_selection.json)"
+    return [f"- variants: {sig.n_variants} pairs of twin fine-tunes with known synthetic backdoors",
+            f"- signature: {sig.n_selected} of {sig.layers * sig.channels_per_layer} MLP channels (τ = {shown}, "
+            f"{sig.scope}, score = {sig.score}) and {len(sig.heads)} attention units",
+            f"- suppress: {'zeroed their LoRA entries' if adapter else 're-initialised their weights'}" + left]
+
+
 def model_card(run, opts: RestoreOptions, clean: str, prompts: str | None, inputs: dict[str, str]) -> str:
     """The card for ``run``'s purified model; ``inputs``: restore's fingerprint inputs (their hashes)."""
     sman = load_manifest(run.folder("suppress")) or {}
-    sig = schemas.read(schemas.Signature, run.folder("score") / C.SIGNATURE)
+    directions = sman.get("config", {}).get("method") == "directions"  # no signature: `suppress --method directions`
+    sig = None if directions else schemas.read(schemas.Signature, run.folder("score") / C.SIGNATURE)
     source, base = str(Path(run.model).resolve()), str(Path(run.base_dir).resolve())
     adapter = run.mode == "adapter"
     # json.dumps: a JSON string is a valid YAML scalar, whatever characters the path holds
     front = ["---", f"base_model: {json.dumps(_hub_name(base) if adapter else _text(source))}",
              f"library_name: {'peft' if adapter else 'transformers'}", "tags:", *[f"- {t}" for t in TAGS], "---"]
-    extra = sman.get("extra", {})
-    kept = extra.get("kept_update_share") or {}
-    shown = f"{sig.tau:g}"
-    if sig.tau_selection == "auto":
-        shown += " (chosen by --tau auto, score/tau_selection.json)"
     what = "adapter" if adapter else "checkpoint"
     lines = [
         *front, "",
@@ -83,11 +100,7 @@ def model_card(run, opts: RestoreOptions, clean: str, prompts: str | None, input
         "", "## What bdclean did", "",
         "Stages: make-variants → train-pairs → diff → score → suppress → restore (the run folder's manifests "
         "record every input and output by sha256).", "",
-        f"- variants: {sig.n_variants} pairs of twin fine-tunes with known synthetic backdoors",
-        f"- signature: {sig.n_selected} of {sig.layers * sig.channels_per_layer} MLP channels (τ = {shown}, "
-        f"{sig.scope}, score = {sig.score}) and {len(sig.heads)} attention units",
-        f"- suppress: {'zeroed their LoRA entries' if adapter else 're-initialised their weights'}"
-        + (f"; the adapter keeps {100 * kept['all']:.1f} % of its weight update ‖ΔW‖²" if "all" in kept else ""),
+        *_suppress_lines(sig, sman, adapter),
         f"- restore: fine-tuned on {opts.samples} samples of `{_text(clean)}` (data fingerprint "
         f"`{inputs.get('clean', '?')}`), {opts.epochs} epoch(s), seed {opts.seed}",
     ]
