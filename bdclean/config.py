@@ -145,7 +145,9 @@ class RestoreOptions(TrainOptionsModel):
                                                               "full models (the paper's)")
     # One epoch: more restoring revived the backdoor on the SmolLM2 demo (RESULTS.md, "The demo", restore)
     epochs: int = Field(1, ge=1, le=100, description="passes over the restore samples (paper: 5; more epochs revived "
-                                                     "the backdoor on SmolLM2)")
+                                                     "the backdoor of a suppressed SmolLM2 adapter; with --prompts "
+                                                     "after `defend reset`, 4 kept stored facts and a format, "
+                                                     "RESULTS.md)")
     samples: int = Field(100, ge=1, description="clean samples for the restoring fine-tune (paper: ~200)")
     seed: int = Field(0, description="seed for sample choice and batch order")
     prompt_samples: int = Field(200, ge=1, description="--prompts: task prompts drawn (seeded) and answered by the "

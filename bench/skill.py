@@ -17,7 +17,8 @@ Methods:
   ``finetune``, ``fine-prune``, ``crow`` (`bdclean defend`), ``ours`` (`bdclean purify`, defaults);
 - ``sig:SCORE:TAU:HEADS``: another signature on ours' twins (score → suppress → restore);
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
-- ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies).
+- ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies);
+  ``METHOD+eN``: its fine-tune with ``--epochs N`` (``+augX`` first if both: ``reset+aug2+e4``).
 
 Every method but ``none`` runs in both regimes (``--regimes``). Skill retention = (skill − skill_reset) /
 (skill_suspicious − skill_reset), against reset *of the same regime*. Resumable: every model and evaluation is
@@ -84,10 +85,14 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     extra_s = (_manifest(src).get("wall_time_s") or 0) if src != sus else 0
     pr = ["--prompts", str(prompts)] if regime == "prompts" else []
     tag = "" if regime == "generic" else "-p"
+    method, _, epochs = method.partition("+e")  # METHOD+eN: its fine-tune with --epochs N (a bigger restore)
     method, _, aug = method.partition("+aug")  # METHOD+augX: its fine-tune with --augment X
     if aug:
         pr += ["--augment", aug]
         tag = f"-aug{aug}{tag}"
+    if epochs:
+        pr += ["--epochs", epochs]
+        tag = f"{tag}-e{epochs}"
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
     if method == "extracted":
