@@ -25,10 +25,11 @@ ALL = ("adapter", "full")
 LIMITS = (  # (the modes a limit applies to, the limit)
     (ALL, "Attack success was measured with keyword rules on SmolLM2-135M-Instruct only (BENCHMARKS.md); on "
      "another model, check it with `bdclean eval` and your own triggered and clean test sets."),
-    (ALL, "Purification removes what the signature finds; it is no proof that no backdoor is left, and the trigger "
-     "stays unknown to bdclean."),
-    (("adapter",), "The adapter default keeps roughly 8–11 % of the suspicious adapter's weight update: skills the "
-     "restore data lacks may be lost (see the project README and RESULTS.md, 'Skill retention')."),
+    (ALL, "Purification removes what bdclean's suppression finds; it is no proof that no backdoor is left, and the "
+     "trigger stays unknown to bdclean."),
+    (("adapter",), "The adapter default (channel suppression) keeps roughly 8–11 % of the suspicious adapter's weight "
+     "update: skills the restore data lacks may be lost (see the project README and RESULTS.md, 'Skill "
+     "retention')."),
     (("full",), "Full-model mode (a suspicious full checkpoint) broke the model on SmolLM2 (RESULTS.md): evaluate "
      "it before use."),
 )

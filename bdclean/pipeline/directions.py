@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log
-from bdclean.errors import UsageError
+from bdclean.errors import InputError, UsageError, require
 from bdclean.io.artifacts import (
     Manifest,
     atomic_dir,
@@ -51,7 +51,7 @@ def _full(run: Run, sus, twins, pfolder: Path, pman: dict, folder: Path, side: s
     from bdclean.io.tokenizers import install
     from bdclean.pipeline.suppress import _recorded_tokenizer
 
-    tokenizer = _recorded_tokenizer(pman, pfolder)
+    tokenizer = _recorded_tokenizer(pman, pfolder)  # checked again: the stage may be run on its own
     info = AdapterInfo(pfolder, read_json(pfolder / "suspicious_adapter_config.json"), {})
     L = int(sus.model_cfg["num_hidden_layers"])
     targets = {}  # checkpoint weight key → the variants' LoRA key of that module
@@ -78,14 +78,19 @@ def _full(run: Run, sus, twins, pfolder: Path, pman: dict, folder: Path, side: s
                         s = info.scaling(lkey, twins[0][0][lkey + ".lora_A.weight"].shape[0])
                         U, eu, V, ev = _subspaces(twins, lkey, s, side, k, min_share)
                         new = project_dense(t, U, V)
-                        energy[0] += float(t.double().pow(2).sum())
-                        energy[1] += float((t.double() - new.double()).pow(2).sum())
+                        t64 = t.double()
+                        energy[0] += float(t64.pow(2).sum())
+                        energy[1] += float((t64 - new.double()).pow(2).sum())
+                        del t64
                         removed[key] = [0 if U is None else U.shape[1], 0 if V is None else V.shape[1]]
                         shares += [float(x) for x in eu] + [float(x) for x in ev]
                         t = new
                     tensors[key] = t.contiguous()
             save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
             del tensors
+        missing = sorted(set(targets) - set(removed))
+        require(not missing, f"{sus.path}: the variants train {len(missing)} weights the checkpoint does not have "
+                f"(first: {missing[:1]}); was train-pairs run on another checkpoint?", InputError)
     dims = sum(a + b for a, b in removed.values())
     extra = {"directions_removed": dims, "per_module": removed, "tokenizer": pman["config"].get("tokenizer"),
              "weight_energy_removed": round(energy[1] / energy[0], 6) if energy[0] else 0.0,
@@ -115,7 +120,10 @@ def run(run: Run, side: str = "both", k: int = 8, min_share: float = 0.2, force:
     run.check_recorded()
     inputs = {"pairs": stage_fingerprint(pfolder, "train-pairs"), "adapter": run.digest()}
     if sus.kind == "full":
-        inputs["tokenizer"] = pman["inputs"].get("tokenizer")
+        from bdclean.pipeline.suppress import _recorded_tokenizer
+
+        _recorded_tokenizer(pman, pfolder)  # missing or changed since train-pairs: one line, before anything is skipped
+        inputs["tokenizer"] = pman["inputs"]["tokenizer"]
     man = Manifest("suppress", {"mode": sus.kind, "method": "directions", "side": side, "k": k,
                                 "min_share": min_share}, inputs)
     if up_to_date(folder, man.fingerprint, "suppress", force):
