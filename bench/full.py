@@ -116,16 +116,21 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
         return run / "purified", {"route": "extract", "wall_time_s": _sum(te, t), "peak_rss_gb": _max(te, t),
                                   "kept_update_share": kept}
     var = cdir / f"ours-extract-aug{aug}"
-    var.mkdir(parents=True, exist_ok=True)
-    for stage in ("variants", "pairs", "diff", "score", "suppressed"):  # the same twins and signature
-        if not (var / stage).exists():
-            os.symlink((run / stage).resolve(), var / stage)
+    _link(run, var, ("variants", "pairs", "diff", "score", "suppressed"))  # the same twins and signature
     tr = _timed(cdir, f"ours-extract-aug{aug}", [bd, "restore", "--out", str(var), "--augment", aug],
                 var / "purified" / "manifest.json")
     before_restore = (t["wall_time_s"] or 0) - (_manifest(run / "purified").get("wall_time_s") or 0)
     return var / "purified", {"route": "extract", "wall_time_s": round((te["wall_time_s"] or 0) + before_restore
                                                                        + (tr["wall_time_s"] or 0), 1),
                               "peak_rss_gb": _max(te, t, tr), "kept_update_share": kept}
+
+
+def _link(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
+    """``dst``'s stage folders as links to ``src``'s (reused, not retrained)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if not (dst / stage).exists():
+            os.symlink((src / stage).resolve(), dst / stage)
 
 
 def _directions(method: str, cdir: Path, sus: Path, bd: str, tok: list[str]) -> tuple[Path, dict]:
@@ -135,10 +140,7 @@ def _directions(method: str, cdir: Path, sus: Path, bd: str, tok: list[str]) -> 
     ours = cdir / "ours"
     to = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(ours), *tok], ours / "purified" / "manifest.json")
     run = cdir / method.replace(":", "-")
-    run.mkdir(parents=True, exist_ok=True)
-    for stage in ("variants", "pairs", "diff"):  # the same twins
-        if not (run / stage).exists():
-            os.symlink((ours / stage).resolve(), run / stage)
+    _link(ours, run, ("variants", "pairs", "diff"))  # the same twins
     ts = _timed(cdir, f"{run.name}-suppress", [bd, "suppress", str(sus), "--out", str(run), "--method", "directions",
                                                "--side", side, "--k", k, "--min-share", share],
                 run / "suppressed" / "manifest.json")

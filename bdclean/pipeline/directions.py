@@ -10,19 +10,12 @@ Writes OUT/suppressed like `suppress`, so `restore` follows unchanged."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from bdclean import constants as C
 from bdclean.console import log
 from bdclean.errors import InputError, UsageError, require
-from bdclean.io.artifacts import (
-    Manifest,
-    atomic_dir,
-    load_manifest,
-    read_json,
-    stage_fingerprint,
-)
+from bdclean.io.artifacts import Manifest, load_manifest, read_json, stage_fingerprint
 from bdclean.pipeline.folders import check_out_inputs, up_to_date
 from bdclean.pipeline.run import Run
 
@@ -39,19 +32,16 @@ def _subspaces(twins, key: str, scaling: float, side: str, k: int, min_share: fl
     return U, eu, V, ev
 
 
-def _full(run: Run, sus, twins, pfolder: Path, pman: dict, folder: Path, side: str, k: int, min_share: float
-          ) -> dict:
+def _full(sus, twins, tokenizer: Path, pfolder: Path, pman: dict, folder: Path, side: str, k: int,
+          min_share: float) -> dict:
     """Project the shared subspaces out of a full checkpoint's weights into ``folder`` (sharded like the source)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from bdclean.core.arch import attn_module_names, mlp_module_names, peft_key
     from bdclean.core.directions import project_dense
     from bdclean.io.models import AdapterInfo, model_weight_files
-    from bdclean.io.tokenizers import install
-    from bdclean.pipeline.suppress import _recorded_tokenizer
+    from bdclean.pipeline.suppress import rewrite_checkpoint
 
-    tokenizer = _recorded_tokenizer(pman, pfolder)  # checked again: the stage may be run on its own
     info = AdapterInfo(pfolder, read_json(pfolder / "suspicious_adapter_config.json"), {})
     L = int(sus.model_cfg["num_hidden_layers"])
     targets = {}  # checkpoint weight key → the variants' LoRA key of that module
@@ -62,35 +52,29 @@ def _full(run: Run, sus, twins, pfolder: Path, pman: dict, folder: Path, side: s
     removed: dict[str, list[int]] = {}
     shares: list[float] = []
     energy = [0.0, 0.0]  # ‖W‖² and ‖W − W'‖² over the projected modules
-    with atomic_dir(folder, "suppress") as tmp:
-        # as channel suppression: the checkpoint's config and shard index only, the tokenizer from the trusted source
-        for name in (C.MODEL_CONFIG, C.SAFETENSORS_INDEX):
-            if (sus.path / name).is_file():
-                shutil.copy2(sus.path / name, tmp / name)
-        install(tokenizer, tmp)
-        for shard in model_weight_files(sus.path):
-            tensors = {}
-            with safe_open(str(shard), framework="pt") as fh:
-                for key in fh.keys():
-                    t = fh.get_tensor(key)
-                    if key in targets:
-                        lkey = targets[key]
-                        s = info.scaling(lkey, twins[0][0][lkey + ".lora_A.weight"].shape[0])
-                        U, eu, V, ev = _subspaces(twins, lkey, s, side, k, min_share)
-                        new = project_dense(t, U, V)
-                        t64 = t.double()
-                        energy[0] += float(t64.pow(2).sum())
-                        energy[1] += float((t64 - new.double()).pow(2).sum())
-                        del t64
-                        removed[key] = [0 if U is None else U.shape[1], 0 if V is None else V.shape[1]]
-                        shares += [float(x) for x in eu] + [float(x) for x in ev]
-                        t = new
-                    tensors[key] = t.contiguous()
-            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
-            del tensors
-        missing = sorted(set(targets) - set(removed))
-        require(not missing, f"{sus.path}: the variants train {len(missing)} weights the checkpoint does not have "
-                f"(first: {missing[:1]}); was train-pairs run on another checkpoint?", InputError)
+
+    def edit(key: str, t):
+        if key not in targets:
+            return t
+        lkey = targets[key]
+        s = info.scaling(lkey, twins[0][0][lkey + ".lora_A.weight"].shape[0])
+        U, eu, V, ev = _subspaces(twins, lkey, s, side, k, min_share)
+        new = project_dense(t, U, V)
+        t64 = t.double()
+        energy[0] += float(t64.pow(2).sum())
+        energy[1] += float((t64 - new.double()).pow(2).sum())
+        removed[key] = [0 if U is None else U.shape[1], 0 if V is None else V.shape[1]]
+        shares.extend([float(x) for x in eu] + [float(x) for x in ev])
+        return new
+
+    present: set[str] = set()
+    for shard in model_weight_files(sus.path):  # names only, before anything is written
+        with safe_open(str(shard), framework="pt") as fh:
+            present.update(fh.keys())
+    missing = sorted(set(targets) - present)
+    require(not missing, f"{sus.path}: the variants train {len(missing)} weights the checkpoint does not have "
+            f"(first: {missing[:1]}); was train-pairs run on another checkpoint?", InputError)
+    rewrite_checkpoint(sus.path, folder, tokenizer, edit)
     dims = sum(a + b for a, b in removed.values())
     extra = {"directions_removed": dims, "per_module": removed, "tokenizer": pman["config"].get("tokenizer"),
              "weight_energy_removed": round(energy[1] / energy[0], 6) if energy[0] else 0.0,
@@ -109,8 +93,6 @@ def run(run: Run, side: str = "both", k: int = 8, min_share: float = 0.2, force:
 
     if side not in ("out", "in", "both"):
         raise UsageError(f"--side must be out | in | both, not {side!r}")
-    if k < 1 or not 0 <= min_share <= 1:
-        raise UsageError(f"--k must be ≥ 1 and --min-share in [0, 1], not {k} and {min_share}")
     pfolder, folder = run.folder("train-pairs"), run.folder("suppress")
     pman = load_manifest(pfolder)
     if pman is None:
@@ -119,10 +101,11 @@ def run(run: Run, side: str = "both", k: int = 8, min_share: float = 0.2, force:
     check_out_inputs(run.out, ("suppress",), sus.path, sus.base_dir)
     run.check_recorded()
     inputs = {"pairs": stage_fingerprint(pfolder, "train-pairs"), "adapter": run.digest()}
+    tokenizer = None
     if sus.kind == "full":
         from bdclean.pipeline.suppress import _recorded_tokenizer
 
-        _recorded_tokenizer(pman, pfolder)  # missing or changed since train-pairs: one line, before anything is skipped
+        tokenizer = _recorded_tokenizer(pman, pfolder)  # missing or changed: one line, before anything is skipped
         inputs["tokenizer"] = pman["inputs"]["tokenizer"]
     man = Manifest("suppress", {"mode": sus.kind, "method": "directions", "side": side, "k": k,
                                 "min_share": min_share}, inputs)
@@ -130,7 +113,7 @@ def run(run: Run, side: str = "both", k: int = 8, min_share: float = 0.2, force:
         return folder
     twins = load_twins(pfolder, pman["extra"]["n_variants"])
     if sus.kind == "full":
-        man.extra = _full(run, sus, twins, pfolder, pman, folder, side, k, min_share)
+        man.extra = _full(sus, twins, tokenizer, pfolder, pman, folder, side, k, min_share)
         man.write(folder, sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != C.MANIFEST))
         return folder
     tensors = dict(sus.info.tensors)

@@ -19,15 +19,37 @@ from bdclean.pipeline.run import Run
 REINIT_SEED = 0x5EED
 
 
-def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int, units=(),
-                   tokenizer: Path | None = None) -> dict:
-    import torch
+def rewrite_checkpoint(src: Path, dst_folder: Path, tokenizer: Path, edit) -> None:
+    """Write ``dst_folder`` (atomically, as the suppress stage's output): the checkpoint ``src`` with every tensor
+    passed through ``edit(key, tensor) -> tensor``, one safetensors shard at a time, shard names and index kept."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from bdclean.io.models import model_weight_files
+    from bdclean.io.tokenizers import install
+
+    with atomic_dir(dst_folder, "suppress") as tmp:
+        # from the checkpoint only what the weights need: its config and shard index. Its tokenizer, chat template
+        # and generation config could carry a trigger, and any other file would pass through unvetted: the
+        # tokenizer files come from the trusted source instead (io/tokenizers.py)
+        for name in (C.MODEL_CONFIG, C.SAFETENSORS_INDEX):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        install(tokenizer, tmp)
+        for shard in model_weight_files(src):
+            with safe_open(str(shard), framework="pt") as fh:
+                tensors = {key: edit(key, fh.get_tensor(key)).contiguous() for key in fh.keys()}
+            # transformers' one key; the checkpoint's own header metadata is not carried over
+            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
+            del tensors
+
+
+def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int, units=(),
+                   tokenizer: Path | None = None) -> dict:
+    import torch
+
     from bdclean.core.arch import mlp_module_names
     from bdclean.core.masks import reinit_channels
-    from bdclean.io.models import model_weight_files
 
     std = float(model_cfg.get("initializer_range", 0.02))
     targets = {}
@@ -44,39 +66,25 @@ def _suppress_full(src: Path, dst_folder: Path, mask, model_cfg: dict, seed: int
     for layer, g in units:
         for part, name in attn[layer].items():
             head_targets.setdefault(name + ".weight", []).append((layer, g, part))
-    from bdclean.io.tokenizers import install
-
     require(tokenizer is not None, "internal error: a full checkpoint is suppressed without a trusted tokenizer",
             BdcleanError)
     changed = 0
-    with atomic_dir(dst_folder, "suppress") as tmp:
-        # from the checkpoint only what the weights need: its config and shard index. Its tokenizer, chat template
-        # and generation config could carry a trigger, and any other file would pass through unvetted: the
-        # tokenizer files come from the trusted source instead (io/tokenizers.py)
-        for name in (C.MODEL_CONFIG, C.SAFETENSORS_INDEX):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        install(tokenizer, tmp)
-        for shard in model_weight_files(src):
-            tensors = {}
-            with safe_open(str(shard), framework="pt") as fh:
-                for key in fh.keys():
-                    t = fh.get_tensor(key)
-                    if key in targets:
-                        layer, part = targets[key]
-                        idx = mask[layer].nonzero().flatten()
-                        g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 3 + ("gate", "up", "down").index(part))
-                        t = reinit_channels(t, idx, part, std, g)
-                        changed += 1
-                    for layer, unit, part in head_targets.get(key, []):
-                        g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1) + unit * 4
-                                                          + "qkvo".index(part))
-                        t = reinit_heads(t, head_slices(unit, n_q, n_kv, hd)[part], part, std, g)
-                        changed += 1
-                    tensors[key] = t.contiguous()
-            # transformers' one key; the checkpoint's own header metadata is not carried over
-            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
-            del tensors
+
+    def edit(key: str, t):
+        nonlocal changed
+        if key in targets:
+            layer, part = targets[key]
+            idx = mask[layer].nonzero().flatten()
+            g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 3 + ("gate", "up", "down").index(part))
+            t = reinit_channels(t, idx, part, std, g)
+            changed += 1
+        for layer, unit, part in head_targets.get(key, []):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1) + unit * 4 + "qkvo".index(part))
+            t = reinit_heads(t, head_slices(unit, n_q, n_kv, hd)[part], part, std, g)
+            changed += 1
+        return t
+
+    rewrite_checkpoint(src, dst_folder, tokenizer, edit)
     return {"init_std": std, "tensors_changed": changed}
 
 
