@@ -158,6 +158,11 @@ class RestoreOptions(TrainOptionsModel):
                            description="trigger-invariance copies per restore sample: each copy has a random key "
                                        "(word, prefix phrase or scattered words) inserted and keeps the answer; "
                                        "0 = off (train/augment.py)")
+    self_distill: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                description="weight w of self-distillation: the restore's loss becomes (1 − w)·CE + "
+                                            "w·KL to the suspicious model's next-token distribution on the same rows "
+                                            "(clean and --prompts), computed once before training; 0 = off, 1 = KL "
+                                            "only (experimental, train/distill.py)")
 
 
 class PurifyConfig(_Strict):

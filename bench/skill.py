@@ -18,7 +18,8 @@ Methods:
 - ``sig:SCORE:TAU:HEADS``: another signature on ours' twins (score → suppress → restore);
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
 - ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies);
-  ``METHOD+eN``: its fine-tune with ``--epochs N`` (``+augX`` first if both: ``reset+aug2+e4``).
+  ``METHOD+eN``: its fine-tune with ``--epochs N``; ``METHOD+kdW``: with ``--self-distill W`` (any combination,
+  e.g. ``reset+aug2+e4``, ``reset+kd1+e4``).
 
 Every method but ``none`` runs in both regimes (``--regimes``). Skill retention = (skill − skill_reset) /
 (skill_suspicious − skill_reset), against reset *of the same regime*. Resumable: every model and evaluation is
@@ -75,6 +76,21 @@ def _manifest(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+MODIFIERS = {"aug": "--augment", "e": "--epochs", "kd": "--self-distill"}  # METHOD+augX / +eN / +kdW
+
+
+def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
+    """``reset+aug2+e4`` → ("reset", {"aug": "2", "e": "4"}); an unknown modifier stops the run."""
+    name, *parts = method.split("+")
+    mods = {}
+    for part in parts:
+        key = next((k for k in sorted(MODIFIERS, key=len, reverse=True) if part.startswith(k)), None)
+        if key is None or not part[len(key):]:
+            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN or +kdW")
+        mods[key] = part[len(key):]
+    return name, mods
+
+
 def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, bd: str, base: str,
                src: Path | None = None) -> tuple[Path, dict]:
     """(model folder, facts about how it was made: wall time, kept update share) for one method and regime.
@@ -85,14 +101,11 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     extra_s = (_manifest(src).get("wall_time_s") or 0) if src != sus else 0
     pr = ["--prompts", str(prompts)] if regime == "prompts" else []
     tag = "" if regime == "generic" else "-p"
-    method, _, epochs = method.partition("+e")  # METHOD+eN: its fine-tune with --epochs N (a bigger restore)
-    method, _, aug = method.partition("+aug")  # METHOD+augX: its fine-tune with --augment X
-    if aug:
-        pr += ["--augment", aug]
-        tag = f"-aug{aug}{tag}"
-    if epochs:
-        pr += ["--epochs", epochs]
-        tag = f"{tag}-e{epochs}"
+    method, mods = split_modifiers(method)
+    if "aug" in mods:
+        tag = f"-aug{mods['aug']}{tag}"
+    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd") if k in mods)
+    pr += [x for k, v in mods.items() for x in (MODIFIERS[k], v)]
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
     if method == "extracted":

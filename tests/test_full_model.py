@@ -182,3 +182,11 @@ def test_full_direction_suppression_changes_only_the_shared_subspace(tiny_base, 
     assert len(list((out / "purified").glob("*.safetensors"))) > 1
     card = (out / "purified" / "README.md").read_text()  # says what suppress did, not the channel signature's story
     assert "projected the subspace" in card and "re-initialised their weights" not in card
+    # self-distillation from the suspicious checkpoint (its weights, the trusted tokenizer) repairs nothing here
+    # but must run on a full checkpoint too: KL recorded, still sharded, still loads
+    code, _, err = run_cli("restore", "--out", out, "--clean", tiny_data, "--config", cfg, "--self-distill", "0.5")
+    assert code == 0, err
+    man = json.loads((out / "purified" / "manifest.json").read_text())
+    assert man["config"]["self_distill"] == 0.5 and man["extra"]["final_kl"] >= 0
+    assert AutoModelForCausalLM.from_pretrained(str(out / "purified")).config.num_hidden_layers == 2
+    assert len(list((out / "purified").glob("*.safetensors"))) > 1

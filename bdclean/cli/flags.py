@@ -163,6 +163,8 @@ RESTORE_EPOCHS = flag("restore.epochs", "--epochs", type=int)
 RESTORE_LR = flag("restore.lr", "--lr", type=float)
 AUGMENT = flag("restore.augment", "--augment", type=float, help=describe("restore.augment")
                + "; RESULTS.md, 'Selective purification'")
+SELF_DISTILL = flag("restore.self_distill", "--self-distill", type=float, help=describe("restore.self_distill")
+                    + "; check triggered ASR after it (RESULTS.md)")
 
 SEED = flag(("variants.seed", "pairs.seed", "restore.seed"), "--seed", type=int,
             help="seed of the variants, the twins and restore (default 0); the τ-auto probes and the full-model "
@@ -170,4 +172,4 @@ SEED = flag(("variants.seed", "pairs.seed", "restore.seed"), "--seed", type=int,
 
 # purify's flags, and validate's (a purify command line is checked as typed)
 PURIFY = (CLEAN, BASE, N_VARIANTS, VARIANT_SAMPLES, TAU, LAMBDA, HEADS, SCORE, SEED, WORKERS, EXECUTOR, RAY_ADDRESS,
-          FULL, PROMPTS, AUGMENT, EXTRACT, MERGE, TOKENIZER, ACCEPT_TOKENIZER, *PLACEMENT)
+          FULL, PROMPTS, AUGMENT, SELF_DISTILL, EXTRACT, MERGE, TOKENIZER, ACCEPT_TOKENIZER, *PLACEMENT)

@@ -109,7 +109,8 @@ def _defend_flags():
     return (f("samples", "--samples", int), f("epochs", "--epochs", int), f("lr", "--lr", float),
             f("tau", "--tau", float), f("seed", "--seed", int), f("batch_size", "--batch-size", int),
             f("max_len", "--max-len", int), f("crow_alpha", "--alpha", float), f("crow_eps", "--eps", float),
-            f("group_size", "--group-size", int), f("augment", "--augment", float))
+            f("group_size", "--group-size", int), f("augment", "--augment", float),
+            f("self_distill", "--self-distill", float))
 
 
 @app.command("defend")

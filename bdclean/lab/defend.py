@@ -142,7 +142,8 @@ def _finetune(ctx: dict, opts: DefendOptions) -> dict:
     from bdclean.train.finetune import finetune_adapter
 
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                           "defend finetune", extra_rows=ctx["extra_rows"])
+                                           "defend finetune", extra_rows=ctx["extra_rows"],
+                                         teacher=ctx["teacher"])
     write_adapter(ctx["out"], cfg, tensors, stage="defend")
     return {"train": stats}
 
@@ -170,7 +171,8 @@ def _fine_prune(ctx: dict, opts: DefendOptions) -> dict:
     mask = random_mask(len(modules), int(base_cfg["intermediate_size"]), opts.tau, opts.seed)
     tensors, changed = suppress_lora_channels(info.tensors, mask, modules)
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                         "defend fine-prune", tensors=tensors, extra_rows=ctx["extra_rows"])
+                                         "defend fine-prune", tensors=tensors, extra_rows=ctx["extra_rows"],
+                                         teacher=ctx["teacher"])
     write_adapter(out, cfg, tuned, stage="defend")
     return {"selection": RANDOM_SELECTION, "channels_pruned": int(mask.sum()), "channels_total": mask.numel(),
             "tensors_changed": changed, "mask_seed": opts.seed, "train": stats}
@@ -234,7 +236,8 @@ def _reset(ctx: dict, opts: DefendOptions) -> dict:
     tensors, changed = reset_tensors(info, base_cfg)
     kept = kept_update(info, tensors, {m[p] for m in mlp_modules(base_cfg) for p in m})
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                         "defend reset", tensors=tensors, extra_rows=ctx["extra_rows"])
+                                         "defend reset", tensors=tensors, extra_rows=ctx["extra_rows"],
+                                         teacher=ctx["teacher"])
     write_adapter(ctx["out"], cfg, tuned, stage="defend")
     return {"tensors_changed": changed, "kept_update_share_before_restore": kept, "train": stats}
 
@@ -256,7 +259,8 @@ def _retrain(ctx: dict, opts: DefendOptions) -> dict:
 
     tensors = fresh_tensors(ctx["info"], ctx["base_dir"], opts.seed)
     cfg, tuned, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
-                                         "defend retrain", tensors=tensors, extra_rows=ctx["extra_rows"])
+                                         "defend retrain", tensors=tensors, extra_rows=ctx["extra_rows"],
+                                         teacher=ctx["teacher"])
     write_adapter(ctx["out"], cfg, tuned, stage="defend")
     return {"init": "PEFT default (fresh)", "init_seed": opts.seed, "kept_update_share_before_restore": {"all": 0.0},
             "train": stats}
@@ -329,8 +333,11 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
         inputs["prompts"] = data_hash(prompts)
     elif uses_data:
         config.pop("prompt_samples", None), config.pop("distill_tokens", None)
-    if not config.get("augment", 1):  # off: the manifests of defenses made before the option existed stay valid
-        config.pop("augment")
+    for off in ("augment", "self_distill"):  # off: the manifests of defenses made before the option stay valid
+        if not config.get(off, 1):
+            config.pop(off)
+    require(not (opts.self_distill and method == "crow"), "--self-distill replaces the fine-tune's loss; CROW has "
+            "its own (use it with finetune, fine-prune, reset or retrain)", UsageError)
     from bdclean.train import device as dev
 
     if uses_data and dev.fingerprint_part(dev.current()) is not None:  # a fine-tune off CPU float32 (train/device.py)
@@ -344,8 +351,14 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
 
         extra_rows, distill = distill_targets(adapter, None if full else str(sus.base_dir), prompts,
                                               restore_options(opts), choice.source if full else None)
+    teacher = None
+    if opts.self_distill:
+        from bdclean.pipeline.restore import load_teacher
+
+        def teacher():
+            return load_teacher(adapter, None if full else str(sus.base_dir), choice.source if full else None)[0]
     ctx = {"adapter": adapter, "out": out, "info": sus.info, "base_dir": sus.base_dir, "base_cfg": sus.model_cfg,
-           "clean": clean, "extra_rows": extra_rows}
+           "clean": clean, "extra_rows": extra_rows, "teacher": teacher}
     if full:
         ctx.update(model=adapter, cfg=sus.model_cfg, tokenizer=choice,
                    base_dir=Path(config["base"]) if method == "reset" else None)

@@ -141,7 +141,8 @@ def _train(model, ctx: dict, opts, label: str, loss_fn=None) -> dict:
 
     for p in model.parameters():
         p.requires_grad_(True)
-    return finetune(model, ctx["tok"], ctx["clean"], opts, opts.lr, label, loss_fn, ctx["extra_rows"])
+    return finetune(model, ctx["tok"], ctx["clean"], opts, opts.lr, label, loss_fn, ctx["extra_rows"],
+                    ctx["teacher"])
 
 
 def _write(model, ctx: dict) -> None:

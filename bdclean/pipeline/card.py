@@ -110,6 +110,9 @@ def model_card(run, opts: RestoreOptions, clean: str, prompts: str | None, input
                      f"prompts from `{_text(prompts)}`")
     if opts.augment:
         lines.append(f"- trigger-invariance augmentation: {opts.augment:g} copies per sample")
+    if opts.self_distill:
+        lines.append(f"- self-distillation: loss {1 - opts.self_distill:g}·CE + {opts.self_distill:g}·KL to the "
+                     "suspicious model's next-token distributions on the same rows")
     lines += [
         "", "## Evaluation", "",
         "purify does not evaluate. Measure the attack success rate and perplexity on your own test sets:", "",

@@ -21,6 +21,21 @@ from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
 
 
+def load_teacher(teacher: Path, base: str | None, tokenizer_dir: Path | None = None):
+    """(model, tokenizer) of the suspicious model for inference: an adapter on ``base`` (merged: the same function
+    without the LoRA side-path, faster), or with ``tokenizer_dir`` a full checkpoint's weights and the trusted
+    tokenizer (the checkpoint's own tokenizer files are never parsed)."""
+    if tokenizer_dir is None:
+        from bdclean.pipeline.run import load_any
+
+        model, tok, _ = load_any(teacher, base or "smollm2")
+        return model, tok
+    from bdclean.io.models import load_tokenizer
+    from bdclean.train.device import load_placed
+
+    return load_placed(teacher), load_tokenizer(tokenizer_dir)
+
+
 def distill_targets(teacher: Path, base: str | None, prompts: str, opts: RestoreOptions,
                     tokenizer_dir: Path | None = None) -> tuple[list[dict], dict]:
     """The suspicious model's own greedy answers to ``opts.prompt_samples`` task prompts (seeded draw).
@@ -31,17 +46,10 @@ def distill_targets(teacher: Path, base: str | None, prompts: str, opts: Restore
     prompts' tokenizer and chat template come from (a full checkpoint's own template is attacker-controlled and
     could insert the trigger into every prompt; restore passes the trusted one that suppress wrote)."""
     from bdclean.io.data import sample_prompts
-    from bdclean.pipeline.run import load_any
     from bdclean.train.generate import generate
 
     rows, total = sample_prompts(prompts, opts.prompt_samples, opts.seed)
-    if tokenizer_dir is None:
-        model, tok, _ = load_any(teacher, base or "smollm2")
-    else:  # a full checkpoint: its weights, the trusted tokenizer (its own files are never parsed)
-        from bdclean.io.models import load_tokenizer
-        from bdclean.train.device import load_placed
-
-        model, tok = load_placed(teacher), load_tokenizer(tokenizer_dir)
+    model, tok = load_teacher(teacher, base, tokenizer_dir)
     with progress() as bar:
         tid = bar.add_task("restore: answering task prompts", total=len(rows))
         outs = generate(model, tok, rows, opts.distill_tokens, on_batch=lambda k: bar.update(tid, advance=k))
@@ -51,7 +59,7 @@ def distill_targets(teacher: Path, base: str | None, prompts: str, opts: Restore
 
 
 def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOptions, label: str,
-                  extra_rows: list[dict] | None = None) -> dict:
+                  extra_rows: list[dict] | None = None, teacher=None) -> dict:
     """Fine-tune every weight of a full checkpoint and write it (safetensors, tokenizer copied) to ``out_folder``.
 
     ``model_dir`` is suppress's output, whose tokenizer files are the trusted source's (io/tokenizers.py)."""
@@ -63,7 +71,8 @@ def finetune_full(model_dir: Path, out_folder: Path, clean: str, opts: RestoreOp
     model = load_placed(model_dir)  # in bfloat16, the weights themselves train in bf16 (train/device.py)
     for p in model.parameters():
         p.requires_grad_(True)
-    stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows)
+    stats = finetune(model, tok, clean, opts, opts.lr or DEFAULT_LR["full"], label, extra_rows=extra_rows,
+                     teacher=teacher)
     max_shard = shard_size_like(model_dir)
     with atomic_dir(out_folder, "restore") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard)
@@ -108,8 +117,9 @@ def run(run: Run, clean: str, opts: RestoreOptions, force: bool = False, prompts
         inputs["prompts"] = data_hash(prompts)
     else:  # without --prompts the distillation options do nothing: keep them out of the fingerprint
         config.pop("prompt_samples"), config.pop("distill_tokens")
-    if not opts.augment:  # off: manifests stay those of the restores made before the option existed
-        config.pop("augment")
+    for off in ("augment", "self_distill"):  # off: manifests stay those of the restores made before the option
+        if not opts.model_dump()[off]:
+            config.pop(off)
     place = dev.current()
     if dev.fingerprint_part(place) is not None:  # CPU float32: as before the option existed (train/device.py)
         config["placement"] = dev.fingerprint_part(place)
@@ -117,16 +127,18 @@ def run(run: Run, clean: str, opts: RestoreOptions, force: bool = False, prompts
     if up_to_date(folder, man.fingerprint, "restore", force):
         return folder
     extra_rows, distill = None, None
+    teacher_args = (run.model, str(base_dir) if mode == "adapter" else None, sfolder if mode == "full" else None)
     if prompts is not None:
-        teacher = run.model
-        extra_rows, distill = distill_targets(teacher, str(base_dir) if mode == "adapter" else None, prompts, opts,
-                                              tokenizer_dir=sfolder if mode == "full" else None)
+        extra_rows, distill = distill_targets(teacher_args[0], teacher_args[1], prompts, opts,
+                                              tokenizer_dir=teacher_args[2])
         log(f"restore: {len(extra_rows)} answers of the suspicious model to task prompts join the "
             f"{opts.samples} clean samples (any 'output' in {prompts} is ignored)")
+    teacher = (lambda: load_teacher(*teacher_args)[0]) if opts.self_distill else None
     if mode == "full":
-        man.extra = finetune_full(sfolder, folder, clean, opts, "restore (full model)", extra_rows)
+        man.extra = finetune_full(sfolder, folder, clean, opts, "restore (full model)", extra_rows, teacher)
     else:
-        cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore", extra_rows=extra_rows)
+        cfg, tensors, stats = finetune_adapter(sfolder, base_dir, clean, opts, "restore", extra_rows=extra_rows,
+                                               teacher=teacher)
         write_adapter(folder, cfg, input_dtypes(tensors, sfolder / C.ADAPTER_WEIGHTS), stage="restore")
         man.extra = stats
     man.extra = {**man.extra, "placement": place.record()}

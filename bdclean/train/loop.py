@@ -104,8 +104,10 @@ def _cache_kwarg(decoder_cls) -> str:
     return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
 
 
-def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL at response positions only, and the index of the example each token belongs to.
+def response_logits(model, examples: list[Example],
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits at every response-predicting position (example by example, in order), their target tokens,
+    and the index of the example each position belongs to.
 
     A prefix shared by all examples goes through the decoder once; its cached keys/values (which carry the
     gradient back to the prefix computation) are repeated over the batch for the per-example remainder."""
@@ -128,8 +130,12 @@ def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Ten
         ids, mask, rows, cols = (t.to(dev) for t in collate(examples, pad_id))
         hidden = decoder(input_ids=ids, attention_mask=mask, **({"use_cache": False} if ckpt else {})).last_hidden_state
     h = hidden[rows, cols]
-    logits = head(h).float()
-    targets = ids[rows, cols + 1]
+    return head(h).float(), ids[rows, cols + 1], rows
+
+
+def token_losses(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL at response positions only, and the index of the example each token belongs to."""
+    logits, targets, rows = response_logits(model, examples, pad_id)
     return F.cross_entropy(logits, targets, reduction="none"), rows
 
 
