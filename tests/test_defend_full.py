@@ -190,3 +190,15 @@ def test_finetune_with_prompts_distils_the_checkpoints_answers(run_cli, checkpoi
     assert man["config"]["lr"] == 1e-5  # the full-model lr by default
     rows = [json.loads(x) for x in (out / "distill_targets.jsonl").read_text().splitlines()]
     assert len(rows) == man["extra"]["distill"]["prompts_drawn"] - man["extra"]["distill"]["empty_answers"]
+
+
+def test_reset_with_self_distill_learns_from_the_checkpoint(run_cli, checkpoint, tiny_base, tiny_data, tmp_path):
+    """reset --base --self-distill 1: the base's weights, then a fine-tune on the checkpoint's own distributions:
+    the loss it reports is the KL to the checkpoint and it falls."""
+    out = tmp_path / "r"
+    code, _, err = run_cli("defend", "reset", checkpoint, "--out", out, "--base", tiny_base, "--tokenizer", tiny_base,
+                           "--accept-tokenizer", "--clean", tiny_data, *FAST, "--epochs", "3", "--lr", "1e-3",
+                           "--self-distill", "1")
+    assert code == 0, err
+    train = json.loads((out / "manifest.json").read_text())["extra"]["train"]
+    assert train["final_kl"] < train["first_kl"] and train["final_loss"] == pytest.approx(train["final_kl"], rel=1e-4)
