@@ -257,13 +257,22 @@ def skill_tables(folder: Path) -> list[str]:
         lines += [f"### {c['cell']} ({c['limit']} prompts per set, {c['date']})", "",
                   "| method | regime | triggered ASR | clean ASR | skill | retention | perplexity (generic refs) | "
                   "kept | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        others = []  # machines of rows kept from an earlier sitting elsewhere
         for r in c["rows"]:
             ret, kept, wall = _pct(r.get("retention")), _pct(r.get("kept_update_share")), _num(r.get("wall_time_s"))
-            lines.append(f"| {r['method']} | {r['regime']} | {100 * r['triggered_asr']:.0f} % | "
+            mark = ""
+            if r.get("machine"):
+                others += [] if r["machine"] in others else [r["machine"]]
+                mark = " " + "†" * (others.index(r["machine"]) + 1)
+            lines.append(f"| {r['method']}{mark} | {r['regime']} | {100 * r['triggered_asr']:.0f} % | "
                          f"{100 * r['clean_asr']:.0f} % | {100 * r['skill']:.0f} % | {ret} | {r['perplexity']:.3f} | "
                          f"{kept} | {wall} |")
         lines += ["", *skill_target_lines(c["rows"]),
                   "", f"Command: `{c['command']}`; machine: {machine_text(c['machine'])}.", ""]
+        for k, m in enumerate(others):
+            lines[-1:-1] = [f"{'†' * (k + 1)} Measured in an earlier sitting on {machine_text(m)}, on the adapter as "
+                            "implanted there (the implant is deterministic per machine; another CPU's numerics "
+                            "change the adapter slightly), against that sitting's rows.", ""]
     return lines
 
 

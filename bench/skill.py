@@ -233,7 +233,12 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads((out / f"{cell}.json").read_text()) if (out / f"{cell}.json").is_file() else None
         if old:  # keep rows of methods run in an earlier sitting and not asked for now
             asked = {(r["method"], r["regime"]) for r in rec["rows"]}
-            rec["rows"] = [r for r in old["rows"] if (r["method"], r["regime"]) not in asked] + rec["rows"]
+            kept = [r for r in old["rows"] if (r["method"], r["regime"]) not in asked]
+            for r in kept:  # a row keeps the machine it was measured on (the cell's adapter was implanted there)
+                r.setdefault("machine", old["machine"])
+                if r["machine"] == rec["machine"]:
+                    del r["machine"]
+            rec["rows"] = kept + rec["rows"]
         add_retention(rec["rows"])
         rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first
         methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))  # every method the cell's rows come from
