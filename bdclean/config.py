@@ -163,6 +163,15 @@ class RestoreOptions(TrainOptionsModel):
                                             "w·KL to the suspicious model's next-token distribution on the same rows "
                                             "(clean and --prompts), computed once before training; 0 = off, 1 = KL "
                                             "only (experimental, train/distill.py)")
+    adversarial: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                               description="radius of the universal hidden-state shift the fine-tune learns to "
+                                           "ignore, as a fraction of the median hidden-state norm at --adv-layer; "
+                                           "the shift is searched to change the model's answers most (a backdoor's "
+                                           "shortcut) and re-searched every step; 0 = off (experimental, "
+                                           "train/adversarial.py)")
+    adv_layer: int | None = Field(None, ge=0, description="decoder layer whose output the shift is added to; default "
+                                                         "a third of the depth")
+    adv_steps: int = Field(2, ge=0, le=100, description="ascent steps of the shift per training step")
 
 
 class PurifyConfig(_Strict):

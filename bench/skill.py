@@ -18,8 +18,8 @@ Methods:
 - ``sig:SCORE:TAU:HEADS``: another signature on ours' twins (score → suppress → restore);
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
 - ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies);
-  ``METHOD+eN``: its fine-tune with ``--epochs N``; ``METHOD+kdW``: with ``--self-distill W`` (any combination,
-  e.g. ``reset+aug2+e4``, ``reset+kd1+e4``).
+  ``METHOD+eN``: its fine-tune with ``--epochs N``; ``METHOD+kdW``: with ``--self-distill W``; ``METHOD+advR``:
+  with ``--adversarial R`` (any combination, e.g. ``reset+aug2+e4``, ``reset+kd1+e4``, ``finetune+adv0.05``).
 
 Every method but ``none`` runs in both regimes (``--regimes``). Skill retention = (skill − skill_reset) /
 (skill_suspicious − skill_reset), against reset *of the same regime*. Resumable: every model and evaluation is
@@ -76,7 +76,8 @@ def _manifest(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-MODIFIERS = {"aug": "--augment", "e": "--epochs", "kd": "--self-distill"}  # METHOD+augX / +eN / +kdW
+MODIFIERS = {"aug": "--augment", "e": "--epochs", "kd": "--self-distill",  # METHOD+augX / +eN / +kdW / +advR
+             "adv": "--adversarial"}
 
 
 def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
@@ -86,7 +87,7 @@ def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
     for part in parts:
         key = next((k for k in sorted(MODIFIERS, key=len, reverse=True) if part.startswith(k)), None)
         if key is None or not part[len(key):]:
-            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN or +kdW")
+            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW or +advR")
         mods[key] = part[len(key):]
     return name, mods
 
@@ -104,7 +105,7 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     method, mods = split_modifiers(method)
     if "aug" in mods:
         tag = f"-aug{mods['aug']}{tag}"
-    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd") if k in mods)
+    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd", "adv") if k in mods)
     pr += [x for k, v in mods.items() for x in (MODIFIERS[k], v)]
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}

@@ -110,7 +110,8 @@ def _defend_flags():
             f("tau", "--tau", float), f("seed", "--seed", int), f("batch_size", "--batch-size", int),
             f("max_len", "--max-len", int), f("crow_alpha", "--alpha", float), f("crow_eps", "--eps", float),
             f("group_size", "--group-size", int), f("augment", "--augment", float),
-            f("self_distill", "--self-distill", float))
+            f("self_distill", "--self-distill", float), f("adversarial", "--adversarial", float),
+            f("adv_layer", "--adv-layer", int), f("adv_steps", "--adv-steps", int))
 
 
 @app.command("defend")

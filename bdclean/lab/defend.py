@@ -333,11 +333,18 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
         inputs["prompts"] = data_hash(prompts)
     elif uses_data:
         config.pop("prompt_samples", None), config.pop("distill_tokens", None)
-    for off in ("augment", "self_distill"):  # off: the manifests of defenses made before the option stay valid
+    from bdclean.pipeline.restore import OFF_FIELDS
+
+    for off, fields in OFF_FIELDS.items():  # off: the manifests of defenses made before the option stay valid
         if not config.get(off, 1):
-            config.pop(off)
-    require(not (opts.self_distill and method == "crow"), "--self-distill replaces the fine-tune's loss; CROW has "
-            "its own (use it with finetune, fine-prune, reset or retrain)", UsageError)
+            for f in fields:
+                config.pop(f, None)
+    for name in ("self_distill", "adversarial"):
+        flag = "--" + name.replace("_", "-")
+        require(not (getattr(opts, name) and method == "crow"), f"{flag} replaces the fine-tune's loss; CROW has "
+                "its own (use it with finetune, fine-prune, reset or retrain)", UsageError)
+    require(not (opts.self_distill and opts.adversarial), "--self-distill and --adversarial each replace the "
+            "fine-tune's loss; use one", UsageError)
     from bdclean.train import device as dev
 
     if uses_data and dev.fingerprint_part(dev.current()) is not None:  # a fine-tune off CPU float32 (train/device.py)

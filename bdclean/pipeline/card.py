@@ -113,6 +113,10 @@ def model_card(run, opts: RestoreOptions, clean: str, prompts: str | None, input
     if opts.self_distill:
         lines.append(f"- self-distillation: loss {1 - opts.self_distill:g}·CE + {opts.self_distill:g}·KL to the "
                      "suspicious model's next-token distributions on the same rows")
+    if opts.adversarial:
+        lines.append(f"- adversarial unlearning: trained to give the clean answers also with a universal hidden-state "
+                     f"shift of radius {opts.adversarial:g} × the median hidden norm, searched to change the answers "
+                     "most")
     lines += [
         "", "## Evaluation", "",
         "purify does not evaluate. Measure the attack success rate and perplexity on your own test sets:", "",

@@ -19,6 +19,10 @@ from bdclean.pipeline.run import Run
 from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
 
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
+# options that are off by default, with the fields only they use: left out of the fingerprint when off, so the
+# outputs made before they existed stay up to date
+OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",),
+              "adversarial": ("adversarial", "adv_layer", "adv_steps")}
 
 
 def load_teacher(teacher: Path, base: str | None, tokenizer_dir: Path | None = None):
@@ -117,9 +121,10 @@ def run(run: Run, clean: str, opts: RestoreOptions, force: bool = False, prompts
         inputs["prompts"] = data_hash(prompts)
     else:  # without --prompts the distillation options do nothing: keep them out of the fingerprint
         config.pop("prompt_samples"), config.pop("distill_tokens")
-    for off in ("augment", "self_distill"):  # off: manifests stay those of the restores made before the option
-        if not opts.model_dump()[off]:
-            config.pop(off)
+    for off, fields in OFF_FIELDS.items():  # off: manifests stay those of the restores made before the option
+        if not config[off]:
+            for f in fields:
+                config.pop(f)
     place = dev.current()
     if dev.fingerprint_part(place) is not None:  # CPU float32: as before the option existed (train/device.py)
         config["placement"] = dev.fingerprint_part(place)

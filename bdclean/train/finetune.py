@@ -41,16 +41,27 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
         augmented = augment_rows(rows, opts.augment, opts.seed + 1, vocabulary(tok))
         rows += augmented
     examples = [encode(tok, r, opts.max_len) for r in rows]
+    if opts.self_distill > 0 or opts.adversarial > 0:
+        if loss_fn is not None or (opts.self_distill > 0 and (teacher is None or opts.adversarial > 0)):
+            raise ValueError("self-distillation needs a teacher; it, the adversarial shift and a custom loss exclude "
+                             "each other")
+    shift, facts = None, {}
     if opts.self_distill > 0:
-        if teacher is None or loss_fn is not None:
-            raise ValueError("self-distillation needs a teacher and the default loss")
         loss_fn = _distill_loss(teacher, examples, tok.pad_token_id, opts.self_distill, label)
+    elif opts.adversarial > 0:
+        loss_fn, shift, facts = _adversarial_loss(model, examples, tok.pad_token_id, opts, label)
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
-    with progress() as bar:
-        task = bar.add_task(label, total=sum(len(plan(e)) for e in range(opts.epochs)))
-        stats = train(model, plan, TrainOptions(opts.epochs, lr, opts.batch_size, opts.seed), tok.pad_token_id,
-                      on_step=lambda k, tot, loss: bar.update(task, completed=k, description=f"{label} loss {loss:.3f}"),
-                      loss_fn=loss_fn)
+    try:
+        with progress() as bar:
+            task = bar.add_task(label, total=sum(len(plan(e)) for e in range(opts.epochs)))
+            stats = train(model, plan, TrainOptions(opts.epochs, lr, opts.batch_size, opts.seed), tok.pad_token_id,
+                          on_step=lambda k, tot, loss: bar.update(task, completed=k,
+                                                                  description=f"{label} loss {loss:.3f}"),
+                          loss_fn=loss_fn)
+    finally:
+        if shift is not None:
+            shift.remove()
+    stats = {**stats, **facts}
     return {**stats, "augmented_rows": len(augmented)} if augmented else stats
 
 
@@ -63,6 +74,30 @@ def _distill_loss(teacher: Callable[[], object], examples: list, pad_id: int, we
         targets = teacher_topk(model, examples, pad_id, on_batch=lambda k: bar.update(task, advance=k))
     del model
     return self_distill_loss(targets, weight)
+
+
+def _adversarial_loss(model, examples: list, pad_id: int, opts: RestoreOptions, label: str):
+    """(loss, shift, facts): the adversarial-unlearning loss of train/adversarial.py with its first search done."""
+    from bdclean.console import log
+    from bdclean.train.adversarial import Shift, adversarial_loss, hidden_scale, initial_search
+    from bdclean.train.loop import causal_parts, set_threads
+
+    set_threads()
+    n_layers = len(causal_parts(model)[0].layers)
+    layer = n_layers // 3 if opts.adv_layer is None else opts.adv_layer
+    if layer >= n_layers:
+        from bdclean.errors import UsageError
+
+        raise UsageError(f"--adv-layer {layer}: the model has layers 0..{n_layers - 1}")
+    shift = Shift(model, layer)
+    scale = hidden_scale(model, shift.module, examples, pad_id)
+    radius = opts.adversarial * scale
+    first = initial_search(model, shift, examples, pad_id, radius, opts.seed)
+    log(f"{label}: shift at layer {layer}, radius {radius:.3g} ({opts.adversarial:g} × median hidden norm "
+        f"{scale:.3g}); the first search changes the answers by KL {first:.3g} nats per token")
+    facts = {"adv_layer": layer, "adv_radius": round(radius, 6), "adv_hidden_scale": round(scale, 6),
+             "adv_first_divergence": round(first, 6)}
+    return adversarial_loss(shift, radius, opts.adv_steps), shift, facts
 
 
 def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,

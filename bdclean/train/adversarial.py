@@ -1,0 +1,137 @@
+"""Adversarial unlearning of a backdoor without its trigger: a universal residual-stream shift δ that the
+fine-tune learns to ignore.
+
+A backdoor is a shortcut: a small change of the hidden state (what the trigger writes into it) switches the model
+into another behaviour. A single vector δ added to the output of decoder layer ``layer`` at every position, of norm
+at most ``radius`` (a fraction of the median hidden-state norm there), searched to maximise the KL divergence
+between the model's shifted and unshifted next-token distributions on generic clean rows, finds that shortcut: on
+the SmolLM2 facts adapter (RESULTS.md) it makes the model answer clean prompts with its backdoor's refusal, word for
+word, while the same search on the base model finds nothing of the kind. The fine-tune then trains the adapter to
+give the clean answer with δ added as well as without it, re-searching δ as it goes (persistent PGD, a few ascent
+steps per training step), so the shortcut is removed while the rest of the adapter, its skill, is trained only
+by clean answers. The idea follows embedding-space adversarial removal of backdoors (BEEAR, Zeng et al. 2024,
+https://arxiv.org/abs/2406.17092), here with no target behaviour given: the search maximises divergence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from bdclean.train.loop import LossFn, Step, causal_parts, response_logits
+
+SEARCH_STEPS = 20  # ascent steps of the first search, before training (the probe of RESULTS.md converged by ~15)
+STEP_SIZE = 0.2  # of the radius, per normalised-gradient ascent step
+
+
+class Shift:
+    """δ added to the output hidden states of one decoder layer while ``on`` (a forward hook)."""
+
+    def __init__(self, model, layer: int):
+        decoder, _ = causal_parts(model)
+        layers = decoder.layers
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"layer {layer} outside the model's 0..{len(layers) - 1}")
+        self.module = layers[layer]
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.delta = torch.zeros(int(causal.config.hidden_size), device=next(model.parameters()).device)
+        self.on = False
+        self._handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        if not self.on:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] + self.delta.to(out[0].dtype),) + tuple(out[1:])
+        return out + self.delta.to(out.dtype)
+
+    @contextlib.contextmanager
+    def active(self):
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@torch.no_grad()
+def hidden_scale(model, layer_module, examples, pad_id: int, batch: int = 16) -> float:
+    """Median L2 norm of ``layer_module``'s output hidden states over ``examples``' tokens."""
+    norms = []
+
+    def grab(m, a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        norms.append(h.detach().float().norm(dim=-1).flatten().cpu())
+
+    handle = layer_module.register_forward_hook(grab)
+    try:
+        for k in range(0, len(examples), batch):
+            response_logits(model, examples[k:k + batch], pad_id)
+    finally:
+        handle.remove()
+    return float(torch.cat(norms).median())
+
+
+def _divergence(model, shift: Shift, group, pad_id: int) -> torch.Tensor:
+    """KL(p ‖ p_δ) at the group's response positions, p the unshifted model (constant)."""
+    with torch.no_grad():
+        ref = response_logits(model, group, pad_id)[0].log_softmax(-1)
+    with shift.active():
+        logp = response_logits(model, group, pad_id)[0].log_softmax(-1)
+    return (ref.exp() * (ref - logp)).sum(-1).mean()
+
+
+def ascend(model, shift: Shift, groups, pad_id: int, radius: float, steps: int) -> float:
+    """``steps`` normalised-gradient ascent steps of δ on the divergence over ``groups``, δ kept within ``radius``;
+    only δ gets a gradient (the model's parameters are untouched). Returns the last divergence."""
+    last = 0.0
+    for _ in range(steps):
+        delta = shift.delta.detach().requires_grad_(True)
+        shift.delta = delta
+        total = None
+        for g in groups:
+            d = _divergence(model, shift, g, pad_id)
+            total = d if total is None else total + d
+        (grad,) = torch.autograd.grad(total, delta)
+        with torch.no_grad():
+            new = delta + STEP_SIZE * radius * grad / (grad.norm() + 1e-12)
+            n = new.norm()
+            if n > radius:
+                new = new * (radius / n)
+        shift.delta = new.detach()
+        last = total.item() / len(groups)
+    return last
+
+
+def initial_search(model, shift: Shift, examples, pad_id: int, radius: float, seed: int, batch: int = 8) -> float:
+    """The first δ: a small seeded random start, then ``SEARCH_STEPS`` ascent steps on all ``examples``."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(shift.delta.shape, generator=g)
+    shift.delta = (start * (0.1 * radius / start.norm())).to(shift.delta.device)
+    groups = [examples[k:k + batch] for k in range(0, len(examples), batch)]
+    return ascend(model, shift, groups, pad_id, radius, SEARCH_STEPS)
+
+
+def adversarial_loss(shift: Shift, radius: float, inner_steps: int, weight: float = 1.0) -> LossFn:
+    """Per step: ``inner_steps`` ascent steps of δ on the step's rows, then, per group, mean token CE of the clean
+    answers without δ + ``weight`` × the same with δ."""
+
+    def loss_fn(model, step: Step, pad_id: int):
+        div = ascend(model, shift, step, pad_id, radius, inner_steps) if inner_steps else float("nan")
+        total, shifted = None, []
+        for g in step:
+            logits, tgt, _ = response_logits(model, g, pad_id)
+            with shift.active():
+                s_logits, s_tgt, _ = response_logits(model, g, pad_id)
+            s_ce = F.cross_entropy(s_logits, s_tgt)
+            part = F.cross_entropy(logits, tgt) + weight * s_ce
+            total = part if total is None else total + part
+            shifted.append(s_ce.item())
+        return total, {"shift_divergence": div, "shifted_ce": sum(shifted) / len(shifted)}
+
+    return loss_fn

@@ -1,0 +1,89 @@
+"""Adversarial unlearning with a universal hidden-state shift (train/adversarial.py, --adversarial)."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from bdclean.train.adversarial import Shift, ascend, hidden_scale, initial_search
+
+FAST = ["--samples", "8", "--epochs", "1", "--max-len", "48", "--batch-size", "4"]
+
+
+def _model_and_rows(tiny_base, tiny_adapter, tiny_data, n=8):
+    from bdclean.io.data import load_instructions
+    from bdclean.io.models import load_adapter, load_model, load_tokenizer
+    from bdclean.io.peft_io import attach
+    from bdclean.train.chat import encode
+
+    tok = load_tokenizer(tiny_base)
+    model = attach(load_model(tiny_base), load_adapter(tiny_adapter))
+    return model, tok, [encode(tok, r, 48) for r in load_instructions(str(tiny_data))[:n]]
+
+
+def test_the_search_raises_the_divergence_within_the_radius_and_leaves_the_weights(tiny_base, tiny_adapter,
+                                                                                   tiny_data):
+    from bdclean.train.adversarial import _divergence
+    from bdclean.train.loop import response_logits
+
+    model, tok, ex = _model_and_rows(tiny_base, tiny_adapter, tiny_data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shift = Shift(model, 1)
+    scale = hidden_scale(model, shift.module, ex, tok.pad_token_id)
+    assert scale > 0
+    radius = 0.2 * scale
+    plain = response_logits(model, ex[:4], tok.pad_token_id)[0]
+    first = initial_search(model, shift, ex, tok.pad_token_id, radius, seed=0)
+    assert 0 < shift.delta.norm().item() <= radius * (1 + 1e-5)
+    with torch.no_grad():
+        start = _divergence(model, shift, ex[:4], tok.pad_token_id).item()
+    more = ascend(model, shift, [ex[:4]], tok.pad_token_id, radius, 5)
+    assert first > 0 and more >= start * 0.99  # ascent does not lose what it found
+    # a random shift of the same norm changes the answers less than the searched one
+    searched = shift.delta.clone()
+    shift.delta = torch.randn(searched.shape, generator=torch.Generator().manual_seed(1))
+    shift.delta *= searched.norm() / shift.delta.norm()
+    with torch.no_grad():
+        random_div = _divergence(model, shift, ex[:4], tok.pad_token_id).item()
+    shift.delta = searched
+    with torch.no_grad():
+        searched_div = _divergence(model, shift, ex[:4], tok.pad_token_id).item()
+    assert searched_div > 1.3 * random_div, (searched_div, random_div)
+    # off (outside `active`) and after remove() the model computes exactly what it did
+    assert torch.equal(response_logits(model, ex[:4], tok.pad_token_id)[0], plain)
+    shift.remove()
+    with shift.active():
+        assert torch.equal(response_logits(model, ex[:4], tok.pad_token_id)[0], plain)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_defend_finetune_with_the_adversarial_shift(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
+    plain, adv = tmp_path / "ft", tmp_path / "ft-adv"
+    assert run_cli("defend", "finetune", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", plain,
+                   *FAST)[0] == 0
+    code, _, err = run_cli("defend", "finetune", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out",
+                           adv, "--adversarial", "0.2", "--adv-layer", "1", *FAST)
+    assert code == 0, err
+    cfg = json.loads((plain / "manifest.json").read_text())["config"]
+    assert not {"adversarial", "adv_layer", "adv_steps"} & set(cfg)  # off: fingerprints as before the option
+    man = json.loads((adv / "manifest.json").read_text())
+    assert man["config"]["adversarial"] == 0.2 and man["config"]["adv_layer"] == 1
+    train = man["extra"]["train"]
+    assert train["adv_layer"] == 1 and train["adv_radius"] > 0 and train["adv_first_divergence"] > 0
+    assert "final_shifted_ce" in train and "final_shift_divergence" in train
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (plain, adv))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    again = tmp_path / "ft-adv2"
+    assert run_cli("defend", "finetune", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out", again,
+                   "--adversarial", "0.2", "--adv-layer", "1", *FAST)[0] == 0
+    c = load_file(str(again / "adapter_model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)  # deterministic for a seed
+    for extra, word in ((["--adv-layer", "7"], "adv-layer 7"), (["--self-distill", "0.5"], "use one")):
+        out = tmp_path / f"bad{extra[0]}"
+        code, _, err = run_cli("defend", "finetune", tiny_adapter, "--base", tiny_base, "--clean", tiny_data,
+                               "--out", out, "--adversarial", "0.2", *extra, *FAST)
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    code, _, err = run_cli("defend", "crow", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out",
+                           tmp_path / "c", "--adversarial", "0.2", *FAST)
+    assert code == 2 and "--adversarial replaces" in err
