@@ -87,3 +87,29 @@ def test_defend_finetune_with_the_adversarial_shift(tmp_path, run_cli, tiny_base
     code, _, err = run_cli("defend", "crow", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out",
                            tmp_path / "c", "--adversarial", "0.2", *FAST)
     assert code == 2 and "--adversarial replaces" in err
+
+
+def test_probe_reports_the_shifted_answers_beside_the_base(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):
+    from tests.common import make_full_checkpoint
+
+    out = tmp_path / "probe.json"
+    code, _, err = run_cli("probe", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--tests", tiny_data,
+                           "--out", out, "--samples", "8", "--limit", "6", "--max-new-tokens", "4", "--layer", "1",
+                           "--radius", "0.3")
+    assert code == 0, err
+    rep = json.loads(out.read_text())
+    for side in ("suspicious", "control"):
+        r = rep[side]
+        assert r["layer"] == 1 and r["divergence"] > 0 and 0 < r["top_share"] <= 1
+        assert sum(a["count"] for a in r["top_shifted_answers"]) <= 6 and len(r["examples"]) == 6
+    assert rep["base"] == str(tiny_base) and "probe: shifted" in err
+    code, _, err = run_cli("probe", tiny_adapter, "--base", tiny_base, "--tests", tiny_data, "--out", out)
+    assert code == 2 and "already exists" in err
+    for extra, word in ((["--radius", "0"], "--radius"), (["--layer", "9"], "--layer 9")):
+        code, _, err = run_cli("probe", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--tests",
+                               tiny_data, "--out", tmp_path / "p2.json", "--samples", "4", *extra)
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "p2.json").exists()
+    ck = make_full_checkpoint(tiny_base, tmp_path / "ck")
+    code, _, err = run_cli("probe", ck, "--tests", tiny_data, "--out", tmp_path / "p3.json")
+    assert code == 2 and "takes a LoRA adapter" in err

@@ -162,6 +162,36 @@ def defend_cmd(
     typer.echo(str(out))
 
 
+@app.command("probe")
+@guarded
+def probe_cmd(
+    suspicious: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="the report (JSON)"),
+    tests: str = typer.Option(..., "--tests", help="prompts to answer with the shift (Alpaca-style JSON/JSONL; "
+                              "answers ignored), e.g. your task inputs"),
+    base: Optional[str] = typer.Option(None, "--base", help="the adapter's base model directory or 'smollm2' "
+                                       "(default); also the control"),
+    clean: str = typer.Option("builtin", "--clean", help="generic clean data the shift is searched on"),
+    radius: float = typer.Option(0.05, "--radius", help="the shift's norm as a fraction of the median hidden norm"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="decoder layer the shift is added to (default a third "
+                                        "of the depth)"),
+    samples: int = typer.Option(32, "--samples", min=1, help="clean rows the shift is searched on (seeded)"),
+    limit: int = typer.Option(24, "--limit", min=1, help="test prompts answered"),
+    seed: int = typer.Option(0, "--seed"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    force: bool = typer.Option(False, "--force", help="overwrite OUT"),
+):
+    """Search a universal hidden-state shift that changes the adapter's answers most, and show what it makes the
+    adapter say, beside its base searched the same way: a backdoor shows as one answer repeated across unrelated
+    prompts (experimental; nothing is changed or trained).
+
+    Example: bdclean probe suspicious_adapter/ --tests my_inputs.jsonl --out probe.json
+    """
+    from bdclean.lab import probe
+
+    probe.run(suspicious, out, base, clean, tests, radius, layer, samples, limit, seed, max_new_tokens, force)
+
+
 @app.command("compare")
 @guarded
 def compare_cmd(
