@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bdclean.train.loop import LossFn, Step, causal_parts, response_logits
 
 SEARCH_STEPS = 20  # ascent steps of the first search, before training (the probe of RESULTS.md converged by ~15)
+SEARCH_ROWS = 32  # rows the first search and the hidden-norm scale use (the first of the seeded draw)
 STEP_SIZE = 0.2  # of the radius, per normalised-gradient ascent step
 
 
@@ -61,8 +62,8 @@ class Shift:
 
 @torch.no_grad()
 def hidden_scale(model, layer_module, examples, pad_id: int, batch: int = 16) -> float:
-    """Median L2 norm of ``layer_module``'s output hidden states over ``examples``' tokens."""
-    norms = []
+    """Median L2 norm of ``layer_module``'s output hidden states over the first ``SEARCH_ROWS`` examples' tokens."""
+    norms, examples = [], examples[:SEARCH_ROWS]
 
     def grab(m, a, out):
         h = out[0] if isinstance(out, tuple) else out
@@ -93,23 +94,25 @@ def ascend(model, shift: Shift, groups, pad_id: int, radius: float, steps: int) 
     for _ in range(steps):
         delta = shift.delta.detach().requires_grad_(True)
         shift.delta = delta
-        total = None
-        for g in groups:
+        grad, total = torch.zeros_like(delta), 0.0
+        for g in groups:  # one group's graph at a time: logits over the vocabulary are large
             d = _divergence(model, shift, g, pad_id)
-            total = d if total is None else total + d
-        (grad,) = torch.autograd.grad(total, delta)
+            grad += torch.autograd.grad(d, delta)[0]
+            total += d.item()
         with torch.no_grad():
             new = delta + STEP_SIZE * radius * grad / (grad.norm() + 1e-12)
             n = new.norm()
             if n > radius:
                 new = new * (radius / n)
         shift.delta = new.detach()
-        last = total.item() / len(groups)
+        last = total / len(groups)
     return last
 
 
 def initial_search(model, shift: Shift, examples, pad_id: int, radius: float, seed: int, batch: int = 8) -> float:
-    """The first δ: a small seeded random start, then ``SEARCH_STEPS`` ascent steps on all ``examples``."""
+    """The first δ: a small seeded random start, then ``SEARCH_STEPS`` ascent steps on the first ``SEARCH_ROWS``
+    of ``examples``."""
+    examples = examples[:SEARCH_ROWS]
     g = torch.Generator().manual_seed(seed)
     start = torch.randn(shift.delta.shape, generator=g)
     shift.delta = (start * (0.1 * radius / start.norm())).to(shift.delta.device)
