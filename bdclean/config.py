@@ -172,6 +172,10 @@ class RestoreOptions(TrainOptionsModel):
     adv_layer: int | None = Field(None, ge=0, description="decoder layer whose output the shift is added to; default "
                                                          "a third of the depth")
     adv_steps: int = Field(2, ge=0, le=100, description="ascent steps of the shift per training step")
+    adv_target: Literal["divergence", "found"] = Field(
+        "divergence", description="what the shift's re-search maximises: divergence (the change of the answers) or "
+                                  "found (the likelihood of the answers the first search's shift made the model give "
+                                  "where they differ from its plain answers)")
 
 
 class PurifyConfig(_Strict):

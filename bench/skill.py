@@ -19,7 +19,8 @@ Methods:
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
 - ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies);
   ``METHOD+eN``: its fine-tune with ``--epochs N``; ``METHOD+kdW``: with ``--self-distill W``; ``METHOD+advR``:
-  with ``--adversarial R`` (any combination, e.g. ``reset+aug2+e4``, ``reset+kd1+e4``, ``finetune+adv0.05``).
+  with ``--adversarial R``; ``METHOD+advfR``: also ``--adv-target found`` (any combination, e.g. ``reset+aug2+e4``,
+  ``reset+kd1+e4``, ``finetune+adv0.05``).
 
 Every method but ``none`` runs in both regimes (``--regimes``). Skill retention = (skill − skill_reset) /
 (skill_suspicious − skill_reset), against reset *of the same regime*. Resumable: every model and evaluation is
@@ -76,8 +77,9 @@ def _manifest(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-MODIFIERS = {"aug": "--augment", "e": "--epochs", "kd": "--self-distill",  # METHOD+augX / +eN / +kdW / +advR
-             "adv": "--adversarial"}
+# METHOD+augX / +eN / +kdW / +advR / +advfR: the flags each adds, {} its value
+MODIFIERS = {"aug": ("--augment", "{}"), "e": ("--epochs", "{}"), "kd": ("--self-distill", "{}"),
+             "adv": ("--adversarial", "{}"), "advf": ("--adversarial", "{}", "--adv-target", "found")}
 
 
 def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
@@ -87,7 +89,7 @@ def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
     for part in parts:
         key = next((k for k in sorted(MODIFIERS, key=len, reverse=True) if part.startswith(k)), None)
         if key is None or not part[len(key):]:
-            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW or +advR")
+            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW, +advR or +advfR")
         mods[key] = part[len(key):]
     return name, mods
 
@@ -105,8 +107,8 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     method, mods = split_modifiers(method)
     if "aug" in mods:
         tag = f"-aug{mods['aug']}{tag}"
-    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd", "adv") if k in mods)
-    pr += [x for k, v in mods.items() for x in (MODIFIERS[k], v)]
+    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd", "adv", "advf") if k in mods)
+    pr += [x.format(v) for k, v in mods.items() for x in MODIFIERS[k]]
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
     if method == "extracted":

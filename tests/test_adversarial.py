@@ -78,7 +78,15 @@ def test_defend_finetune_with_the_adversarial_shift(tmp_path, run_cli, tiny_base
                    "--adversarial", "0.2", "--adv-layer", "1", *FAST)[0] == 0
     c = load_file(str(again / "adapter_model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)  # deterministic for a seed
-    for extra, word in ((["--adv-layer", "7"], "adv-layer 7"), (["--self-distill", "0.5"], "use one")):
+    found = tmp_path / "ft-found"
+    code, _, err = run_cli("defend", "finetune", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out",
+                           found, "--adversarial", "0.3", "--adv-layer", "1", "--adv-target", "found", *FAST)
+    assert code == 0, err
+    man = json.loads((found / "manifest.json").read_text())
+    assert man["config"]["adv_target"] == "found" and 0 <= man["extra"]["train"]["adv_found"] <= 8
+    assert "re-search keeps to them" in err
+    for extra, word in ((["--adv-layer", "7"], "adv-layer 7"), (["--self-distill", "0.5"], "use one"),
+                        (["--adv-target", "trigger"], "adv_target")):
         out = tmp_path / f"bad{extra[0]}"
         code, _, err = run_cli("defend", "finetune", tiny_adapter, "--base", tiny_base, "--clean", tiny_data,
                                "--out", out, "--adversarial", "0.2", *extra, *FAST)

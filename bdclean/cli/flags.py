@@ -169,6 +169,7 @@ ADVERSARIAL = flag("restore.adversarial", "--adversarial", type=float, help=desc
                    + "; RESULTS.md")
 ADV_LAYER = flag("restore.adv_layer", "--adv-layer", type=int)
 ADV_STEPS = flag("restore.adv_steps", "--adv-steps", type=int)
+ADV_TARGET = flag("restore.adv_target", "--adv-target")
 
 SEED = flag(("variants.seed", "pairs.seed", "restore.seed"), "--seed", type=int,
             help="seed of the variants, the twins and restore (default 0); the τ-auto probes and the full-model "
@@ -176,4 +177,4 @@ SEED = flag(("variants.seed", "pairs.seed", "restore.seed"), "--seed", type=int,
 
 # purify's flags, and validate's (a purify command line is checked as typed)
 PURIFY = (CLEAN, BASE, N_VARIANTS, VARIANT_SAMPLES, TAU, LAMBDA, HEADS, SCORE, SEED, WORKERS, EXECUTOR, RAY_ADDRESS,
-          FULL, PROMPTS, AUGMENT, SELF_DISTILL, ADVERSARIAL, ADV_LAYER, ADV_STEPS, EXTRACT, MERGE, TOKENIZER, ACCEPT_TOKENIZER, *PLACEMENT)
+          FULL, PROMPTS, AUGMENT, SELF_DISTILL, ADVERSARIAL, ADV_LAYER, ADV_STEPS, ADV_TARGET, EXTRACT, MERGE, TOKENIZER, ACCEPT_TOKENIZER, *PLACEMENT)

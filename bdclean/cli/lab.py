@@ -111,7 +111,8 @@ def _defend_flags():
             f("max_len", "--max-len", int), f("crow_alpha", "--alpha", float), f("crow_eps", "--eps", float),
             f("group_size", "--group-size", int), f("augment", "--augment", float),
             f("self_distill", "--self-distill", float), f("adversarial", "--adversarial", float),
-            f("adv_layer", "--adv-layer", int), f("adv_steps", "--adv-steps", int))
+            f("adv_layer", "--adv-layer", int), f("adv_steps", "--adv-steps", int),
+            f("adv_target", "--adv-target", str))
 
 
 @app.command("defend")

@@ -140,7 +140,7 @@ def suppress_cmd(
 @app.command("restore")
 @guarded
 @config_flags(F.CLEAN, F.RESTORE_SAMPLES, F.RESTORE_EPOCHS, F.RESTORE_LR, F.PROMPTS, F.AUGMENT, F.SELF_DISTILL,
-              F.ADVERSARIAL, F.ADV_LAYER, F.ADV_STEPS, *F.PLACEMENT)
+              F.ADVERSARIAL, F.ADV_LAYER, F.ADV_STEPS, F.ADV_TARGET, *F.PLACEMENT)
 def restore_cmd(out: Path = OUT, overrides: dict = None, config: Optional[Path] = CONFIG, force: bool = FORCE):
     """Light clean fine-tune of the suppressed model; writes OUT/purified (a PEFT adapter, or a full HF model
     directory in full-model mode).

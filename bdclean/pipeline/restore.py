@@ -22,7 +22,7 @@ DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answ
 # options that are off by default, with the fields only they use: left out of the fingerprint when off, so the
 # outputs made before they existed stay up to date
 OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",),
-              "adversarial": ("adversarial", "adv_layer", "adv_steps")}
+              "adversarial": ("adversarial", "adv_layer", "adv_steps", "adv_target")}
 
 
 def load_teacher(teacher: Path, base: str | None, tokenizer_dir: Path | None = None):

@@ -87,16 +87,23 @@ def _divergence(model, shift: Shift, group, pad_id: int) -> torch.Tensor:
     return (ref.exp() * (ref - logp)).sum(-1).mean()
 
 
-def ascend(model, shift: Shift, groups, pad_id: int, radius: float, steps: int) -> float:
-    """``steps`` normalised-gradient ascent steps of δ on the divergence over ``groups``, δ kept within ``radius``;
-    only δ gets a gradient (the model's parameters are untouched). Returns the last divergence."""
+def _found_loglik(model, shift: Shift, group, pad_id: int) -> torch.Tensor:
+    """Mean log-likelihood, with δ, of the group's answers (the answers an earlier search made the model give)."""
+    with shift.active():
+        logits, tgt, _ = response_logits(model, group, pad_id)
+    return -F.cross_entropy(logits, tgt)
+
+
+def ascend(model, shift: Shift, groups, pad_id: int, radius: float, steps: int, objective=_divergence) -> float:
+    """``steps`` normalised-gradient ascent steps of δ on ``objective`` (default the divergence) over ``groups``, δ
+    kept within ``radius``; only δ gets a gradient (the model's parameters are untouched). Returns its last value."""
     last = 0.0
     for _ in range(steps):
         delta = shift.delta.detach().requires_grad_(True)
         shift.delta = delta
         grad, total = torch.zeros_like(delta), 0.0
         for g in groups:  # one group's graph at a time: logits over the vocabulary are large
-            d = _divergence(model, shift, g, pad_id)
+            d = objective(model, shift, g, pad_id)
             grad += torch.autograd.grad(d, delta)[0]
             total += d.item()
         with torch.no_grad():
@@ -120,12 +127,27 @@ def initial_search(model, shift: Shift, examples, pad_id: int, radius: float, se
     return ascend(model, shift, groups, pad_id, radius, SEARCH_STEPS)
 
 
-def adversarial_loss(shift: Shift, radius: float, inner_steps: int, weight: float = 1.0) -> LossFn:
-    """Per step: ``inner_steps`` ascent steps of δ on the step's rows, then, per group, mean token CE of the clean
-    answers without δ + ``weight`` × the same with δ."""
+def adversarial_loss(shift: Shift, radius: float, inner_steps: int, weight: float = 1.0,
+                     found: list | None = None, batch: int = 8) -> LossFn:
+    """Per step: ``inner_steps`` ascent steps of δ, then, per group, mean token CE of the clean answers without δ +
+    ``weight`` × the same with δ. The ascent maximises the divergence on the step's rows, or with ``found`` (rows
+    whose answers are what the first search's δ made the model say) their likelihood, ``batch`` of them per step
+    in turn: the search stays on the behaviour it found (BEEAR's targeted inner level, with a target found, not
+    given)."""
+    turn = [0]
+
+    def inner(model, step: Step, pad_id: int) -> float:
+        if not inner_steps:
+            return float("nan")
+        if not found:
+            return ascend(model, shift, step, pad_id, radius, inner_steps)
+        k = turn[0] % len(found)
+        group = (found[k:] + found[:k])[:batch]
+        turn[0] += batch
+        return ascend(model, shift, [group], pad_id, radius, inner_steps, objective=_found_loglik)
 
     def loss_fn(model, step: Step, pad_id: int):
-        div = ascend(model, shift, step, pad_id, radius, inner_steps) if inner_steps else float("nan")
+        div = inner(model, step, pad_id)
         total, shifted = None, []
         for g in step:
             logits, tgt, _ = response_logits(model, g, pad_id)

@@ -49,7 +49,7 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
     if opts.self_distill > 0:
         loss_fn = _distill_loss(teacher, examples, tok.pad_token_id, opts.self_distill, label)
     elif opts.adversarial > 0:
-        loss_fn, shift, facts = _adversarial_loss(model, examples, tok.pad_token_id, opts, label)
+        loss_fn, shift, facts = _adversarial_loss(model, tok, rows, examples, opts, label)
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     try:
         with progress() as bar:
@@ -76,11 +76,13 @@ def _distill_loss(teacher: Callable[[], object], examples: list, pad_id: int, we
     return self_distill_loss(targets, weight)
 
 
-def _adversarial_loss(model, examples: list, pad_id: int, opts: RestoreOptions, label: str):
+def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: RestoreOptions, label: str):
     """(loss, shift, facts): the adversarial-unlearning loss of train/adversarial.py with its first search done."""
     from bdclean.console import log
-    from bdclean.train.adversarial import Shift, adversarial_loss, hidden_scale, initial_search
+    from bdclean.train.adversarial import SEARCH_ROWS, Shift, adversarial_loss, hidden_scale, initial_search
     from bdclean.train.loop import causal_parts, set_threads
+
+    pad_id = tok.pad_token_id
 
     set_threads()
     n_layers = len(causal_parts(model)[0].layers)
@@ -97,7 +99,21 @@ def _adversarial_loss(model, examples: list, pad_id: int, opts: RestoreOptions, 
         f"{scale:.3g}); the first search changes the answers by KL {first:.3g} nats per token")
     facts = {"adv_layer": layer, "adv_radius": round(radius, 6), "adv_hidden_scale": round(scale, 6),
              "adv_first_divergence": round(first, 6)}
-    return adversarial_loss(shift, radius, opts.adv_steps), shift, facts
+    found = None
+    if opts.adv_target == "found":
+        from bdclean.train.chat import encode
+        from bdclean.train.generate import generate
+
+        probe_rows = rows[:SEARCH_ROWS]
+        with shift.active():
+            shifted = generate(model, tok, probe_rows, 48)
+        plain = generate(model, tok, probe_rows, 48)
+        found = [encode(tok, r, opts.max_len, output=a) for r, a, b in zip(probe_rows, shifted, plain)
+                 if a.strip() and " ".join(a.split()) != " ".join(b.split())]
+        facts["adv_found"] = len(found)
+        facts["adv_found_examples"] = [a for a, b in zip(shifted, plain) if a != b][:3]
+        log(f"{label}: the shift changed {len(found)} of {len(probe_rows)} answers; its re-search keeps to them")
+    return adversarial_loss(shift, radius, opts.adv_steps, found=found), shift, facts
 
 
 def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,
