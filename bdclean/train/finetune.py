@@ -49,7 +49,10 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
     if opts.self_distill > 0:
         loss_fn = _distill_loss(teacher, examples, tok.pad_token_id, opts.self_distill, label)
     elif opts.adversarial > 0:
-        loss_fn, shift, facts = _adversarial_loss(model, tok, rows, examples, opts, label)
+        # the first search on the task prompts' rows when there are any (the probe found the backdoor's answer on
+        # task inputs, RESULTS.md), else on the clean rows
+        first = len(rows) - len(augmented) - len(extra_rows or []) if extra_rows else 0
+        loss_fn, shift, facts = _adversarial_loss(model, tok, rows[first:], examples[first:], opts, label)
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     try:
         with progress() as bar:
