@@ -178,6 +178,12 @@ class RestoreOptions(TrainOptionsModel):
                                   "where they differ from its plain answers)")
 
 
+# restore options that are off by default, with the fields only they use: left out of a fingerprint when off, so
+# the outputs made before they existed stay up to date (restore, defend)
+RESTORE_OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",),
+                      "adversarial": ("adversarial", "adv_layer", "adv_steps", "adv_target")}
+
+
 class PurifyConfig(_Strict):
     base: str = Field("smollm2", description="base model of an adapter: an HF directory or the alias 'smollm2'")
     full: bool = Field(False, description="treat the suspicious model as a full checkpoint even if it has an "

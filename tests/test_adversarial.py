@@ -95,6 +95,9 @@ def test_defend_finetune_with_the_adversarial_shift(tmp_path, run_cli, tiny_base
     code, _, err = run_cli("defend", "crow", tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out",
                            tmp_path / "c", "--adversarial", "0.2", *FAST)
     assert code == 2 and "--adversarial replaces" in err
+    code, _, err = run_cli("defend", "prune", tiny_adapter, "--base", tiny_base, "--out", tmp_path / "p",
+                           "--adversarial", "0.2")
+    assert code == 2 and "prune does not fine-tune" in err and not (tmp_path / "p").exists()
 
 
 def test_probe_reports_the_shifted_answers_beside_the_base(tmp_path, run_cli, tiny_base, tiny_adapter, tiny_data):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from bdclean import constants as C
-from bdclean.config import BASELINE_PRUNE_TAU, DEFAULT_TAU, RestoreOptions
+from bdclean.config import BASELINE_PRUNE_TAU, DEFAULT_TAU, RESTORE_OFF_FIELDS, RestoreOptions
 from bdclean.console import log
 from bdclean.errors import UsageError, require
 from bdclean.io.artifacts import Manifest, load_manifest, stage_marked
@@ -143,7 +143,7 @@ def _finetune(ctx: dict, opts: DefendOptions) -> dict:
 
     cfg, tensors, stats = finetune_adapter(ctx["adapter"], ctx["base_dir"], ctx["clean"], restore_options(opts),
                                            "defend finetune", extra_rows=ctx["extra_rows"],
-                                         teacher=ctx["teacher"])
+                                           teacher=ctx["teacher"])
     write_adapter(ctx["out"], cfg, tensors, stage="defend")
     return {"train": stats}
 
@@ -333,9 +333,7 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
         inputs["prompts"] = data_hash(prompts)
     elif uses_data:
         config.pop("prompt_samples", None), config.pop("distill_tokens", None)
-    from bdclean.pipeline.restore import OFF_FIELDS
-
-    for off, fields in OFF_FIELDS.items():  # off: the manifests of defenses made before the option stay valid
+    for off, fields in RESTORE_OFF_FIELDS.items():  # off: the manifests of defenses made before the option stay valid
         if not config.get(off, 1):
             for f in fields:
                 config.pop(f, None)
@@ -345,6 +343,8 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
                 "its own (use it with finetune, fine-prune, reset or retrain)", UsageError)
     require(not (opts.self_distill and opts.adversarial), "--self-distill and --adversarial each replace the "
             "fine-tune's loss; use one", UsageError)
+    require(uses_data or not (opts.self_distill or opts.adversarial or opts.augment), "--self-distill, "
+            f"--adversarial and --augment change a fine-tune; {method} does not fine-tune", UsageError)
     from bdclean.train import device as dev
 
     if uses_data and dev.fingerprint_part(dev.current()) is not None:  # a fine-tune off CPU float32 (train/device.py)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdclean import constants as C
-from bdclean.config import RestoreOptions
+from bdclean.config import RESTORE_OFF_FIELDS, RestoreOptions
 from bdclean.console import log, progress
 from bdclean.io.artifacts import Manifest, atomic_dir, stage_fingerprint, write_text
 from bdclean.io.fingerprints import data_hash, model_hash
@@ -19,10 +19,6 @@ from bdclean.pipeline.run import Run
 from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
 
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
-# options that are off by default, with the fields only they use: left out of the fingerprint when off, so the
-# outputs made before they existed stay up to date
-OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",),
-              "adversarial": ("adversarial", "adv_layer", "adv_steps", "adv_target")}
 
 
 def load_teacher(teacher: Path, base: str | None, tokenizer_dir: Path | None = None):
@@ -121,7 +117,7 @@ def run(run: Run, clean: str, opts: RestoreOptions, force: bool = False, prompts
         inputs["prompts"] = data_hash(prompts)
     else:  # without --prompts the distillation options do nothing: keep them out of the fingerprint
         config.pop("prompt_samples"), config.pop("distill_tokens")
-    for off, fields in OFF_FIELDS.items():  # off: manifests stay those of the restores made before the option
+    for off, fields in RESTORE_OFF_FIELDS.items():  # off: manifests stay those of the restores made before the option
         if not config[off]:
             for f in fields:
                 config.pop(f)
