@@ -272,7 +272,8 @@ def skill_tables(folder: Path) -> list[str]:
         for k, m in enumerate(others):
             lines[-1:-1] = [f"{'†' * (k + 1)} Measured in an earlier sitting on {machine_text(m)}, on the adapter as "
                             "implanted there (the implant is deterministic per machine; another CPU's numerics "
-                            "change the adapter slightly), against that sitting's rows.", ""]
+                            "change the adapter slightly); its retention is against the reset row of its regime in this table, "
+                            "which may come from another sitting.", ""]
     return lines
 
 
