@@ -33,7 +33,8 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, simple_epochs, train
 
-    rows = clean_draw(clean, opts) + list(extra_rows or [])
+    clean_rows = clean_draw(clean, opts)
+    rows = clean_rows + list(extra_rows or [])
     augmented = []
     if opts.augment > 0:
         from bdclean.train.augment import augment_rows, vocabulary
@@ -51,7 +52,7 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
     elif opts.adversarial > 0:
         # the first search on the task prompts' rows when there are any (the probe found the backdoor's answer on
         # task inputs, RESULTS.md), else on the clean rows
-        first = len(rows) - len(augmented) - len(extra_rows or []) if extra_rows else 0
+        first = len(clean_rows) if extra_rows else 0
         loss_fn, shift, facts = _adversarial_loss(model, tok, rows[first:], examples[first:], opts, label)
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     try:
@@ -86,7 +87,6 @@ def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: Restor
     from bdclean.train.loop import causal_parts, set_threads
 
     pad_id = tok.pad_token_id
-
     set_threads()
     n_layers = len(causal_parts(model)[0].layers)
     layer = n_layers // 3 if opts.adv_layer is None else opts.adv_layer
