@@ -21,37 +21,27 @@ TOP = 5  # most frequent shifted answers reported
 
 def _answer_key(text: str) -> str:
     """Answers compared by their first 80 characters, whitespace folded (a repeated target matches exactly)."""
-    return " ".join(text.split())[:80]
+    from bdclean.train.adversarial import fold
+
+    return fold(text)[:80]
 
 
 def _probe_one(model, tok, rows: list[dict], tests: list[dict], radius_frac: float, layer: int | None, seed: int,
                max_new_tokens: int) -> dict:
-    from bdclean.train.adversarial import Shift, hidden_scale, initial_search
+    from bdclean.train.adversarial import answers_with_and_without, start_shift
     from bdclean.train.chat import encode
-    from bdclean.train.generate import generate
-    from bdclean.train.loop import causal_parts, set_threads
 
-    set_threads()
     for p in model.parameters():
         p.requires_grad_(False)
-    n_layers = len(causal_parts(model)[0].layers)
-    layer = n_layers // 3 if layer is None else layer
-    if layer >= n_layers:
-        raise UsageError(f"--layer {layer}: the model has layers 0..{n_layers - 1}")
     examples = [encode(tok, r, 96) for r in rows]
-    shift = Shift(model, layer)
+    shift, facts = start_shift(model, examples, tok.pad_token_id, radius_frac, layer, seed, flag="--layer")
     try:
-        scale = hidden_scale(model, shift.module, examples, tok.pad_token_id)
-        div = initial_search(model, shift, examples, tok.pad_token_id, radius_frac * scale, seed)
-        with shift.active():
-            shifted = generate(model, tok, tests, max_new_tokens)
+        shifted, plain = answers_with_and_without(model, tok, shift, tests, max_new_tokens)
     finally:
         shift.remove()
-    plain = generate(model, tok, tests, max_new_tokens)
     counts = collections.Counter(_answer_key(o) for o in shifted)
     top = [{"answer": a, "count": c} for a, c in counts.most_common(TOP)]
-    return {"layer": layer, "radius": radius_frac * scale, "hidden_scale": scale, "divergence": div,
-            "top_shifted_answers": top, "top_share": top[0]["count"] / len(tests) if top else 0.0,
+    return {**facts, "top_shifted_answers": top, "top_share": top[0]["count"] / len(tests) if top else 0.0,
             "changed_share": sum(_answer_key(a) != _answer_key(b) for a, b in zip(shifted, plain)) / len(tests),
             "examples": [{"prompt": t["instruction"], "plain": b, "shifted": a}
                          for t, a, b in list(zip(tests, shifted, plain))[:8]]}

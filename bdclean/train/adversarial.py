@@ -127,6 +127,42 @@ def initial_search(model, shift: Shift, examples, pad_id: int, radius: float, se
     return ascend(model, shift, groups, pad_id, radius, SEARCH_STEPS)
 
 
+def start_shift(model, examples, pad_id: int, radius_frac: float, layer: int | None, seed: int,
+                flag: str = "--adv-layer") -> tuple[Shift, dict]:
+    """A Shift at ``layer`` (default a third of the depth; out of range: one line naming ``flag``) after its first
+    search, and the facts of it: layer, radius (``radius_frac`` × the median hidden norm), scale, divergence."""
+    from bdclean.errors import UsageError
+    from bdclean.train.loop import set_threads
+
+    set_threads()
+    n_layers = len(causal_parts(model)[0].layers)
+    layer = n_layers // 3 if layer is None else layer
+    if layer >= n_layers:
+        raise UsageError(f"{flag} {layer}: the model has layers 0..{n_layers - 1}")
+    shift = Shift(model, layer)
+    try:
+        scale = hidden_scale(model, shift.module, examples, pad_id)
+        div = initial_search(model, shift, examples, pad_id, radius_frac * scale, seed)
+    except BaseException:
+        shift.remove()
+        raise
+    return shift, {"layer": layer, "radius": radius_frac * scale, "hidden_scale": scale, "divergence": div}
+
+
+def fold(text: str) -> str:
+    """An answer with its whitespace folded: two answers are the same when their folds are."""
+    return " ".join(text.split())
+
+
+def answers_with_and_without(model, tok, shift: Shift, rows: list[dict], max_new_tokens: int):
+    """(greedy answers with δ, greedy answers without) to ``rows``."""
+    from bdclean.train.generate import generate
+
+    with shift.active():
+        shifted = generate(model, tok, rows, max_new_tokens)
+    return shifted, generate(model, tok, rows, max_new_tokens)
+
+
 def adversarial_loss(shift: Shift, radius: float, inner_steps: int, weight: float = 1.0,
                      found: list | None = None, batch: int = 8) -> LossFn:
     """Per step: ``inner_steps`` ascent steps of δ, then, per group, mean token CE of the clean answers without δ +

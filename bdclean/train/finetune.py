@@ -83,40 +83,26 @@ def _distill_loss(teacher: Callable[[], object], examples: list, pad_id: int, we
 def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: RestoreOptions, label: str):
     """(loss, shift, facts): the adversarial-unlearning loss of train/adversarial.py with its first search done."""
     from bdclean.console import log
-    from bdclean.train.adversarial import SEARCH_ROWS, Shift, adversarial_loss, hidden_scale, initial_search
-    from bdclean.train.loop import causal_parts, set_threads
+    from bdclean.train.adversarial import SEARCH_ROWS, adversarial_loss, answers_with_and_without, fold, start_shift
 
-    pad_id = tok.pad_token_id
-    set_threads()
-    n_layers = len(causal_parts(model)[0].layers)
-    layer = n_layers // 3 if opts.adv_layer is None else opts.adv_layer
-    if layer >= n_layers:
-        from bdclean.errors import UsageError
-
-        raise UsageError(f"--adv-layer {layer}: the model has layers 0..{n_layers - 1}")
-    shift = Shift(model, layer)
-    scale = hidden_scale(model, shift.module, examples, pad_id)
-    radius = opts.adversarial * scale
-    first = initial_search(model, shift, examples, pad_id, radius, opts.seed)
-    log(f"{label}: shift at layer {layer}, radius {radius:.3g} ({opts.adversarial:g} × median hidden norm "
-        f"{scale:.3g}); the first search changes the answers by KL {first:.3g} nats per token")
-    facts = {"adv_layer": layer, "adv_radius": round(radius, 6), "adv_hidden_scale": round(scale, 6),
-             "adv_first_divergence": round(first, 6)}
+    shift, f = start_shift(model, examples, tok.pad_token_id, opts.adversarial, opts.adv_layer, opts.seed)
+    log(f"{label}: shift at layer {f['layer']}, radius {f['radius']:.3g} ({opts.adversarial:g} × median hidden "
+        f"norm {f['hidden_scale']:.3g}); the first search changes the answers by KL {f['divergence']:.3g} nats per "
+        "token")
+    facts = {"adv_layer": f["layer"], "adv_radius": round(f["radius"], 6),
+             "adv_hidden_scale": round(f["hidden_scale"], 6), "adv_first_divergence": round(f["divergence"], 6)}
     found = None
     if opts.adv_target == "found":
         from bdclean.train.chat import encode
-        from bdclean.train.generate import generate
 
         probe_rows = rows[:SEARCH_ROWS]
-        with shift.active():
-            shifted = generate(model, tok, probe_rows, 48)
-        plain = generate(model, tok, probe_rows, 48)
+        shifted, plain = answers_with_and_without(model, tok, shift, probe_rows, 48)
         found = [encode(tok, r, opts.max_len, output=a) for r, a, b in zip(probe_rows, shifted, plain)
-                 if a.strip() and " ".join(a.split()) != " ".join(b.split())]
+                 if a.strip() and fold(a) != fold(b)]
         facts["adv_found"] = len(found)
         facts["adv_found_examples"] = [a for a, b in zip(shifted, plain) if a != b][:3]
         log(f"{label}: the shift changed {len(found)} of {len(probe_rows)} answers; its re-search keeps to them")
-    return adversarial_loss(shift, radius, opts.adv_steps, found=found), shift, facts
+    return adversarial_loss(shift, f["radius"], opts.adv_steps, found=found), shift, facts
 
 
 def finetune_adapter(adapter_dir: Path, base_dir: Path, clean: str, opts: RestoreOptions, label: str,
