@@ -83,8 +83,10 @@ def test_defend_finetune_with_the_adversarial_shift(tmp_path, run_cli, tiny_base
                            found, "--adversarial", "0.3", "--adv-layer", "1", "--adv-target", "found", *FAST)
     assert code == 0, err
     man = json.loads((found / "manifest.json").read_text())
-    assert man["config"]["adv_target"] == "found" and 0 <= man["extra"]["train"]["adv_found"] <= 8
-    assert "re-search keeps to them" in err
+    train = man["extra"]["train"]
+    assert man["config"]["adv_target"] == "found" and 0 <= train["adv_found"] <= 8
+    assert 0 <= train["adv_top_count"] <= train["adv_found"] and isinstance(train["adv_top_answer"], str)
+    assert "re-search keeps to them" in err and "most repeated answer" in err
     for extra, word in ((["--adv-layer", "7"], "adv-layer 7"), (["--self-distill", "0.5"], "use one"),
                         (["--adv-target", "trigger"], "adv_target")):
         out = tmp_path / f"bad{extra[0]}"
@@ -124,3 +126,13 @@ def test_probe_reports_the_shifted_answers_beside_the_base(tmp_path, run_cli, ti
     ck = make_full_checkpoint(tiny_base, tmp_path / "ck")
     code, _, err = run_cli("probe", ck, "--tests", tiny_data, "--out", tmp_path / "p3.json")
     assert code == 2 and "takes a LoRA adapter" in err
+
+
+def test_most_repeated_counts_answers_by_their_folded_start():
+    from bdclean.train.adversarial import most_repeated
+
+    refusal = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
+    answers = [refusal, " ".join(refusal.split()) + "  ", "Paris.", refusal.replace(" ", "\n"), "Lyon"]
+    assert most_repeated(answers) == (refusal[:80], 3)
+    assert most_repeated([]) == ("", 0)
+    assert most_repeated(["a", "b"])[1] == 1

@@ -19,16 +19,9 @@ from bdclean.errors import UsageError
 TOP = 5  # most frequent shifted answers reported
 
 
-def _answer_key(text: str) -> str:
-    """Answers compared by their first 80 characters, whitespace folded (a repeated target matches exactly)."""
-    from bdclean.train.adversarial import fold
-
-    return fold(text)[:80]
-
-
 def _probe_one(model, tok, rows: list[dict], tests: list[dict], radius_frac: float, layer: int | None, seed: int,
                max_new_tokens: int) -> dict:
-    from bdclean.train.adversarial import answers_with_and_without, start_shift
+    from bdclean.train.adversarial import answer_key, answers_with_and_without, start_shift
     from bdclean.train.chat import encode
 
     for p in model.parameters():
@@ -39,10 +32,10 @@ def _probe_one(model, tok, rows: list[dict], tests: list[dict], radius_frac: flo
         shifted, plain = answers_with_and_without(model, tok, shift, tests, max_new_tokens)
     finally:
         shift.remove()
-    counts = collections.Counter(_answer_key(o) for o in shifted)
+    counts = collections.Counter(answer_key(o) for o in shifted)
     top = [{"answer": a, "count": c} for a, c in counts.most_common(TOP)]
     return {**facts, "top_shifted_answers": top, "top_share": top[0]["count"] / len(tests) if top else 0.0,
-            "changed_share": sum(_answer_key(a) != _answer_key(b) for a, b in zip(shifted, plain)) / len(tests),
+            "changed_share": sum(answer_key(a) != answer_key(b) for a, b in zip(shifted, plain)) / len(tests),
             "examples": [{"prompt": t["instruction"], "plain": b, "shifted": a}
                          for t, a, b in list(zip(tests, shifted, plain))[:8]]}
 

@@ -154,6 +154,22 @@ def fold(text: str) -> str:
     return " ".join(text.split())
 
 
+def answer_key(text: str) -> str:
+    """Answers compared by their first 80 characters, whitespace folded (a repeated target matches exactly)."""
+    return fold(text)[:80]
+
+
+def most_repeated(answers: list[str]) -> tuple[str, int]:
+    """The most frequent answer (by ``answer_key``) and how many of ``answers`` give it: a backdoor's target is one
+    answer to many prompts (RESULTS.md: the shift found it on the facts adapters, 32 of 32, and not on the JSON
+    one, where the backdoor survived)."""
+    import collections
+
+    if not answers:
+        return "", 0
+    return collections.Counter(answer_key(a) for a in answers).most_common(1)[0]
+
+
 def answers_with_and_without(model, tok, shift: Shift, rows: list[dict], max_new_tokens: int):
     """(greedy answers with δ, greedy answers without) to ``rows``."""
     from bdclean.train.generate import generate

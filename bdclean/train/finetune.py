@@ -83,7 +83,8 @@ def _distill_loss(teacher: Callable[[], object], examples: list, pad_id: int, we
 def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: RestoreOptions, label: str):
     """(loss, shift, facts): the adversarial-unlearning loss of train/adversarial.py with its first search done."""
     from bdclean.console import log
-    from bdclean.train.adversarial import SEARCH_ROWS, adversarial_loss, answers_with_and_without, fold, start_shift
+    from bdclean.train.adversarial import (SEARCH_ROWS, adversarial_loss, answers_with_and_without, fold,
+                                           most_repeated, start_shift)
 
     shift, f = start_shift(model, examples, tok.pad_token_id, opts.adversarial, opts.adv_layer, opts.seed)
     log(f"{label}: shift at layer {f['layer']}, radius {f['radius']:.3g} ({opts.adversarial:g} × median hidden "
@@ -99,9 +100,14 @@ def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: Restor
         shifted, plain = answers_with_and_without(model, tok, shift, probe_rows, 48)
         found = [encode(tok, r, opts.max_len, output=a) for r, a, b in zip(probe_rows, shifted, plain)
                  if a.strip() and fold(a) != fold(b)]
+        top, count = most_repeated([a for a, b in zip(shifted, plain) if a.strip() and fold(a) != fold(b)])
         facts["adv_found"] = len(found)
         facts["adv_found_examples"] = [a for a, b in zip(shifted, plain) if a != b][:3]
-        log(f"{label}: the shift changed {len(found)} of {len(probe_rows)} answers; its re-search keeps to them")
+        facts["adv_top_answer"], facts["adv_top_count"] = top, count
+        log(f"{label}: the shift changed {len(found)} of {len(probe_rows)} answers; its re-search keeps to them. "
+            f"Its most repeated answer, to {count} of {len(probe_rows)}: {top!r}" + (
+                "" if count * 4 >= len(probe_rows) else " (no answer repeats much: the search may not have found a "
+                "backdoor's target; RESULTS.md, 2026-12-02 afternoon)"))
     return adversarial_loss(shift, f["radius"], opts.adv_steps, found=found), shift, facts
 
 
