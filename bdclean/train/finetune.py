@@ -106,8 +106,8 @@ def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: Restor
         facts["adv_top_answer"], facts["adv_top_count"] = top, count
         log(f"{label}: the shift changed {len(found)} of {len(probe_rows)} answers; its re-search keeps to them. "
             f"Its most repeated answer, to {count} of {len(probe_rows)}: {top!r}" + (
-                "" if count * 4 >= len(probe_rows) else " (no answer repeats much: the search may not have found a "
-                "backdoor's target; RESULTS.md, 2026-12-02 afternoon)"))
+                "" if count * 4 >= len(probe_rows) else " (no answer repeats: the search found no single target, "
+                "and on such a cell the backdoor survived; RESULTS.md, 2026-12-02 afternoon)"))
     return adversarial_loss(shift, f["radius"], opts.adv_steps, found=found), shift, facts
 
 
