@@ -59,7 +59,10 @@ def _start(tmp_path, tiny_base, tiny_adapter, tiny_data):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([*bd, "train-pairs", str(tiny_adapter), "--base", str(tiny_base), "--out", str(run),
                              "--config", str(cfg), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)  # its own group: only the pid is signalled
+                            text=True, env=env, start_new_session=True,  # its own group: only the pid is signalled
+                            # SIGINT as a terminal gives it: a job started in the background (nohup, `&`) inherits
+                            # SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(_children(proc.pid)) < 3:  # multiprocessing's resource tracker and the two workers
         if proc.poll() is not None:

@@ -98,9 +98,9 @@ def _adversarial_loss(model, tok, rows: list[dict], examples: list, opts: Restor
 
         probe_rows = rows[:SEARCH_ROWS]
         shifted, plain = answers_with_and_without(model, tok, shift, probe_rows, 48)
-        found = [encode(tok, r, opts.max_len, output=a) for r, a, b in zip(probe_rows, shifted, plain)
-                 if a.strip() and fold(a) != fold(b)]
-        top, count = most_repeated([a for a, b in zip(shifted, plain) if a.strip() and fold(a) != fold(b)])
+        changed = [(r, a) for r, a, b in zip(probe_rows, shifted, plain) if a.strip() and fold(a) != fold(b)]
+        found = [encode(tok, r, opts.max_len, output=a) for r, a in changed]
+        top, count = most_repeated([a for _, a in changed])
         facts["adv_found"] = len(found)
         facts["adv_found_examples"] = [a for a, b in zip(shifted, plain) if a != b][:3]
         facts["adv_top_answer"], facts["adv_top_count"] = top, count
