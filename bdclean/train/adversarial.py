@@ -161,9 +161,8 @@ def answer_key(text: str) -> str:
 
 def most_repeated(answers: list[str]) -> tuple[str, int]:
     """The most frequent answer (by ``answer_key``) and how many of ``answers`` give it: a backdoor's target is one
-    answer to many prompts. RESULTS.md (2026-12-02 afternoon): the shift made both facts adapters give their
-    refusal to 32 of 32 and the unlearning removed it; on the JSON adapter no answer repeated and the backdoor
-    survived; on the label adapter 'Negative' repeated (16 of 32) and it survived too: necessary, not sufficient."""
+    answer to many prompts. A hint only: on the label-flip adapters one answer repeated and the backdoor survived
+    the unlearning (RESULTS.md, "The shift unlearning on four cells not looked at")."""
     import collections
 
     if not answers:
