@@ -101,7 +101,8 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
         t = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(out), *tok], out / "purified" / "manifest.json")
         if not mods:
             return out / "purified", {"route": "full", **t, "kept_update_share": None}
-        return _restore_again(cdir, out, "ours", mods, t, {"wall_time_s": 0.0, "peak_rss_gb": None}, "full", None)
+        nothing = {"wall_time_s": 0.0, "peak_rss_gb": None}  # no extract before the full route
+        return _restore_again(cdir, out, "ours", mods, t, nothing, "full", None, bd)
     if method.startswith("dir:"):
         return _directions(method, cdir, sus, bd, tok)
     ext = cdir / "extracted"
@@ -125,17 +126,17 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     if not mods:
         return run / "purified", {"route": "extract", "wall_time_s": _sum(te, t), "peak_rss_gb": _max(te, t),
                                   "kept_update_share": kept}
-    return _restore_again(cdir, run, "ours-extract", mods, t, te, "extract", kept)
+    return _restore_again(cdir, run, "ours-extract", mods, t, te, "extract", kept, bd)
 
 
 def _restore_again(cdir: Path, run: Path, name: str, mods: dict[str, str], t: dict, before: dict, route: str,
-                   kept: float | None) -> tuple[Path, dict]:
+                   kept: float | None, bd: str) -> tuple[Path, dict]:
     """``run``'s signature (its twins and suppressed model, linked) restored again with the modifiers' flags; the
     wall time is ``before`` + ``run``'s purify up to suppress + this restore."""
     var = cdir / (name + "".join(f"-{k}{v}" for k, v in mods.items()))
     _link(run, var, ("variants", "pairs", "diff", "score", "suppressed"))  # the same twins and signature
     flags = [f.format(v) for k, v in mods.items() for f in MODIFIERS[k]]
-    tr = _timed(cdir, var.name, [str(Path(sys.executable).parent / "bdclean"), "restore", "--out", str(var), *flags],
+    tr = _timed(cdir, var.name, [bd, "restore", "--out", str(var), *flags],
                 var / "purified" / "manifest.json")
     before_restore = (t["wall_time_s"] or 0) - (_manifest(run / "purified").get("wall_time_s") or 0)
     return var / "purified", {"route": route, "wall_time_s": round((before["wall_time_s"] or 0) + before_restore
