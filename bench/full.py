@@ -101,8 +101,7 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
         t = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(out), *tok], out / "purified" / "manifest.json")
         if not mods:
             return out / "purified", {"route": "full", **t, "kept_update_share": None}
-        nothing = {"wall_time_s": 0.0, "peak_rss_gb": None}  # no extract before the full route
-        return _restore_again(cdir, out, "ours", mods, t, nothing, "full", None, bd)
+        return _restore_again(cdir, out, "ours", mods, t, bd, "full")
     if method.startswith("dir:"):
         return _directions(method, cdir, sus, bd, tok)
     ext = cdir / "extracted"
@@ -126,18 +125,18 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     if not mods:
         return run / "purified", {"route": "extract", "wall_time_s": _sum(te, t), "peak_rss_gb": _max(te, t),
                                   "kept_update_share": kept}
-    return _restore_again(cdir, run, "ours-extract", mods, t, te, "extract", kept, bd)
+    return _restore_again(cdir, run, "ours-extract", mods, t, bd, "extract", kept, before=te)
 
 
-def _restore_again(cdir: Path, run: Path, name: str, mods: dict[str, str], t: dict, before: dict, route: str,
-                   kept: float | None, bd: str) -> tuple[Path, dict]:
+def _restore_again(cdir: Path, run: Path, name: str, mods: dict[str, str], t: dict, bd: str, route: str,
+                   kept: float | None = None, before: dict | None = None) -> tuple[Path, dict]:
     """``run``'s signature (its twins and suppressed model, linked) restored again with the modifiers' flags; the
-    wall time is ``before`` + ``run``'s purify up to suppress + this restore."""
+    wall time is ``before`` (the extract, on that route) + ``run``'s purify up to suppress + this restore."""
+    before = before or {"wall_time_s": 0.0, "peak_rss_gb": None}
     var = cdir / (name + "".join(f"-{k}{v}" for k, v in mods.items()))
     _link(run, var, ("variants", "pairs", "diff", "score", "suppressed"))  # the same twins and signature
     flags = [f.format(v) for k, v in mods.items() for f in MODIFIERS[k]]
-    tr = _timed(cdir, var.name, [bd, "restore", "--out", str(var), *flags],
-                var / "purified" / "manifest.json")
+    tr = _timed(cdir, var.name, [bd, "restore", "--out", str(var), *flags], var / "purified" / "manifest.json")
     before_restore = (t["wall_time_s"] or 0) - (_manifest(run / "purified").get("wall_time_s") or 0)
     return var / "purified", {"route": route, "wall_time_s": round((before["wall_time_s"] or 0) + before_restore
                                                                    + (tr["wall_time_s"] or 0), 1),
@@ -174,7 +173,7 @@ def _sum(*ts: dict) -> float:
 
 
 def _max(*ts: dict) -> float | None:
-    vals = [t["peak_rss_gb"] for t in ts if t.get("peak_rss_gb") is not None]
+    vals = [t["peak_rss_gb"] for t in ts if t["peak_rss_gb"] is not None]
     return max(vals) if vals else None
 
 

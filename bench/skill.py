@@ -107,7 +107,7 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
     method, mods = split_modifiers(method)
     if "aug" in mods:
         tag = f"-aug{mods['aug']}{tag}"
-    tag += "".join(f"-{k}{mods[k]}" for k in ("e", "kd", "adv", "advf", "lr") if k in mods)
+    tag += "".join(f"-{k}{mods[k]}" for k in MODIFIERS if k != "aug" and k in mods)  # aug leads the tag
     pr += [x.format(v) for k, v in mods.items() for x in MODIFIERS[k]]
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
