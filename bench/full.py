@@ -18,8 +18,8 @@ of the clean references:
   ``ours-extract`` (`bdclean purify` on that adapter, adapter defaults); ``ours-extract+augX`` restores the same
   signature with ``--augment X``;
 - ``ours+MODS`` / ``ours-extract+MODS``: the same twins' suppressed model restored again with bench/skill.py's
-  modifiers (``+eN`` epochs, ``+kdW`` self-distillation from the suspicious checkpoint, ``+lrX``, ``+augX``; e.g.
-  ``ours+kd1+e4``).
+  modifiers (``+eN`` epochs, ``+kdW`` self-distillation from the suspicious checkpoint, ``+lrX``, ``+augX``,
+  ``+nS`` restore samples; e.g. ``ours+kd1+e4``).
 
 Resumable: every model and evaluation is skipped when present; the cell JSON (`bench/results/full_cells/CELL.json`) is
 rewritten at the end of the cell (rows of methods not asked for this time are kept), and BENCHMARKS.md's full-model

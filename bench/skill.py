@@ -19,7 +19,8 @@ Methods:
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
 - ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies);
   ``METHOD+eN``: its fine-tune with ``--epochs N``; ``METHOD+kdW``: with ``--self-distill W``; ``METHOD+advR``:
-  with ``--adversarial R``; ``METHOD+advfR``: also ``--adv-target found`` (any combination, e.g. ``reset+aug2+e4``,
+  with ``--adversarial R``; ``METHOD+advfR``: also ``--adv-target found``; ``METHOD+nS``: with ``--samples S``
+  (restore samples; the shipped set has 380 besides its 100 held out) (any combination, e.g. ``reset+aug2+e4``,
   ``reset+kd1+e4``, ``finetune+adv0.05``).
 
 Every method but ``none`` runs in both regimes (``--regimes``). Skill retention = (skill − skill_reset) /
@@ -77,9 +78,10 @@ def _manifest(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-# METHOD+augX / +eN / +kdW / +advR / +advfR / +lrX: the flags each adds, {} its value
+# METHOD+augX / +eN / +kdW / +advR / +advfR / +lrX / +nS: the flags each adds, {} its value
 MODIFIERS = {"aug": ("--augment", "{}"), "e": ("--epochs", "{}"), "kd": ("--self-distill", "{}"), "lr": ("--lr", "{}"),
-             "adv": ("--adversarial", "{}"), "advf": ("--adversarial", "{}", "--adv-target", "found")}
+             "adv": ("--adversarial", "{}"), "advf": ("--adversarial", "{}", "--adv-target", "found"),
+             "n": ("--samples", "{}")}
 
 
 def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
@@ -89,7 +91,7 @@ def split_modifiers(method: str) -> tuple[str, dict[str, str]]:
     for part in parts:
         key = next((k for k in sorted(MODIFIERS, key=len, reverse=True) if part.startswith(k)), None)
         if key is None or not part[len(key):]:
-            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW, +advR, +advfR or +lrX")
+            raise SystemExit(f"unknown modifier +{part} in {method!r}; use +augX, +eN, +kdW, +advR, +advfR, +lrX or +nS")
         mods[key] = part[len(key):]
     return name, mods
 
