@@ -187,7 +187,10 @@ RESTORE_OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",)
 class PurifyConfig(_Strict):
     base: str = Field("smollm2", description="base model of an adapter: an HF directory or the alias 'smollm2'")
     full: bool = Field(False, description="treat the suspicious model as a full checkpoint even if it has an "
-                                          "adapter_config.json (full checkpoints are detected automatically)")
+                                          "adapter_config.json (full checkpoints are detected automatically). "
+                                          "Experimental without --extract: it broke every SmolLM2 checkpoint "
+                                          "measured (RESULTS.md); name the base with --base B --extract 64 if "
+                                          "you know it")
     clean: str = Field("builtin", description="clean Alpaca-style data (JSON or JSONL); 'builtin' = shipped set")
     prompts: str | None = Field(None, description="unlabeled task prompts (Alpaca-style JSON/JSONL; any 'output' is "
                                 "ignored): restore also trains on the suspicious model's own answers to them")

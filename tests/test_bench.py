@@ -153,14 +153,14 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
 
     results, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
     argv = ["--cells", "badnet-sentiment", "--methods", "none,fine-prune,reset,extracted,reset-extract,dir:out:2:0,"
-            "ours+e2", "--limit", "3", "--base", str(tiny_base), "--tokenizer", str(tiny_base), "--extract-rank", "4",
+            "ours+e2+n4", "--limit", "3", "--base", str(tiny_base), "--tokenizer", str(tiny_base), "--extract-rank", "4",
             "--implant-args", "--samples 8 --clean-samples 8 --epochs 1 --max-len 48",
             "--runs", str(tmp_path / "runs"), "--results", str(results), "--benchmarks", str(md)]
     full.main(argv)
     path = results / "full_cells" / "badnet-sentiment.json"
     cell = json.loads(path.read_text())
     assert [r["method"] for r in cell["rows"]] == ["none", "fine-prune", "reset", "extracted", "reset-extract",
-                                                   "dir:out:2:0", "ours+e2"]
+                                                   "dir:out:2:0", "ours+e2+n4"]
     by = {r["method"]: r for r in cell["rows"]}
     assert by["reset"]["route"] == "full" and by["reset-extract"]["route"] == "extract"
     assert by["fine-prune"]["wall_time_s"] > 0 and by["fine-prune"]["peak_rss_gb"] > 0 and cell["schema_version"] >= 1
@@ -170,10 +170,11 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
     assert (d / "pairs").is_symlink() and not (d / "suppressed").is_symlink() and by["dir:out:2:0"]["route"] == "full"
     assert json.loads((d / "suppressed" / "manifest.json").read_text())["config"]["method"] == "directions"
     # a modifier restores ours' signature again with its flag: the same twins and suppressed checkpoint
-    e2 = tmp_path / "runs" / "badnet-sentiment" / "ours-e2"
+    e2 = tmp_path / "runs" / "badnet-sentiment" / "ours-e2-n4"
     assert (e2 / "suppressed").is_symlink() and not (e2 / "purified").is_symlink()
-    assert json.loads((e2 / "purified" / "manifest.json").read_text())["config"]["epochs"] == 2
-    assert by["ours+e2"]["route"] == "full" and by["ours+e2"]["wall_time_s"] > 0
+    restored = json.loads((e2 / "purified" / "manifest.json").read_text())["config"]
+    assert restored["epochs"] == 2 and restored["samples"] == 4
+    assert by["ours+e2+n4"]["route"] == "full" and by["ours+e2+n4"]["wall_time_s"] > 0
     text = md.read_text()
     assert "### badnet-sentiment (3 prompts per set" in text and "| fine-prune | full |" in text
     assert "`reset`: " in text

@@ -167,7 +167,9 @@ def purify_cmd(
     force: bool = FORCE,
 ):
     """Run every stage; finished, unchanged stages are skipped. Leaves OUT/purified (a PEFT adapter, or a full HF
-    model directory for a full checkpoint).
+    model directory for a full checkpoint). A full checkpoint without --extract is experimental: that mode broke
+    every SmolLM2 checkpoint measured; with its public base named (--base B --extract 64) it is purified as an
+    adapter.
 
     Example: bdclean purify suspicious_adapter/ --clean alpaca.jsonl --out runs/x
 

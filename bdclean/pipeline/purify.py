@@ -173,9 +173,10 @@ def run(adapter: Path, out: Path, cfg: PurifyConfig, force: bool = False) -> dic
     sus = preflight(adapter, cfg)  # validate inputs before any work
     check_out(out, sus, cfg)
     if sus.kind == "full" and cfg.extract is None:
-        log("purify: full-model mode re-initialises channels and broke the model on SmolLM2 (RESULTS.md); if this "
-            "checkpoint fine-tunes a public base, `--extract 64 --base BASE` purifies its update as an adapter "
-            "instead, which kept it (+0.5 % perplexity, backdoor removed)")
+        log("purify: full-model mode (experimental) re-initialises channels and broke the model on all three SmolLM2 "
+            "checkpoints measured (RESULTS.md); if this checkpoint fine-tunes a public base, `--extract 64 --base "
+            "BASE` purifies its update as an adapter instead, which kept it (−1.8 to +0.5 % perplexity, 0–9 % "
+            "triggered)")
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
