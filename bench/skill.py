@@ -247,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         add_retention(rec["rows"])
         rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first
         methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))  # every method the cell's rows come from
-        rec["command"] = f".venv/bin/python bench/skill.py --cells {cell} --methods {','.join(methods)} --limit {a.limit}"
+        regimes = sorted({r["regime"] for r in rec["rows"]} - {"—"})
+        rr = "" if regimes == ["generic", "prompts"] else f" --regimes {','.join(regimes)}"  # the default: both
+        rec["command"] = (f".venv/bin/python bench/skill.py --cells {cell} --methods {','.join(methods)} "
+                          f"--limit {a.limit}{rr}")
         schemas.write(schemas.SkillCell, out / f"{cell}.json", rec)
     from grid import write_markdown  # noqa: E402  (bench/grid.py writes every table of BENCHMARKS.md)
 
