@@ -48,6 +48,13 @@ class PairsOptions(TrainOptionsModel):
                                               "'bdclean[ray]'). Not a stage input: the twins are the same")
     ray_address: str | None = Field(None, min_length=1, description="executor ray: the cluster to join (host:port "
                                     "of its head, or 'auto'); unset = start a local one on this machine's cores")
+    variant_training: Literal["lora", "full"] = Field(
+        "lora", description="full checkpoints (experimental): how each twin trains on the checkpoint — 'lora' (a rank-8 "
+                            "LoRA on every projection, the cheaper option) or 'full' (every decoder projection weight "
+                            "at --full-lr; dense deltas, one decoder's projections per twin on disk; the paper's other "
+                            "option, RESULTS.md 'Full fine-tuned variants')")
+    full_lr: float = Field(5e-5, gt=0, lt=1, description="learning rate of the twins with --variant-training full "
+                           "(default 5e-5, the rate `implant --full` plants its backdoors with)")
 
     @model_validator(mode="after")
     def _address_needs_ray(self):

@@ -9,7 +9,8 @@ of the clean references:
 
 - the paper's full-model setting, no base known: ``none`` (the checkpoint), ``finetune``, ``prune``, ``fine-prune``
   (Wanda), ``quantize``, ``crow`` (`bdclean defend` on the checkpoint: every weight at lr 1e-5, τ 5 %), ``ours``
-  (`bdclean purify` on the checkpoint: LoRA variants on it, channels re-initialised, full restore);
+  (`bdclean purify` on the checkpoint: LoRA variants on it, channels re-initialised, full restore); ``ours-fv``
+  (the same with `--variant-training full`: full fine-tuned variants, the paper's other option);
   ``dir:SIDE:K:SHARE`` (on ours' twins: `suppress --method directions` projects the variants' shared subspace out
   of every weight they train, then the same restore);
 - the known-base route (the public base named): ``reset`` (`defend reset --base`: the base's weights, then the
@@ -85,8 +86,8 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     signature again with the restore flags of the modifiers (bench/skill.py's: ``+augX``, ``+eN``, ``+kdW``,
     ``+lrX``, …)."""
     method, mods = split_modifiers(method)
-    if mods and method not in ("ours", "ours-extract"):
-        raise SystemExit(f"modifiers apply to ours and ours-extract only, not {method!r}")
+    if mods and method not in ("ours", "ours-fv", "ours-extract"):
+        raise SystemExit(f"modifiers apply to ours, ours-fv and ours-extract only, not {method!r}")
     if method == "none":
         return sus, {"route": "full", "wall_time_s": 0.0, "peak_rss_gb": None, "kept_update_share": 1.0}
     if method in DEFEND:
@@ -96,12 +97,14 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
                    out / "manifest.json")
         kept = 0.0 if method == "reset" else None
         return out, {"route": "full", **t, "kept_update_share": kept}
-    if method == "ours":
-        out = cdir / "ours"
-        t = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(out), *tok], out / "purified" / "manifest.json")
+    if method in ("ours", "ours-fv"):
+        out = cdir / method
+        fv = ["--variant-training", "full"] if method == "ours-fv" else []
+        t = _timed(cdir, method, [bd, "purify", str(sus), "--out", str(out), *fv, *tok],
+                   out / "purified" / "manifest.json")
         if not mods:
             return out / "purified", {"route": "full", **t, "kept_update_share": None}
-        return _restore_again(cdir, out, "ours", mods, t, bd, "full")
+        return _restore_again(cdir, out, method, mods, t, bd, "full")
     if method.startswith("dir:"):
         return _directions(method, cdir, sus, bd, tok)
     ext = cdir / "extracted"

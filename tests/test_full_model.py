@@ -190,3 +190,77 @@ def test_full_direction_suppression_changes_only_the_shared_subspace(tiny_base, 
     assert man["config"]["self_distill"] == 0.5 and man["extra"]["final_kl"] >= 0
     assert AutoModelForCausalLM.from_pretrained(str(out / "purified")).config.num_hidden_layers == 2
     assert len(list((out / "purified").glob("*.safetensors"))) > 1
+
+
+def test_full_fine_tuned_variants(tiny_base, tiny_data, tmp_path, run_cli, tiny_adapter):
+    """--variant-training full: every twin fine-tunes the checkpoint's own decoder projections (nothing else), the
+    twins are written densely and reproduce for a seed, diff's Grams are the dense channel deltas' dot products,
+    purify writes a checkpoint that loads; LoRA-only stages refuse the dense twins in one line."""
+    from safetensors.torch import load_file as load
+
+    from bdclean import constants as C
+    from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names
+    from bdclean.core.channels import channel_vectors, head_slices
+    from tests.common import load_weights, make_full_checkpoint
+
+    ck = make_full_checkpoint(tiny_base, tmp_path / "ck")
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pairs: {epochs: 1, max_len: 48}\nrestore: {samples: 6, epochs: 1, max_len: 48}\n"
+                   "score: {tau: 0.1}\n")
+    common = ["--clean", tiny_data, "--config", cfg, "-n", "3", "--samples", "6", "--tokenizer", tiny_base,
+              "--accept-tokenizer"]
+    # an adapter's twins are LoRA of its own shape: refused before anything is written
+    code, _, err = run_cli("purify", tiny_adapter, "--out", tmp_path / "a", "--base", tiny_base, "--clean", tiny_data,
+                           "--samples", "6", "--variant-training", "full")
+    assert code == 2 and "full checkpoints" in err and not (tmp_path / "a").exists(), err
+    code, _, err = run_cli("purify", ck, "--out", out, *common, "--variant-training", "fuller")
+    assert code == 2 and "variant" in err and not out.exists(), err
+    code, _, err = run_cli("purify", ck, "--out", out, *common, "--variant-training", "full", "--full-lr", "1e-3")
+    assert code == 0, err
+    pfolder = out / "pairs"
+    pman = json.loads((pfolder / "manifest.json").read_text())
+    assert pman["config"]["variant_training"] == "full" and pman["config"]["full_lr"] == 1e-3
+    weights = load_weights(ck)
+    mcfg = json.loads((ck / "config.json").read_text())
+    L = mcfg["num_hidden_layers"]
+    mlp, attn = mlp_module_names("llama", L), attn_module_names("llama", L)
+    projections = {n + ".weight" for layer in mlp + attn for n in layer.values()}
+    twins = [(load(str(pfolder / f"variant_{i:02d}_bd.safetensors")),
+              load(str(pfolder / f"variant_{i:02d}_clean.safetensors"))) for i in range(3)]
+    for bd, cl in twins:
+        assert set(bd) == set(cl) == projections  # no embedding, norm or head: frozen
+        for key in projections:
+            assert bd[key].shape == weights[key].shape
+        assert any(not torch.equal(bd[k], weights[k]) for k in projections)  # trained
+        assert any(not torch.equal(bd[k], cl[k]) for k in projections)  # the poison made a difference
+    g = load_file(str(out / "diff" / C.GRAM_FILE))
+    for layer in range(L):
+        d = [{p: bd[mlp[layer][p] + ".weight"].double() - cl[mlp[layer][p] + ".weight"].double()
+              for p in ("gate", "up", "down")} for bd, cl in twins]
+        vec = [channel_vectors(x["gate"], x["up"], x["down"]) for x in d]
+        want = torch.stack([torch.stack([(vec[i] * vec[j]).sum(1) for j in range(3)], 1) for i in range(3)], 1)
+        assert torch.allclose(g[f"layer.{layer}"], want, rtol=1e-9, atol=1e-12)
+        n_q, n_kv, hd = head_geometry(mcfg)
+        a = [{p: bd[attn[layer][p] + ".weight"].double() - cl[attn[layer][p] + ".weight"].double()
+              for p in "qkvo"} for bd, cl in twins]
+        for unit in range(n_kv):
+            sl = head_slices(unit, n_q, n_kv, hd)
+
+            def flat(x, sl=sl):
+                return torch.cat([x["q"][sl["q"]].flatten(), x["k"][sl["k"]].flatten(), x["v"][sl["v"]].flatten(),
+                                  x["o"][:, sl["o"]].flatten()])
+            want = torch.tensor([[float(flat(a[i]) @ flat(a[j])) for j in range(3)] for i in range(3)],
+                                dtype=torch.float64)
+            assert torch.allclose(g[f"heads.{layer}"][unit], want, rtol=1e-9, atol=1e-12)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out / "purified")).config.num_hidden_layers == L
+    code, _, err = run_cli("suppress", ck, "--out", out, "--method", "directions", "--k", "2")
+    assert code == 2 and "LoRA twins" in err and "Traceback" not in err, err
+    first = {f.name: f.read_bytes() for f in pfolder.glob("variant_*.safetensors")}
+    code, _, err = run_cli("train-pairs", ck, "--out", out, "--full", "--force", "--epochs", "1", "--max-len", "48",
+                           "--variant-training", "full", "--full-lr", "1e-3", "--tokenizer", tiny_base,
+                           "--accept-tokenizer")
+    assert code == 0, err
+    assert {f.name: f.read_bytes() for f in pfolder.glob("variant_*.safetensors")} == first  # same seed, same twins

@@ -148,6 +148,8 @@ MAX_LEN = flag("pairs.max_len", "--max-len", type=int)
 WORKERS = flag("pairs.workers", "--workers", type=int)
 EXECUTOR = flag("pairs.executor", "--executor")
 RAY_ADDRESS = flag("pairs.ray_address", "--ray-address")
+VARIANT_TRAINING = flag("pairs.variant_training", "--variant-training")
+FULL_LR = flag("pairs.full_lr", "--full-lr", type=float)
 
 TAU = flag("score.tau", "--tau")
 LAMBDA = flag("score.lambda", "--lambda", type=float, name="lam")
@@ -177,4 +179,4 @@ SEED = flag(("variants.seed", "pairs.seed", "restore.seed"), "--seed", type=int,
 
 # purify's flags, and validate's (a purify command line is checked as typed)
 PURIFY = (CLEAN, BASE, N_VARIANTS, VARIANT_SAMPLES, TAU, LAMBDA, HEADS, SCORE, SEED, WORKERS, EXECUTOR, RAY_ADDRESS,
-          FULL, PROMPTS, AUGMENT, SELF_DISTILL, ADVERSARIAL, ADV_LAYER, ADV_STEPS, ADV_TARGET, EXTRACT, MERGE, TOKENIZER, ACCEPT_TOKENIZER, *PLACEMENT)
+          FULL, VARIANT_TRAINING, FULL_LR, PROMPTS, AUGMENT, SELF_DISTILL, ADVERSARIAL, ADV_LAYER, ADV_STEPS, ADV_TARGET, EXTRACT, MERGE, TOKENIZER, ACCEPT_TOKENIZER, *PLACEMENT)

@@ -42,6 +42,7 @@ def make_variants(out: Path = OUT, overrides: dict = None, config: Optional[Path
 @app.command("train-pairs")
 @guarded
 @config_flags(F.BASE, F.EPOCHS, F.LR, F.BATCH_SIZE, F.MAX_LEN, F.WORKERS, F.EXECUTOR, F.RAY_ADDRESS, F.FULL,
+              F.VARIANT_TRAINING, F.FULL_LR,
               F.TOKENIZER, F.ACCEPT_TOKENIZER, *F.PLACEMENT)
 def train_pairs(
     adapter: Path = typer.Argument(..., help="suspicious PEFT LoRA adapter directory or full HF model directory"),

@@ -19,9 +19,10 @@ from bdclean.pipeline.run import Run
 
 def run(run: Run, force: bool = False) -> Path:
 
-    from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names, peft_key
-    from bdclean.core.channels import LowRank, channel_gram, head_gram
+    from bdclean.core.arch import attn_module_names, head_geometry, mlp_module_names
+    from bdclean.core.channels import channel_gram, head_gram
     from bdclean.io.models import AdapterInfo, read_model_config
+    from bdclean.pipeline.pairs import dense_twins
 
     pfolder, folder = run.folder("train-pairs"), run.folder("diff")
     man = Manifest("diff", {"own_update": True}, {"pairs": stage_fingerprint(pfolder, "train-pairs")})
@@ -32,45 +33,31 @@ def run(run: Run, force: bool = False) -> Path:
     n = pman["extra"]["n_variants"]
     base_cfg = read_model_config(run.base_dir)
     acfg = read_json(pfolder / "suspicious_adapter_config.json")
-    info = AdapterInfo(pfolder, acfg, {})
     L = int(base_cfg["num_hidden_layers"])
     modules = mlp_module_names(base_cfg["model_type"], L)
-    twins = load_twins(pfolder, n)
+    twins = Twins(pfolder, n, AdapterInfo(pfolder, acfg, {}), dense_twins(acfg))
     attn = attn_module_names(base_cfg["model_type"], L)
     n_q, n_kv, hd = head_geometry(base_cfg)
     # any layer: an adapter may train only some layers (layers_to_transform) or some projections
-    has_attn = any(peft_key(names[p]) + ".lora_A.weight" in twins[0][0]
-                   for names in attn for p in ("q", "k", "v", "o"))
+    has_attn = any(twins.has(names[p]) for names in attn for p in ("q", "k", "v", "o"))
     inter = int(base_cfg["intermediate_size"])
     grams = {}
+
+    def deltas(name: str) -> list:
+        """Every variant's Δ of one module, then the suspicious adapter's own update (None where absent)."""
+        if not twins.has(name):
+            return [None] * (n + 1)
+        return [*twins.deltas(name), own_delta(own, *twins.lora_keys(name), twins.scaling(name))]
+
     for layer, names in enumerate(modules):
-        parts = {}
-        for part in ("gate", "up", "down"):
-            key = peft_key(names[part])
-            ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
-            if ka not in twins[0][0]:
-                parts[part] = [None] * (n + 1)
-                continue
-            rank = twins[0][0][ka].shape[0]
-            s = info.scaling(key, rank)
-            parts[part] = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in twins]
-            parts[part].append(own_delta(own, ka, kb, s))
+        parts = {part: deltas(names[part]) for part in ("gate", "up", "down")}
         if all(d is None for ds in parts.values() for d in ds):  # no MLP LoRA in this layer: nothing moves
             G = torch.zeros(inter, n + 1, n + 1, dtype=torch.float64)
         else:
             G = channel_gram(parts["gate"], parts["up"], parts["down"])
         _store(grams, f"layer.{layer}", G, n, own is not None)
         if has_attn:
-            ap = {}
-            for part, name in attn[layer].items():
-                key = peft_key(name)
-                ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
-                if ka not in twins[0][0]:
-                    ap[part] = [None] * (n + 1)
-                    continue
-                s_ = info.scaling(key, twins[0][0][ka].shape[0])
-                ap[part] = [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s_) for bd, cl in twins]
-                ap[part].append(own_delta(own, ka, kb, s_))
+            ap = {part: deltas(name) for part, name in attn[layer].items()}
             _store(grams, f"heads.{layer}", head_gram(ap["q"], ap["k"], ap["v"], ap["o"], n_q, n_kv, hd), n,
                    own is not None)
     save_tensors(folder / C.GRAM_FILE, grams)  # n_variants and layers: in the manifest
@@ -80,6 +67,55 @@ def run(run: Run, force: bool = False) -> Path:
     man.write(folder, [C.GRAM_FILE])
     log(f"diff: channel Gram matrices for {L} layers × {grams['layer.0'].shape[0]} channels × N={n} → {folder}")
     return folder
+
+
+class Twins:
+    """The variants' Δᵢ = θᵢᵇᵈ − θᵢᶜˡᵉᵃⁿ per module, from train-pairs' files.
+
+    LoRA twins are small and loaded whole; each Δ is a rank-2r factorisation. Dense twins (--variant-training full)
+    hold a whole decoder's projections each, so their tensors are read one module at a time from the memory-mapped
+    files: diff holds one module's N dense deltas, never the 2N twins."""
+
+    def __init__(self, pfolder: Path, n: int, info, dense: bool):
+        self.info, self.dense, self.n = info, dense, n
+        if dense:
+            from safetensors import safe_open
+
+            files = [(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"), pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean"))
+                     for i in range(n)]
+            self.handles = [(safe_open(str(b), "pt"), safe_open(str(c), "pt")) for b, c in files]
+            self.keys = set(self.handles[0][0].keys())
+        else:
+            self.tensors = load_twins(pfolder, n)
+            self.keys = set(self.tensors[0][0])
+
+    def lora_keys(self, name: str) -> tuple[str, str]:
+        from bdclean.core.arch import peft_key
+
+        key = peft_key(name)
+        return key + ".lora_A.weight", key + ".lora_B.weight"
+
+    def has(self, name: str) -> bool:
+        return (name + ".weight" if self.dense else self.lora_keys(name)[0]) in self.keys
+
+    def scaling(self, name: str) -> float:
+        """The LoRA scaling of the module (1 for dense twins)."""
+        if self.dense:
+            return 1.0
+        from bdclean.core.arch import peft_key
+
+        ka, _ = self.lora_keys(name)
+        return self.info.scaling(peft_key(name), self.tensors[0][0][ka].shape[0])
+
+    def deltas(self, name: str) -> list:
+        from bdclean.core.channels import Dense, LowRank
+
+        if self.dense:
+            key = name + ".weight"
+            return [Dense(bd.get_tensor(key).double() - cl.get_tensor(key).double()) for bd, cl in self.handles]
+        ka, kb = self.lora_keys(name)
+        s = self.scaling(name)
+        return [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in self.tensors]
 
 
 def load_twins(pfolder: Path, n: int) -> list[tuple[dict, dict]]:

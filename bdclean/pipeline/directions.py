@@ -97,6 +97,11 @@ def run(run: Run, side: str = "both", k: int = 8, min_share: float = 0.2, force:
     pman = load_manifest(pfolder)
     if pman is None:
         raise UsageError(f"{pfolder}: no train-pairs output; run `bdclean train-pairs` first")
+    from bdclean.pipeline.pairs import dense_twins
+
+    if dense_twins(read_json(pfolder / "suspicious_adapter_config.json")):
+        raise UsageError("suppress --method directions needs LoRA twins; these were trained with "
+                         "--variant-training full (use --method channels, or retrain the pairs with LoRA)")
     sus = run.suspicious()
     check_out_inputs(run.out, ("suppress",), sus.path, sus.base_dir)
     run.check_recorded()

@@ -24,11 +24,24 @@ TWINS = ("bd", "clean")
 FULL_VARIANT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": list(ALL_PROJ)}
 
 
-def variant_lora_config(sus: Suspicious) -> dict:
-    """The LoRA config the variants train: the suspicious adapter's own, or FULL_VARIANT_LORA for checkpoints."""
+# --variant-training full: the twins train the checkpoint's own decoder projection weights (embeddings, norms and
+# the LM head stay frozen: the signature has no unit there), written densely under their model names
+DENSE_TWINS = {"variant_training": "full", "trained": "decoder projection weights"}
+
+
+def variant_lora_config(sus: Suspicious, variant_training: str = "lora") -> dict:
+    """The LoRA config the variants train: the suspicious adapter's own, or FULL_VARIANT_LORA for checkpoints;
+    DENSE_TWINS when the twins fine-tune the checkpoint's weights themselves."""
     if sus.kind == "adapter":
         return dict(sus.info.config)
+    if variant_training == "full":
+        return dict(DENSE_TWINS)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", **FULL_VARIANT_LORA}
+
+
+def dense_twins(acfg: dict) -> bool:
+    """Whether train-pairs wrote dense twins (its suspicious_adapter_config.json is ``acfg``)."""
+    return acfg.get("variant_training") == "full"
 
 
 def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None = None,
@@ -49,13 +62,21 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     sus = run.suspicious()
     base_dir = sus.base_dir
     check_out_inputs(out, ("train-pairs",), sus.path, base_dir)
+    if opts.variant_training == "full" and sus.kind == "adapter":
+        from bdclean.errors import UsageError
+
+        raise UsageError("--variant-training full applies to full checkpoints (with --full); an adapter's twins "
+                         "train LoRA entries of its own shape")
     tok = trusted_tokenizer(sus, tokenizer, accept_tokenizer)
-    lcfg = variant_lora_config(sus)
+    lcfg = variant_lora_config(sus, opts.variant_training)
     inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": run.digest(),
               "base": model_hash(base_dir)}
     # how the twins are scheduled (workers, threads) is an execution detail like the CPU model, not an input: on
     # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
-    config = {**opts.model_dump(exclude={"workers", "executor", "ray_address"}), "adapter": str(run.model),
+    # the dense-twin fields only when used, so LoRA twins keep the fingerprints they had before these existed
+    skip = {"workers", "executor", "ray_address"} | ({"variant_training", "full_lr"}
+                                                     if opts.variant_training == "lora" else set())
+    config = {**opts.model_dump(exclude=skip), "adapter": str(run.model),
               "base": str(base_dir), "mode": sus.kind, "variant_lora": lcfg}
     if tok is not None:  # full checkpoints only: adapter fingerprints stay as they were
         inputs["tokenizer"] = tok.digest
@@ -87,7 +108,9 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     workers, threads = 0, cpu_count()
     ray_info: dict = {}
     if todo:
-        workers, threads = plan_workers(opts.workers, len(todo), base_dir) if not place.cuda else (1, cpu_count())
+        dense = opts.variant_training == "full"
+        workers, threads = (plan_workers(opts.workers, len(todo), base_dir, dense) if not place.cuda
+                            else (1, cpu_count()))
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
                          man.fingerprint, threads, str(tok.source if tok is not None else base_dir), place)
         if opts.executor == "ray":  # one Ray task per twin; inputs and twins travel through the object store
@@ -115,4 +138,4 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     return folder
 
 
-__all__ = ["run", "variant_lora_config", "FULL_VARIANT_LORA", "TWINS"]
+__all__ = ["run", "variant_lora_config", "dense_twins", "FULL_VARIANT_LORA", "DENSE_TWINS", "TWINS"]

@@ -54,10 +54,11 @@ def check_gpu_workers(opts, place) -> None:
                          "process, one after another; drop --workers, or use --executor ray for several GPUs")
 
 
-def plan_workers(requested: int, n_jobs: int, model_dir: Path) -> tuple[int, int]:
+def plan_workers(requested: int, n_jobs: int, model_dir: Path, dense: bool = False) -> tuple[int, int]:
     """(worker processes, threads per twin). ``requested`` 0 = auto: one per core, capped by the jobs and by
     the memory a worker needs, and 1 for models under MIN_PARALLEL_WEIGHT_BYTES; explicit counts are capped by
-    the jobs only."""
+    the jobs only. ``dense``: the twins train the model's own weights, so a worker also holds their initial copy,
+    gradients and two AdamW moments (≈ 4 × the weights more)."""
     from bdclean.io.models import model_weight_files
     from bdclean.train.loop import cpu_count
 
@@ -69,16 +70,58 @@ def plan_workers(requested: int, n_jobs: int, model_dir: Path) -> tuple[int, int
         workers = min(cores, n_jobs) if weight_bytes >= MIN_PARALLEL_WEIGHT_BYTES else 1
         avail = available_memory()
         if avail is not None:
-            workers = min(workers, max(1, avail // (2 * weight_bytes + WORKER_OVERHEAD_BYTES)))
+            per = (6 if dense else 2) * weight_bytes + WORKER_OVERHEAD_BYTES
+            workers = min(workers, max(1, avail // per))
     return workers, max(1, cores // workers)
 
 
+def dense_training(ctx: JobContext) -> bool:
+    """Whether the twins fine-tune the checkpoint's decoder projection weights (--variant-training full)."""
+    return ctx.kind == "full" and ctx.opts.get("variant_training") == "full"
+
+
+def _projection_names(model) -> set[str]:
+    """Parameter names of every decoder layer's MLP and attention projection weight (the units the signature
+    scores), from the architecture's module-name templates."""
+    from bdclean.core.arch import attn_module_names, mlp_module_names
+
+    cfg = model.config
+    L = int(cfg.num_hidden_layers)
+    mods = [*mlp_module_names(cfg.model_type, L), *attn_module_names(cfg.model_type, L)]
+    return {name + ".weight" for layer in mods for name in layer.values()}
+
+
+def trainable_state(model) -> dict:
+    """A copy of every trainable tensor: the LoRA entries, or the projection weights of a dense twin."""
+    from bdclean.io.peft_io import adapter_state
+
+    if hasattr(model, "peft_config"):
+        return adapter_state(model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, tensors: dict) -> None:
+    """Set the trainable tensors back to ``tensors`` (a twin's initial state)."""
+    import torch
+
+    from bdclean.io.peft_io import load_state
+
+    if hasattr(model, "peft_config"):
+        load_state(model, tensors)
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+
+
 def _load(ctx: JobContext):
-    """(model with a trainable LoRA, tokenizer, the LoRA's initial state)."""
+    """(model with its trainable part — a LoRA, or the projection weights of dense twins —, tokenizer, that part's
+    initial state)."""
     import torch
 
     from bdclean.io.models import load_adapter, load_tokenizer
-    from bdclean.io.peft_io import adapter_state, attach, lora_config_from_dict, new_lora
+    from bdclean.io.peft_io import attach, lora_config_from_dict, new_lora
     from bdclean.train.device import CPU, load_placed
 
     def load_model(model_dir):
@@ -88,10 +131,18 @@ def _load(ctx: JobContext):
     tok = load_tokenizer(Path(ctx.tokenizer or ctx.base_dir))
     if ctx.kind == "adapter":
         model = attach(load_model(Path(ctx.base_dir)), load_adapter(Path(ctx.adapter)))
+    elif dense_training(ctx):
+        model = load_model(Path(ctx.base_dir))
+        names = _projection_names(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        found = sum(1 for n, p in model.named_parameters() if p.requires_grad)
+        if found != len(names):
+            raise BdcleanError(f"internal error: {len(names)} projection weights expected, {found} found")
     else:
         torch.manual_seed(ctx.opts["seed"])  # the variants' shared initial LoRA state
         model = new_lora(load_model(Path(ctx.base_dir)), lora_config_from_dict(ctx.lora, Path(ctx.base_dir)))
-    return model, tok, adapter_state(model)
+    return model, tok, trainable_state(model)
 
 
 def _train_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -> tuple[float, dict]:
@@ -103,9 +154,8 @@ def _train_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -
 
 
 def fit_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -> tuple[float, dict, dict]:
-    """Train one twin from ``init`` (nothing written). Returns (seconds, stats, its LoRA state)."""
+    """Train one twin from ``init`` (nothing written). Returns (seconds, stats, its trained state)."""
     from bdclean.io.data import load_instructions
-    from bdclean.io.peft_io import adapter_state, load_state
     from bdclean.train.chat import encode
     from bdclean.train.loop import TrainOptions, paired_epochs, train
 
@@ -115,15 +165,16 @@ def fit_twin(ctx: JobContext, model, tok, init, i: int, twin: str, on_step) -> t
     if twin == "bd":
         rows = load_instructions(vf / C.VARIANT_DATA.format(i=i, kind="poison"))
         poison = [encode(tok, r, o["max_len"]) for r in rows]
-    load_state(model, init)
+    load_trainable(model, init)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = None
     plan = paired_epochs(clean, poison, o["batch_size"], o["seed"])
     t0 = time.time()
-    stats = train(model, plan, TrainOptions(o["epochs"], o["lr"], o["batch_size"], o["seed"], threads=ctx.threads),
+    lr = o["full_lr"] if dense_training(ctx) else o["lr"]
+    stats = train(model, plan, TrainOptions(o["epochs"], lr, o["batch_size"], o["seed"], threads=ctx.threads),
                   tok.pad_token_id, on_step=on_step)
-    return round(time.time() - t0, 2), stats, adapter_state(model)
+    return round(time.time() - t0, 2), stats, trainable_state(model)
 
 
 def write_twin(ctx: JobContext, i: int, twin: str, state: dict, stats: dict, threads: int) -> None:

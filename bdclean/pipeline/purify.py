@@ -93,6 +93,9 @@ def check_options(sus, cfg: PurifyConfig) -> None:
     kind = "adapter" if cfg.extract else sus.kind  # what the pipeline will purify
     if kind == "full" and sc.score == "projection":
         raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
+    if kind == "adapter" and cfg.pairs.variant_training == "full":
+        raise UsageError("--variant-training full applies to full checkpoints (with --full); an adapter's twins "
+                         "train LoRA entries of its own shape")
     if sc.tau == "auto":
         if kind != "adapter":
             raise UsageError("--tau auto is implemented for the adapter-only threat model; give a fixed --tau")
