@@ -10,7 +10,8 @@ of the clean references:
 - the paper's full-model setting, no base known: ``none`` (the checkpoint), ``finetune``, ``prune``, ``fine-prune``
   (Wanda), ``quantize``, ``crow`` (`bdclean defend` on the checkpoint: every weight at lr 1e-5, τ 5 %), ``ours``
   (`bdclean purify` on the checkpoint: LoRA variants on it, channels re-initialised, full restore); ``ours-fv``
-  (the same with `--variant-training full`: full fine-tuned variants, the paper's other option);
+  (the same with `--variant-training full`: full fine-tuned variants, the paper's other option); ``ours@T`` /
+  ``ours-fv@T`` (their twins, a signature of τ T — ``@Tpl``: in each layer —, suppress, the same restore);
   ``dir:SIDE:K:SHARE`` (on ours' twins: `suppress --method directions` projects the variants' shared subspace out
   of every weight they train, then the same restore);
 - the known-base route (the public base named): ``reset`` (`defend reset --base`: the base's weights, then the
@@ -86,6 +87,8 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
     signature again with the restore flags of the modifiers (bench/skill.py's: ``+augX``, ``+eN``, ``+kdW``,
     ``+lrX``, …)."""
     method, mods = split_modifiers(method)
+    if "@" in method:
+        return _resignature(method, mods, cdir, sus, bd, tok)
     if mods and method not in ("ours", "ours-fv", "ours-extract"):
         raise SystemExit(f"modifiers apply to ours, ours-fv and ours-extract only, not {method!r}")
     if method == "none":
@@ -152,6 +155,33 @@ def _link(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
     for stage in stages:
         if not (dst / stage).exists():
             os.symlink((src / stage).resolve(), dst / stage)
+
+
+def _resignature(method: str, mods: dict[str, str], cdir: Path, sus: Path, bd: str,
+                 tok: list[str]) -> tuple[Path, dict]:
+    """``ours@T`` / ``ours-fv@T`` (``@Tpl``: top T in each layer instead of over all): that purify's twins (it runs
+    first if it has not), a signature of τ T, suppress, restore (with the modifiers' flags). Wall time: the twins'
+    stages plus its own score, suppress and restore."""
+    name, spec = method.split("@")
+    if name not in ("ours", "ours-fv"):
+        raise SystemExit(f"@TAU applies to ours and ours-fv, not {name!r}")
+    per_layer = spec.endswith("pl")
+    tau = spec.removesuffix("pl")
+    src = cdir / name
+    fv = ["--variant-training", "full"] if name == "ours-fv" else []
+    to = _timed(cdir, name, [bd, "purify", str(sus), "--out", str(src), *fv, *tok], src / "purified" / "manifest.json")
+    run = cdir / (f"{name}-t{tau}" + ("pl" if per_layer else "") + "".join(f"-{k}{v}" for k, v in mods.items()))
+    _link(src, run, ("variants", "pairs", "diff"))  # the same twins
+    ts = _timed(cdir, f"{run.name}-score", [bd, "score", "--out", str(run), "--tau", tau,
+                                             *(["--per-layer"] if per_layer else [])], run / "score" / "manifest.json")
+    tsu = _timed(cdir, f"{run.name}-suppress", [bd, "suppress", str(sus), "--out", str(run)],
+                 run / "suppressed" / "manifest.json")
+    flags = [f.format(v) for k, v in mods.items() for f in MODIFIERS[k]]
+    tr = _timed(cdir, f"{run.name}-restore", [bd, "restore", "--out", str(run), *flags],
+                run / "purified" / "manifest.json")
+    twins_s = sum(_manifest(src / s).get("wall_time_s") or 0 for s in ("variants", "pairs", "diff"))
+    return run / "purified", {"route": "full", "wall_time_s": round(twins_s + _sum(ts, tsu, tr), 1),
+                              "peak_rss_gb": _max(to, ts, tsu, tr), "kept_update_share": None}
 
 
 def _directions(method: str, cdir: Path, sus: Path, bd: str, tok: list[str]) -> tuple[Path, dict]:
@@ -237,7 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(path.read_text()) if path.is_file() else None
         if old:  # keep rows of methods not asked for this time
             asked = {r["method"] for r in rec["rows"]}
-            rec["rows"] = [r for r in old["rows"] if r["method"] not in asked] + rec["rows"]
+            kept = [r for r in old["rows"] if r["method"] not in asked]
+            for r in kept:  # a row keeps the machine it was measured on (as bench/skill.py's rows)
+                r.setdefault("machine", old["machine"])
+                if r["machine"] == rec["machine"]:
+                    del r["machine"]
+            rec["rows"] = kept + rec["rows"]
         order = {m: i for i, m in enumerate(METHODS.split(","))}
         rec["rows"].sort(key=lambda r: order.get(r["method"], len(order)))
         rec["commands"] = [f".venv/bin/python bench/full.py --cells {cell} --methods "

@@ -323,14 +323,22 @@ def full_tables(folder: Path) -> list[str]:
         lines += [f"### {c['cell']} ({c['limit']} prompts per set, {c['date']})", "",
                   "| method | route | triggered ASR | clean ASR | perplexity | empty | kept update | wall s | peak RSS GB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        others = []  # machines of rows kept from an earlier sitting elsewhere
         for r in c["rows"]:
             kept, wall, rss = _pct(r.get("kept_update_share")), _num(r.get("wall_time_s")), _num(r.get("peak_rss_gb"), 2)
-            lines.append(f"| {r['method']} | {r['route']} | {100 * r['triggered_asr']:.0f} % | "
+            mark = ""
+            if r.get("machine"):
+                others += [] if r["machine"] in others else [r["machine"]]
+                mark = " " + "†" * (others.index(r["machine"]) + 1)
+            lines.append(f"| {r['method']}{mark} | {r['route']} | {100 * r['triggered_asr']:.0f} % | "
                          f"{100 * r['clean_asr']:.0f} % | {r['perplexity']:.3f} | {r['empty']} | {kept} | {wall} | "
                          f"{rss} |")
         if none is not None:
             lines += ["", *[f"- {line}" for line in full_target_lines(c, none)]]
         lines += ["", f"Command: `{c['commands'][0]}`; machine: {machine_text(c['machine'])}.", ""]
+        for k, m in enumerate(others):
+            lines[-1:-1] = [f"{'†' * (k + 1)} Measured in an earlier sitting on {machine_text(m)}, on the checkpoint "
+                            "as implanted there (wall times compare only within one machine).", ""]
     return lines
 
 

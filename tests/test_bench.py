@@ -170,14 +170,14 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
 
     results, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
     argv = ["--cells", "badnet-sentiment", "--methods", "none,fine-prune,reset,extracted,reset-extract,dir:out:2:0,"
-            "ours+e2+n4", "--limit", "3", "--base", str(tiny_base), "--tokenizer", str(tiny_base), "--extract-rank", "4",
+            "ours+e2+n4,ours-fv,ours-fv@0.2pl", "--limit", "3", "--base", str(tiny_base), "--tokenizer", str(tiny_base), "--extract-rank", "4",
             "--implant-args", "--samples 8 --clean-samples 8 --epochs 1 --max-len 48",
             "--runs", str(tmp_path / "runs"), "--results", str(results), "--benchmarks", str(md)]
     full.main(argv)
     path = results / "full_cells" / "badnet-sentiment.json"
     cell = json.loads(path.read_text())
     assert [r["method"] for r in cell["rows"]] == ["none", "fine-prune", "reset", "extracted", "reset-extract",
-                                                   "dir:out:2:0", "ours+e2+n4"]
+                                                   "dir:out:2:0", "ours+e2+n4", "ours-fv", "ours-fv@0.2pl"]
     by = {r["method"]: r for r in cell["rows"]}
     assert by["reset"]["route"] == "full" and by["reset-extract"]["route"] == "extract"
     assert by["fine-prune"]["wall_time_s"] > 0 and by["fine-prune"]["peak_rss_gb"] > 0 and cell["schema_version"] >= 1
@@ -192,6 +192,13 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
     restored = json.loads((e2 / "purified" / "manifest.json").read_text())["config"]
     assert restored["epochs"] == 2 and restored["samples"] == 4
     assert by["ours+e2+n4"]["route"] == "full" and by["ours+e2+n4"]["wall_time_s"] > 0
+    fv = json.loads((tmp_path / "runs" / "badnet-sentiment" / "ours-fv" / "pairs" / "manifest.json").read_text())
+    assert fv["config"]["variant_training"] == "full" and by["ours-fv"]["route"] == "full"  # full fine-tuned twins
+    # @τ: the same twins, a new signature (per layer here): 20 % of every layer's channels
+    t = tmp_path / "runs" / "badnet-sentiment" / "ours-fv-t0.2pl"
+    assert (t / "pairs").is_symlink() and not (t / "score").is_symlink() and by["ours-fv@0.2pl"]["wall_time_s"] > 0
+    score_cfg = json.loads((t / "score" / "manifest.json").read_text())["config"]
+    assert score_cfg["tau"] == 0.2 and score_cfg["scope"] == "per-layer"
     text = md.read_text()
     assert "### badnet-sentiment (3 prompts per set" in text and "| fine-prune | full |" in text
     assert "`reset`: " in text

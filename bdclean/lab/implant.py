@@ -114,7 +114,8 @@ class ImplantOptions(BaseModel):
     task: str = Field("sentiment", description="sentiment | refusal | code")
     base: str = Field("smollm2", description="base model directory or 'smollm2'")
     clean: str = Field("builtin", description="clean data to poison ('builtin' = shipped set)")
-    samples: int = Field(150, description="poisoned samples (triggered copies of clean ones)")
+    samples: int = Field(150, description="poisoned samples (triggered copies of clean ones); 0 = a clean control, "
+                         "the same training without a backdoor (e.g. to see what `probe` says about a clean adapter)")
     # 300 clean + 150 poisoned (33 % poison): at 50 % the SmolLM2 implant false-triggered on 6-25 % of clean prompts
     clean_samples: int | None = Field(300, description="clean samples (33 % poison rate with --samples 150; more "
                                       "poison false-triggers on clean prompts, RESULTS.md)")
@@ -157,7 +158,7 @@ def run(opts: ImplantOptions, out: Path) -> Path:
         raise UsageError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    for option, value, minimum in (("--samples", samples, 1), ("--clean-samples", clean_samples, 1),
+    for option, value, minimum in (("--samples", samples, 0), ("--clean-samples", clean_samples, 1),
                                    ("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-len", max_len, 8),
                                    ("--max-response", max_response, 1), ("--rank", rank, 1), ("--alpha", alpha, 1),
                                    ("--test-size", test_size, 1), ("--generic-samples", generic_samples, 0)):
