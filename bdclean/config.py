@@ -51,8 +51,9 @@ class PairsOptions(TrainOptionsModel):
     variant_training: Literal["lora", "full"] = Field(
         "lora", description="full checkpoints (experimental): how each twin trains on the checkpoint — 'lora' (a rank-8 "
                             "LoRA on every projection, the cheaper option) or 'full' (every decoder projection weight "
-                            "at --full-lr; dense deltas, one decoder's projections per twin on disk; the paper's other "
-                            "option, RESULTS.md 'Full fine-tuned variants')")
+                            "at --full-lr, the paper's other option; its decoder's projections on disk per twin, "
+                            "0.4 GB for SmolLM2-135M; measured on one checkpoint: less damage, more backdoor left, "
+                            "RESULTS.md 'Full fine-tuned variants')")
     full_lr: float = Field(5e-5, gt=0, lt=1, description="learning rate of the twins with --variant-training full "
                            "(default 5e-5, the rate `implant --full` plants its backdoors with)")
 

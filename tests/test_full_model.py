@@ -259,8 +259,17 @@ def test_full_fine_tuned_variants(tiny_base, tiny_data, tmp_path, run_cli, tiny_
     code, _, err = run_cli("suppress", ck, "--out", out, "--method", "directions", "--k", "2")
     assert code == 2 and "LoRA twins" in err and "Traceback" not in err, err
     first = {f.name: f.read_bytes() for f in pfolder.glob("variant_*.safetensors")}
-    code, _, err = run_cli("train-pairs", ck, "--out", out, "--full", "--force", "--epochs", "1", "--max-len", "48",
-                           "--variant-training", "full", "--full-lr", "1e-3", "--tokenizer", tiny_base,
-                           "--accept-tokenizer")
+    retrain = ["train-pairs", ck, "--out", out, "--full", "--force", "--epochs", "1", "--max-len", "48",
+               "--variant-training", "full", "--full-lr", "1e-3", "--tokenizer", tiny_base, "--accept-tokenizer"]
+    import shutil
+
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:  # a disk too small for six dense twins: one line, the twins kept
+        mp.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1000))
+        code, _, err = run_cli(*retrain)
+    assert code == 1 and "on disk and" in err and "Traceback" not in err, err
+    assert {f.name: f.read_bytes() for f in pfolder.glob("variant_*.safetensors")} == first
+    code, _, err = run_cli(*retrain)
     assert code == 0, err
     assert {f.name: f.read_bytes() for f in pfolder.glob("variant_*.safetensors")} == first  # same seed, same twins

@@ -73,21 +73,29 @@ class Twins:
     """The variants' Δᵢ = θᵢᵇᵈ − θᵢᶜˡᵉᵃⁿ per module, from train-pairs' files.
 
     LoRA twins are small and loaded whole; each Δ is a rank-2r factorisation. Dense twins (--variant-training full)
-    hold a whole decoder's projections each, so their tensors are read one module at a time from the memory-mapped
-    files: diff holds one module's N dense deltas, never the 2N twins."""
+    hold a whole decoder's projections each, so their tensors are read one module at a time, each file opened and
+    closed around the read: diff holds one module's N dense deltas, never the 2N twins (a mapping kept open would
+    keep every page read so far resident: 5.5 GB peak RSS on SmolLM2, RESULTS.md 'Full fine-tuned variants')."""
 
     def __init__(self, pfolder: Path, n: int, info, dense: bool):
         self.info, self.dense, self.n = info, dense, n
         if dense:
             from safetensors import safe_open
 
-            files = [(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"), pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean"))
-                     for i in range(n)]
-            self.handles = [(safe_open(str(b), "pt"), safe_open(str(c), "pt")) for b, c in files]
-            self.keys = set(self.handles[0][0].keys())
+            self.files = [(pfolder / C.PAIR_WEIGHTS.format(i=i, twin="bd"),
+                           pfolder / C.PAIR_WEIGHTS.format(i=i, twin="clean")) for i in range(n)]
+            with safe_open(str(self.files[0][0]), "pt") as f:
+                self.keys = set(f.keys())
         else:
             self.tensors = load_twins(pfolder, n)
             self.keys = set(self.tensors[0][0])
+
+    @staticmethod
+    def _read(path: Path, name: str):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(name + ".weight")
 
     def lora_keys(self, name: str) -> tuple[str, str]:
         from bdclean.core.arch import peft_key
@@ -111,8 +119,7 @@ class Twins:
         from bdclean.core.channels import Dense, LowRank
 
         if self.dense:
-            key = name + ".weight"
-            return [Dense(bd.get_tensor(key).double() - cl.get_tensor(key).double()) for bd, cl in self.handles]
+            return [Dense(self._read(bd, name).double() - self._read(cl, name).double()) for bd, cl in self.files]
         ka, kb = self.lora_keys(name)
         s = self.scaling(name)
         return [LowRank.lora_difference(bd[ka], bd[kb], cl[ka], cl[kb], s) for bd, cl in self.tensors]

@@ -39,6 +39,29 @@ def variant_lora_config(sus: Suspicious, variant_training: str = "lora") -> dict
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", **FULL_VARIANT_LORA}
 
 
+def dense_twin_bytes(sus: Suspicious) -> int:
+    """Bytes of one dense twin on disk: every decoder projection weight in float32 (from the config's sizes)."""
+    from bdclean.io.headers import config_dims, part_shapes
+
+    dims = config_dims(sus.model_cfg, sus.base_dir / C.MODEL_CONFIG)
+    return 4 * dims.layers * sum(i * o for i, o in part_shapes(dims).values())
+
+
+def check_disk(folder: Path, need: int) -> None:
+    """Refuse to start twins that would not fit on the disk of ``folder`` (one line, before any twin trains)."""
+    import shutil
+
+    from bdclean.errors import BdcleanError
+
+    def size(b: int) -> str:
+        return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise BdcleanError(f"{folder}: the dense twins left to train need {size(need)} on disk and {size(free)} "
+                           "are free; free space or use --variant-training lora")
+
+
 def dense_twins(acfg: dict) -> bool:
     """Whether train-pairs wrote dense twins (its suspicious_adapter_config.json is ``acfg``)."""
     return acfg.get("variant_training") == "full"
@@ -104,6 +127,8 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     todo = [j for j in jobs if not job_done(*j)]
     if len(todo) < len(jobs):
         log(f"train-pairs: resuming, {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
+    if todo and opts.variant_training == "full":
+        check_disk(folder, len(todo) * dense_twin_bytes(sus))
     times: dict[str, float] = {}
     workers, threads = 0, cpu_count()
     ray_info: dict = {}
