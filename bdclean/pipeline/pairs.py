@@ -62,6 +62,15 @@ def check_disk(folder: Path, need: int) -> None:
                            "are free; free space or use --variant-training lora")
 
 
+def check_variant_training(kind: str, variant_training: str) -> None:
+    """Dense twins are for full checkpoints: an adapter's twins train LoRA entries of its own shape."""
+    if variant_training == "full" and kind == "adapter":
+        from bdclean.errors import UsageError
+
+        raise UsageError("--variant-training full applies to full checkpoints (with --full); an adapter's twins "
+                         "train LoRA entries of its own shape")
+
+
 def dense_twins(acfg: dict) -> bool:
     """Whether train-pairs wrote dense twins (its suspicious_adapter_config.json is ``acfg``)."""
     return acfg.get("variant_training") == "full"
@@ -85,11 +94,8 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     sus = run.suspicious()
     base_dir = sus.base_dir
     check_out_inputs(out, ("train-pairs",), sus.path, base_dir)
-    if opts.variant_training == "full" and sus.kind == "adapter":
-        from bdclean.errors import UsageError
-
-        raise UsageError("--variant-training full applies to full checkpoints (with --full); an adapter's twins "
-                         "train LoRA entries of its own shape")
+    check_variant_training(sus.kind, opts.variant_training)
+    dense = opts.variant_training == "full"
     tok = trusted_tokenizer(sus, tokenizer, accept_tokenizer)
     lcfg = variant_lora_config(sus, opts.variant_training)
     inputs = {"variants": stage_fingerprint(vfolder, "make-variants"), "adapter": run.digest(),
@@ -97,8 +103,7 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     # how the twins are scheduled (workers, threads) is an execution detail like the CPU model, not an input: on
     # the demo, 1-thread workers and 2-thread in-process training gave bit-identical twins; both are recorded
     # the dense-twin fields only when used, so LoRA twins keep the fingerprints they had before these existed
-    skip = {"workers", "executor", "ray_address"} | ({"variant_training", "full_lr"}
-                                                     if opts.variant_training == "lora" else set())
+    skip = {"workers", "executor", "ray_address"} | (set() if dense else {"variant_training", "full_lr"})
     config = {**opts.model_dump(exclude=skip), "adapter": str(run.model),
               "base": str(base_dir), "mode": sus.kind, "variant_lora": lcfg}
     if tok is not None:  # full checkpoints only: adapter fingerprints stay as they were
@@ -127,13 +132,12 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     todo = [j for j in jobs if not job_done(*j)]
     if len(todo) < len(jobs):
         log(f"train-pairs: resuming, {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
-    if todo and opts.variant_training == "full":
+    if todo and dense:
         check_disk(folder, len(todo) * dense_twin_bytes(sus))
     times: dict[str, float] = {}
     workers, threads = 0, cpu_count()
     ray_info: dict = {}
     if todo:
-        dense = opts.variant_training == "full"
         workers, threads = (plan_workers(opts.workers, len(todo), base_dir, dense) if not place.cuda
                             else (1, cpu_count()))
         ctx = JobContext(sus.kind, str(sus.path), str(base_dir), lcfg, opts.model_dump(), str(vfolder), str(folder),
@@ -163,4 +167,4 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     return folder
 
 
-__all__ = ["run", "variant_lora_config", "dense_twins", "FULL_VARIANT_LORA", "DENSE_TWINS", "TWINS"]
+__all__ = ["run", "variant_lora_config", "check_variant_training", "dense_twins", "FULL_VARIANT_LORA", "DENSE_TWINS", "TWINS"]

@@ -77,7 +77,9 @@ def plan_workers(requested: int, n_jobs: int, model_dir: Path, dense: bool = Fal
 
 def dense_training(ctx: JobContext) -> bool:
     """Whether the twins fine-tune the checkpoint's decoder projection weights (--variant-training full)."""
-    return ctx.kind == "full" and ctx.opts.get("variant_training") == "full"
+    from bdclean.pipeline.pairs import dense_twins
+
+    return dense_twins(ctx.lora)
 
 
 def _projection_names(model) -> set[str]:

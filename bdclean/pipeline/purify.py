@@ -88,14 +88,13 @@ def check_options(sus, cfg: PurifyConfig) -> None:
     """The option checks score and tau-auto make on the finished pairs, made on the model instead."""
     from bdclean.core.score import unit_count
     from bdclean.io.headers import config_dims
+    from bdclean.pipeline.pairs import check_variant_training
 
     sc = cfg.score
     kind = "adapter" if cfg.extract else sus.kind  # what the pipeline will purify
     if kind == "full" and sc.score == "projection":
         raise UsageError("--score projection ranks an adapter's own update; a full checkpoint has none (use combined)")
-    if kind == "adapter" and cfg.pairs.variant_training == "full":
-        raise UsageError("--variant-training full applies to full checkpoints (with --full); an adapter's twins "
-                         "train LoRA entries of its own shape")
+    check_variant_training(kind, cfg.pairs.variant_training)
     if sc.tau == "auto":
         if kind != "adapter":
             raise UsageError("--tau auto is implemented for the adapter-only threat model; give a fixed --tau")
