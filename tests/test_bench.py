@@ -205,3 +205,26 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
     capsys.readouterr()
     full.main(argv)  # resume: every model and evaluation is found
     assert "+ " not in capsys.readouterr().out
+
+
+def test_grid_merge_keeps_rows_with_their_machine_and_never_drops_them_silently():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grid
+
+    def row(method, trig):
+        return {"method": method, "triggered_asr": trig, "clean_asr": 0.0, "perplexity": 1.7, "wall_time_s": 5.0}
+
+    then = {"cpu": {"name": "EPYC", "family": "26", "model": "2", "vector": []}, "cores": 2, "platform": "a",
+            "torch": "2.13.0+cpu"}
+    now = {**then, "platform": "b"}
+    old = {"cell": "badnet-refusal", "machine": then, "commands": ["c1"], "rows": [row("none", 0.9), row("ours", 0.04)]}
+    rec = {"cell": "badnet-refusal", "machine": now, "commands": ["c2"], "rows": [row("none", 0.9), row("reset", 0.02)]}
+    merged, lines = grid.merge_rows(old, rec)
+    assert [r["method"] for r in merged["rows"]] == ["none", "ours", "reset"]
+    assert merged["rows"][1]["machine"] == then and "machine" not in merged["rows"][2]
+    assert "kept from the earlier run: ['ours']" in lines
+    changed = {**rec, "rows": [row("none", 0.5), row("reset", 0.02)]}  # another adapter: ours would be lost
+    with pytest.raises(SystemExit, match=r"would be dropped.*--replace"):
+        grid.merge_rows(old, changed)
+    merged, lines = grid.merge_rows(old, changed, replace=True)
+    assert [r["method"] for r in merged["rows"]] == ["none", "reset"] and "earlier rows dropped" in lines[-1]
