@@ -12,8 +12,12 @@ BENCHMARKS.md is regenerated from every cell JSON at the end of each run.
 
 Rows of methods not run this time are kept from the cell's JSON when the suspicious adapter's own row ("none") is
 measured exactly as before (same implant, same evaluation), so a cell gains columns without rerunning every
-defense; a method run again is reported as reproduced or changed. ``--variant NAME=YAML`` also runs bdclean with a
-restore-only YAML on the cell's own twins and signature (linked, not retrained) and adds an ``ours+NAME`` row.
+defense (a kept row keeps the machine it was timed on; BENCHMARKS.md marks it †); a method run again is reported
+as reproduced or changed. Where "none" measures differently (another CPU generation re-implants a slightly different
+adapter), that cell's JSON is left as it was rather than lose its other rows (the script goes on with the
+other cells, then exits non-zero): run those methods too, or pass ``--replace``.
+``--variant NAME=YAML`` also runs bdclean with a restore-only YAML on the cell's own twins and signature (linked,
+not retrained) and adds an ``ours+NAME`` row.
 """
 
 from __future__ import annotations
@@ -438,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
     ap.add_argument("--replace", action="store_true",
                     help="where the suspicious adapter measures differently now, drop the cell's earlier rows of "
-                         "methods not run this time (without it the script stops and writes nothing)")
+                         "methods not run this time (without it such a cell's JSON is left as it was and the script exits "
+                         "non-zero after the other cells)")
     ap.add_argument("--implant-args", default="", help="extra `bdclean implant` options, e.g. '--epochs 4'")
     ap.add_argument("--compare-args", default="", help="extra `bdclean compare` options")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="work folder (implants, defenses)")
@@ -450,11 +455,17 @@ def main(argv: list[str] | None = None) -> None:
     cells = a.cells.split(",") if a.cells else (QUICK if a.quick else FULL_GRID)
     res = Path(a.results)
     (res / "cells").mkdir(parents=True, exist_ok=True)
+    refused: list[str] = []
     for cell in cells:
         path = res / "cells" / f"{cell}.json"
         old = json.loads(path.read_text()) if path.is_file() else None
         rec = portable(run_cell(cell, a, bd))  # compare skips every method and evaluation whose inputs are unchanged
-        rec, lines = merge_rows(old, rec, a.replace)
+        try:
+            rec, lines = merge_rows(old, rec, a.replace)
+        except SystemExit as e:  # this cell's JSON stays as it was; the other cells still run
+            print(e, flush=True)
+            refused.append(cell)
+            continue
         for line in lines:
             print(f"cell {cell}: {line}", flush=True)
         if old and old.get("rows") == rec["rows"] and old.get("commands") == rec["commands"]:
@@ -463,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         schemas.write(schemas.GridCell, path, rec)
     write_markdown(res, Path(a.benchmarks))
     print(f"wrote {a.benchmarks}")
+    if refused:
+        raise SystemExit(f"left as they were (their rows would be dropped; see above): {', '.join(refused)}")
 
 
 if __name__ == "__main__":

@@ -228,3 +228,34 @@ def test_grid_merge_keeps_rows_with_their_machine_and_never_drops_them_silently(
         grid.merge_rows(old, changed)
     merged, lines = grid.merge_rows(old, changed, replace=True)
     assert [r["method"] for r in merged["rows"]] == ["none", "reset"] and "earlier rows dropped" in lines[-1]
+
+
+def test_grid_leaves_a_conflicting_cell_as_it_was_and_runs_the_others(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grid
+
+    def row(method, trig):
+        return {"method": method, "triggered_asr": trig, "clean_asr": 0.0, "perplexity": 1.7, "mc_acc": None,
+                "wall_time_s": 5.0, "model": "m", "eval": "e", "eval_key": "k"}
+
+    def cell(name, rows):
+        return {"cell": name, "attack": name.split("-")[0], "task": name.split("-")[1], "date": "d",
+                "machine": {"cpu": "x", "cores": 2, "platform": "p", "torch": "t"}, "limit": 3, "commands": ["c"],
+                "seconds_this_sitting": 1.0, "implant": {}, "rows": rows}
+
+    res = tmp_path / "results"
+    (res / "cells").mkdir(parents=True)
+    old = res / "cells" / "badnet-refusal.json"
+    old.write_text(json.dumps(cell("badnet-refusal", [row("none", 0.9), row("ours", 0.04)])))
+    before = old.read_bytes()
+    fresh = {"badnet-refusal": [row("none", 0.5), row("reset", 0.0)], "vpi-refusal": [row("none", 0.9)]}
+    monkeypatch.setattr(grid, "run_cell", lambda name, args, bd: cell(name, fresh[name]))
+    argv = ["--cells", "badnet-refusal,vpi-refusal", "--results", str(res), "--benchmarks", str(tmp_path / "B.md")]
+    with pytest.raises(SystemExit, match="left as they were.*badnet-refusal"):
+        grid.main(argv)
+    assert "would be dropped" in capsys.readouterr().out
+    assert old.read_bytes() == before  # the finished cell keeps its rows
+    assert (res / "cells" / "vpi-refusal.json").is_file() and (tmp_path / "B.md").is_file()
+    grid.main(argv + ["--replace"])  # asked for: the earlier rows go
+    rows = json.loads(old.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "reset"]
