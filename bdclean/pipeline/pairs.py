@@ -167,4 +167,5 @@ def run(run: Run, opts: PairsOptions, force: bool = False, tokenizer: str | None
     return folder
 
 
-__all__ = ["run", "variant_lora_config", "check_variant_training", "dense_twins", "FULL_VARIANT_LORA", "DENSE_TWINS", "TWINS"]
+__all__ = ["run", "variant_lora_config", "check_variant_training", "dense_twins", "FULL_VARIANT_LORA", "DENSE_TWINS",
+           "TWINS"]
