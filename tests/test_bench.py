@@ -207,13 +207,17 @@ def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
     assert "+ " not in capsys.readouterr().out
 
 
+def _grid_row(method: str, trig: float) -> dict:
+    """A compare row as a grid cell JSON holds it."""
+    return {"method": method, "triggered_asr": trig, "clean_asr": 0.0, "perplexity": 1.7, "mc_acc": None,
+            "wall_time_s": 5.0, "model": "m", "eval": "e", "eval_key": "k"}
+
+
 def test_grid_merge_keeps_rows_with_their_machine_and_never_drops_them_silently():
     sys.path.insert(0, str(ROOT / "bench"))
     import grid
 
-    def row(method, trig):
-        return {"method": method, "triggered_asr": trig, "clean_asr": 0.0, "perplexity": 1.7, "wall_time_s": 5.0}
-
+    row = _grid_row
     then = {"cpu": {"name": "EPYC", "family": "26", "model": "2", "vector": []}, "cores": 2, "platform": "a",
             "torch": "2.13.0+cpu"}
     now = {**then, "platform": "b"}
@@ -234,9 +238,7 @@ def test_grid_leaves_a_conflicting_cell_as_it_was_and_runs_the_others(tmp_path, 
     sys.path.insert(0, str(ROOT / "bench"))
     import grid
 
-    def row(method, trig):
-        return {"method": method, "triggered_asr": trig, "clean_asr": 0.0, "perplexity": 1.7, "mc_acc": None,
-                "wall_time_s": 5.0, "model": "m", "eval": "e", "eval_key": "k"}
+    row = _grid_row
 
     def cell(name, rows):
         return {"cell": name, "attack": name.split("-")[0], "task": name.split("-")[1], "date": "d",
