@@ -169,12 +169,14 @@ def evaluate(model: Path, name: str, cdir: Path, sus: Path, skill: str, limit: i
 
 
 def add_retention(rows: list[dict]) -> None:
-    """Each row's skill retention against reset of its own regime (None without a reset or none row)."""
+    """Each row's skill retention against reset of its own regime with the same restore modifiers where the cell
+    has that row (``ours+aug2`` against ``reset+aug2``), else plain reset (None without a reset or none row)."""
     from bdclean.lab.skills import retention
+    from grid import reset_for  # noqa: E402  (bench/grid.py)
 
     none = next((r for r in rows if r["method"] == "none"), None)
     for r in rows:
-        reset = next((x for x in rows if x["method"] == "reset" and x["regime"] == r["regime"]), None)
+        reset = reset_for(rows, r)
         r["retention"] = (retention(r["skill"], reset["skill"], none["skill"])
                           if reset is not None and none is not None else None)
 

@@ -46,10 +46,12 @@ def test_grid_one_cell_then_resume(tiny_base, tmp_path, capsys):
     grid.main(more)
     out = capsys.readouterr().out
     cell = json.loads((results / "cells" / "badnet-sentiment.json").read_text())
-    assert [r["method"] for r in cell["rows"]] == ["none", "prune", "ours", "reset", "ours+aug"]
+    assert [r["method"] for r in cell["rows"]] == ["none", "prune", "ours", "reset", "ours+aug", "reset+aug"]
     assert "ours: reproduced the earlier row exactly" in out and "kept from the earlier run: ['prune']" in out
     assert (tmp_path / "runs" / "badnet-sentiment" / "compare-aug" / "ours" / "pairs").is_symlink()
-    assert "`ours+aug` vs reset" in md.read_text()
+    aug_man = json.loads((tmp_path / "runs" / "badnet-sentiment" / "compare-aug" / "reset" / "manifest.json").read_text())
+    assert aug_man["config"]["augment"] == 1  # reset+aug: the variant's restore with nothing of the adapter kept
+    assert "`ours+aug` vs reset+aug" in md.read_text() and "`ours` vs reset:" in md.read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text("score:\n  tau: 0.5\n")
     with pytest.raises(SystemExit, match="restore"):
@@ -160,6 +162,29 @@ def test_skill_tables_render_every_row_with_retention(tmp_path):
     assert table == ["| ours | generic | 40 % | 0 % | 50 % | 50 % | 1.750 | 8 % | 900 |"]
     assert any(x.startswith("| none | — | 100 %") and "| — |" in x for x in lines)
     assert grid.skill_tables(tmp_path / "absent") == []
+
+
+def test_skill_retention_is_against_reset_with_the_same_restore(tmp_path):
+    """ours+aug2 is judged against reset+aug2 (the same restore, nothing kept) where the cell has it, else reset;
+    the target line follows the same yardstick."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grid
+    import skill
+
+    def row(method, regime, skill_, trig=0.0):
+        return {"method": method, "regime": regime, "triggered_asr": trig, "clean_asr": 0.0, "skill": skill_}
+
+    rows = [row("none", "—", 1.0, 1.0), row("reset", "generic", 0.70), row("reset+aug2", "generic", 0.80),
+            row("ours", "generic", 0.85), row("ours+aug2", "generic", 0.95), row("ours+e4", "generic", 0.97),
+            row("reset", "prompts", 0.50), row("ours+aug2", "prompts", 0.95)]
+    skill.add_retention(rows)
+    ret = {(r["method"], r["regime"]): r["retention"] for r in rows}
+    assert ret[("ours", "generic")] == pytest.approx(0.5)  # (0.85 − 0.70) / 0.30
+    assert ret[("ours+aug2", "generic")] == pytest.approx(0.75)  # (0.95 − 0.80) / 0.20, not 0.83 against plain reset
+    assert ret[("reset+aug2", "generic")] == 0.0  # its own yardstick
+    assert ret[("ours+e4", "generic")] == pytest.approx(0.9)  # no reset+e4 row: plain reset
+    assert ret[("ours+aug2", "prompts")] == pytest.approx(0.9)  # only the regime's plain reset
+    assert grid.skill_target_lines(rows)[0] == "- generic: every target met by `ours+aug2`, `ours+e4`"
 
 
 def test_full_benchmark_one_tiny_cell_then_resume(tiny_base, tmp_path, capsys):
