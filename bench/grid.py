@@ -122,7 +122,7 @@ def run_cell(cell: str, args, bd: str) -> dict:
                 os.symlink((cdir / "compare" / "ours" / stage).resolve(), link)
         # reset with the variant's restore too, when reset is asked: "ours+X" is then judged against "reset+X",
         # the same restore with nothing of the adapter kept
-        vmethods = "ours,reset" if "reset" in args.methods.split(",") else "ours"
+        vmethods = "ours,reset" if args.methods == "all" or "reset" in args.methods.split(",") else "ours"
         vcmd = compare_cmd(bd, sus, vdir, task, vmethods, args, str(yml))
         sh(vcmd)
         commands.append(" ".join(vcmd))
