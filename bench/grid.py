@@ -301,8 +301,10 @@ def skill_tables(folder: Path) -> list[str]:
 
 def reset_for(rows: list[dict], row: dict) -> dict | None:
     """The yardstick of a skill row: reset with the row's restore modifiers (``ours+aug2`` → ``reset+aug2``) in its
-    regime where the cell has it — the same restore with nothing of the adapter kept — else plain reset."""
-    mods = row["method"].partition("+")[2]
+    regime where the cell has it — the same restore with nothing of the adapter kept — else plain reset. A reset row
+    (``reset+e4``) is measured against plain reset: what its bigger restore alone brings back."""
+    name, _, mods = row["method"].partition("+")
+    mods = "" if name == "reset" else mods
     same = [r for r in rows if r["regime"] == row["regime"]]
     return (next((r for r in same if mods and r["method"] == f"reset+{mods}"), None)
             or next((r for r in same if r["method"] == "reset"), None))
