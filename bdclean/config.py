@@ -188,8 +188,8 @@ class RestoreOptions(TrainOptionsModel):
                                   "where they differ from its plain answers)")
 
 
-# restore options that are off by default, with the fields only they use: left out of a fingerprint when off, so
-# the outputs made before they existed stay up to date (restore, defend)
+# restore options with the fields only they use, left out of a fingerprint when off (0), so the outputs made before
+# they existed stay up to date (restore, defend); augment is on by default for adapters (2) and so in theirs
 RESTORE_OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",),
                       "adversarial": ("adversarial", "adv_layer", "adv_steps", "adv_target")}
 

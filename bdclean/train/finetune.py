@@ -66,7 +66,8 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
         # the first search on the task prompts' rows when there are any (the probe found the backdoor's answer on
         # task inputs, RESULTS.md), else on the clean rows
         first = len(clean_rows) if extra_rows else 0
-        loss_fn, shift, facts = _adversarial_loss(model, tok, rows[first:], examples[first:], opts, label)
+        last = len(rows) - len(augmented)  # the search sees the rows themselves, not their augmented copies
+        loss_fn, shift, facts = _adversarial_loss(model, tok, rows[first:last], examples[first:last], opts, label)
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     try:
         with progress() as bar:
