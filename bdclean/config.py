@@ -162,10 +162,12 @@ class RestoreOptions(TrainOptionsModel):
                                                        "suspicious model for the restore")
     distill_tokens: int = Field(64, ge=1, le=4096, description="--prompts: most tokens of each answer of the "
                                                                "suspicious model (greedy)")
-    augment: float = Field(0.0, ge=0, le=8, allow_inf_nan=False,
-                           description="trigger-invariance copies per restore sample: each copy has a random key "
-                                       "(word, prefix phrase or scattered words) inserted and keeps the answer; "
-                                       "0 = off (train/augment.py)")
+    augment: float | None = Field(None, ge=0, le=8, allow_inf_nan=False,
+                                  description="trigger-invariance copies per restore sample: each copy has a random "
+                                              "key (word, prefix phrase or scattered words) inserted and keeps the "
+                                              "answer; 0 = off; default 2 for adapters (kept more of a skill and "
+                                              "left no more backdoor on every cell measured), 0 for full "
+                                              "checkpoints (train/augment.py)")
     self_distill: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                 description="weight w of self-distillation: the restore's loss becomes (1 − w)·CE + "
                                             "w·KL to the suspicious model's next-token distribution on the same rows "
@@ -186,8 +188,8 @@ class RestoreOptions(TrainOptionsModel):
                                   "where they differ from its plain answers)")
 
 
-# restore options that are off by default, with the fields only they use: left out of a fingerprint when off, so
-# the outputs made before they existed stay up to date (restore, defend)
+# restore options with the fields only they use, left out of a fingerprint when off (0), so the outputs made before
+# they existed stay up to date (restore, defend); augment is on by default for adapters (2) and so in theirs
 RESTORE_OFF_FIELDS = {"augment": ("augment",), "self_distill": ("self_distill",),
                       "adversarial": ("adversarial", "adv_layer", "adv_steps", "adv_target")}
 

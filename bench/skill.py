@@ -14,7 +14,9 @@ Methods:
 
 - ``none`` (the suspicious adapter or full checkpoint), ``extracted`` (full cells: the extracted adapter),
   ``reset`` (every LoRA update zeroed, then the same restore: the yardstick),
-  ``finetune``, ``fine-prune``, ``crow`` (`bdclean defend`), ``ours`` (`bdclean purify`, defaults);
+  ``finetune``, ``fine-prune``, ``crow`` (`bdclean defend`), ``ours`` (`bdclean purify`, defaults but
+  ``--augment 0``, the former default: a method without ``+augX`` runs with ``--augment 0``, so ``ours+aug2`` is
+  today's default and ``reset+aug2`` its yardstick);
 - ``sig:SCORE:TAU:HEADS``: another signature on ours' twins (score → suppress → restore);
 - ``dir:SIDE:K:SHARE``: direction-level suppression on ours' twins (`suppress --method directions`) → restore;
 - ``METHOD+augX`` (any fine-tuning method above): its fine-tune with ``--augment X`` (trigger-invariance copies);
@@ -57,6 +59,9 @@ SKILL_EVAL = {"label": {"test_size": 200, "tokens": 8, "implant": []},
               "format": {"test_size": 100, "tokens": 8, "implant": []},
               "json": {"test_size": 100, "tokens": 48, "implant": []}}
 DEFEND = ("reset", "retrain", "finetune", "fine-prune", "crow")
+# A method without +augX runs with --augment 0: every row stored before 2026-12-08 was made so, and the default since
+# then (--augment 2 for adapters) is the `+aug2` row (`ours+aug2`, `reset+aug2`)
+PLAIN = ["--augment", "0"]
 
 
 def sh(args: list[str]) -> float:
@@ -112,6 +117,8 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
         tag = f"-aug{mods['aug']}{tag}"
     tag += "".join(f"-{k}{mods[k]}" for k in MODIFIERS if k != "aug" and k in mods)  # aug leads the tag
     pr += [x.format(v) for k, v in mods.items() for x in MODIFIERS[k]]
+    if "aug" not in mods:  # the tables' plain rows are the former default, so stored rows stay comparable
+        pr += PLAIN
     if method == "none":
         return sus, {"wall_time_s": 0.0, "kept_update_share": 1.0}
     if method == "extracted":
@@ -125,7 +132,7 @@ def make_model(method: str, regime: str, cdir: Path, sus: Path, prompts: Path, b
         return out, {"wall_time_s": round((man.get("wall_time_s") or 0) + extra_s, 1), "kept_update_share": kept}
     ours = cdir / "ours"
     if not (ours / "purified" / "manifest.json").is_file():
-        sh([bd, "purify", str(src), "--out", str(ours), "--base", base])
+        sh([bd, "purify", str(src), "--out", str(ours), "--base", base, *PLAIN])
     twins_s = sum(_manifest(ours / s).get("wall_time_s") or 0 for s in ("variants", "pairs", "diff"))
     if method == "ours":
         run = ours if not tag else cdir / f"ours{tag}"

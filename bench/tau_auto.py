@@ -42,7 +42,7 @@ def run_cell(cell: str, a, bd: str) -> dict:
     t0 = time.time()
     cmds = [[bd, "score", "--out", str(dst), "--tau", "auto", *shlex.split(a.score_args)],
             [bd, "suppress", str(sus), "--out", str(dst), *base],
-            [bd, "restore", "--out", str(dst)],
+            [bd, "restore", "--out", str(dst), "--augment", "0"],  # as the grid's `ours` row it is compared with
             [bd, "eval", str(dst / "purified"), "--base", a.base, "--triggered", str(sus / "test_triggered.jsonl"),
              "--clean", str(sus / "test_clean.jsonl"), "--task", task, "--limit", str(fixed["limit"]),
              "--out", str(dst / "eval.json")]]

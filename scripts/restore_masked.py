@@ -50,7 +50,8 @@ def main() -> None:
             p.register_hook(lambda g, m=m: g * m)
             hooked += 1
     print("hooked", hooked, "tensors")
-    stats = finetune(model, tok, "builtin", RestoreOptions(epochs=epochs), DEFAULT_LR["adapter"], "masked restore")
+    stats = finetune(model, tok, "builtin", RestoreOptions(epochs=epochs, augment=0), DEFAULT_LR["adapter"],
+                     "masked restore")
     state = adapter_state(model)
     regrown = sum(int((state[k][m == 0] != 0).sum()) for k, m in keep.items())
     print("nonzero frozen entries after restore:", regrown, stats)

@@ -75,3 +75,22 @@ def test_defend_and_restore_with_augment(tmp_path, run_cli, tiny_base, tiny_adap
                                "--out", tmp_path / f"bad{bad}", "--augment", bad, *FAST)
         assert code == 2 and "augment" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / f"bad{bad}").exists()
+
+
+def test_reset_takes_restores_default_augment_the_published_baselines_none(tmp_path, run_cli, tiny_base,
+                                                                             tiny_adapter, tiny_data):
+    """reset is bdclean's restore with nothing of the adapter kept, so it takes restore's default (2 copies for an
+    adapter); fine-tune, fine-prune and CROW stay as published (0) unless --augment is given; 0 turns it off."""
+    def defend(method, out, *extra):
+        code, _, err = run_cli("defend", method, tiny_adapter, "--base", tiny_base, "--clean", tiny_data, "--out",
+                               out, *FAST, *extra)
+        assert code == 0, err
+        return json.loads((out / "manifest.json").read_text())
+
+    reset = defend("reset", tmp_path / "reset")
+    assert reset["config"]["augment"] == 2 and reset["extra"]["train"]["augmented_rows"] == 16  # 8 samples × 2
+    off = defend("reset", tmp_path / "reset0", "--augment", "0")
+    assert "augment" not in off["config"] and "augmented_rows" not in off["extra"]["train"]
+    assert off["fingerprint"] != reset["fingerprint"]
+    ft = defend("finetune", tmp_path / "ft")
+    assert "augment" not in ft["config"] and "augmented_rows" not in ft["extra"]["train"]

@@ -76,7 +76,7 @@ def test_self_distilled_restore_moves_the_model_towards_the_teacher(tiny_base, t
 
     teacher, reset, tok = _tiny_models(tiny_base, tiny_adapter)
     info = load_adapter(tiny_adapter)
-    base_opts = dict(samples=16, epochs=4, lr=5e-3, batch_size=4, max_len=48, seed=0)
+    base_opts = dict(samples=16, epochs=4, lr=5e-3, batch_size=4, max_len=48, seed=0, augment=0)
 
     def kl_after(weight: float) -> tuple[float, dict]:
         opts = RestoreOptions(**base_opts, self_distill=weight)

@@ -44,6 +44,9 @@ def test_purify_end_to_end_and_skip(tiny_base, tiny_adapter, tiny_data, tmp_path
     assert pman["inputs"]["adapter"] in card and rman["inputs"]["base"] in card and rman["inputs"]["clean"] in card
     assert f"{sig['n_selected']} of {n_total} MLP channels" in card and "% of its weight update" in card
     assert "README.md" in rman["outputs"]
+    # the adapter default restore adds 2 trigger-invariance copies per row, and the card says so
+    assert rman["config"]["augment"] == 2 and rman["extra"]["augmented_rows"] == 16  # 8 samples × 2
+    assert "trigger-invariance augmentation: 2 copies per sample" in card
     own = Path(tiny_adapter) / "README.md"  # PEFT's card of the suspicious adapter
     assert not own.is_file() or own.read_text().splitlines()[-3] not in card
     # suppressed adapter: signature channels exactly zero

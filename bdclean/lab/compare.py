@@ -3,7 +3,9 @@
 OUT/<method>/ holds each defended model (OUT/ours/ is a purify run folder, its model is OUT/ours/purified) and its
 eval.json; OUT/compare.json, compare.md and compare.png summarise them. The baselines' fine-tuning uses the purify
 config's restore settings (samples, epochs, lr, batch size, seed) and their pruning ratio is its τ, so every
-method sees the same data and budget. Finished methods and evaluations are skipped on rerun.
+method sees the same data and budget. Augmentation: unless the config sets ``restore.augment``, reset and retrain take
+restore's default (2 for an adapter, as ``ours``) and the published baselines none, as published; a value set in the
+config applies to every fine-tune. Finished methods and evaluations are skipped on rerun.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: `bdclean --help` builds
     import torch
 
 METHODS = ("finetune", "prune", "fine-prune", "quantize", "crow", "reset", "retrain")
+RESTORE_LIKE = ("reset", "retrain")  # bdclean's restore with nothing of the update kept: restore's defaults
 RANDOM_SELECTION = "random (adapter-only, as in the paper)"
 MAGNITUDE_SELECTION = "smallest ‖s·B@A‖ channel norm (magnitude pruning)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
@@ -58,6 +59,11 @@ class DefendOptions(RestoreOptions):
     tau: float | None = Field(None, gt=0, lt=1, description="fraction of MLP channels pruned (prune, fine-prune); "
                               f"default {BASELINE_PRUNE_TAU} for an adapter, the full-model signature's "
                               f"{DEFAULT_TAU['full']} for a full checkpoint")
+    augment: float | None = Field(None, ge=0, le=8, allow_inf_nan=False,
+                                  description="trigger-invariance copies per fine-tuning row (restore's --augment); "
+                                              "default: restore's for reset and retrain (2 for an adapter, 0 for a "
+                                              "full checkpoint), so reset is bdclean with nothing kept; 0 for the "
+                                              "published baselines, as published")
     crow_alpha: float = Field(5.5, ge=0, description="weight of CROW's consistency loss")
     crow_eps: float = Field(0.1, ge=0, description="FGSM step on the input embeddings (CROW)")
     group_size: int = Field(128, ge=1, description="INT4 quantization group size along the input dim")
@@ -288,7 +294,7 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
     (lab/defend_full.py; ``base`` = the model it was fine-tuned from, for reset); returns OUT (an adapter, or a full
     model for quantize and for every full-checkpoint method)."""
     from bdclean.pipeline.run import load_suspicious, trusted_tokenizer
-    from bdclean.train.finetune import DEFAULT_LR
+    from bdclean.train.finetune import DEFAULT_AUGMENT, DEFAULT_LR
 
     check_method(method)
     opts = opts or DefendOptions()
@@ -303,7 +309,9 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
     choice = trusted_tokenizer(sus, tokenizer, accept_tokenizer)  # adapters: refuses --tokenizer, returns None
     # per-kind defaults resolved before the fingerprint (an adapter's config is what it was before they existed)
     opts = opts.model_copy(update={"lr": opts.lr or DEFAULT_LR[sus.kind],
-                                   "tau": opts.tau or (DEFAULT_TAU["full"] if full else BASELINE_PRUNE_TAU)})
+                                   "tau": opts.tau or (DEFAULT_TAU["full"] if full else BASELINE_PRUNE_TAU),
+                                   "augment": opts.augment if opts.augment is not None
+                                   else DEFAULT_AUGMENT[sus.kind] if method in RESTORE_LIKE else 0.0})
     uses_data = "samples" in USES[method]
     if full:
         config = {"method": method, "mode": "full", "model": str(adapter),

@@ -16,7 +16,7 @@ from bdclean.io.fingerprints import data_hash, model_hash
 from bdclean.pipeline.card import model_card
 from bdclean.pipeline.folders import up_to_date
 from bdclean.pipeline.run import Run
-from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter
+from bdclean.train.finetune import DEFAULT_LR, finetune, finetune_adapter, with_defaults
 
 DISTILL_FILE = "distill_targets.jsonl"  # --prompts: the suspicious model's answers the restore trained on
 
@@ -107,7 +107,8 @@ def run(run: Run, clean: str, opts: RestoreOptions, force: bool = False, prompts
     sfolder, folder = run.folder("suppress"), run.folder("restore")
     sup_fp = stage_fingerprint(sfolder, "suppress")
     mode, base_dir = run.mode, run.base_dir
-    lr = opts.lr or DEFAULT_LR[mode]
+    opts = with_defaults(opts, mode)  # lr and augment per kind, recorded in the fingerprint as run
+    lr = opts.lr
     inputs = {"suppressed": sup_fp, "clean": data_hash(clean)}
     if mode == "adapter":
         inputs["base"] = model_hash(base_dir)

@@ -76,7 +76,8 @@ def select(run, opts, G: torch.Tensor, HG: torch.Tensor | None = None) -> dict:
     model = attach(load_model(base_dir), AdapterInfo(pfolder, acfg, first), first)
     clean_name = pman["config"].get("clean") or load_manifest(vfolder)["config"]["clean"]
     pool = load_instructions(clean_name)
-    mini = RestoreOptions(samples=opts.selection_restore_samples, epochs=1, lr=2e-4, seed=0, max_len=64)
+    mini = RestoreOptions(samples=opts.selection_restore_samples, epochs=1, lr=2e-4, seed=0, max_len=64,
+                          augment=0)  # the mini restores as measured when τ auto was built
     rec = {"grid": grid, "target_removal": opts.target_removal, "target_asr": opts.target_asr,
            "max_ppl_increase": opts.max_ppl_increase, "holdout": holdouts, "prompts": opts.selection_prompts,
            "attention_units": n_units, "mini_restore": mini.model_dump(), "runs": [], "clean_twins": []}

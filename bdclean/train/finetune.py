@@ -12,6 +12,17 @@ if TYPE_CHECKING:
     from bdclean.config import RestoreOptions
 
 DEFAULT_LR = {"adapter": 2e-4, "full": 1e-5}
+# Trigger-invariance copies per restore row when --augment is not given. Adapters: 2, chosen on the BadNets label
+# cell and checked on cells not looked at (RESULTS.md, "--augment 2 becomes the adapter default"); full checkpoints
+# without a base: 0, never measured there.
+DEFAULT_AUGMENT = {"adapter": 2.0, "full": 0.0}
+
+
+def with_defaults(opts, kind: str):
+    """``opts`` (RestoreOptions or DefendOptions) with the per-kind defaults that stay ``None`` until the model's
+    kind is known ("adapter" or "full") filled in, so fingerprints and manifests record what ran."""
+    return opts.model_copy(update={"lr": opts.lr or DEFAULT_LR[kind],
+                                   "augment": DEFAULT_AUGMENT[kind] if opts.augment is None else opts.augment})
 
 
 def clean_draw(clean: str, opts: RestoreOptions) -> list[dict]:
@@ -36,6 +47,8 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
     clean_rows = clean_draw(clean, opts)
     rows = clean_rows + list(extra_rows or [])
     augmented = []
+    if opts.augment is None:  # resolved by with_defaults() before any fingerprint is taken
+        raise ValueError("restore options reached the fine-tune with augment unresolved")
     if opts.augment > 0:
         from bdclean.train.augment import augment_rows, vocabulary
 
@@ -53,7 +66,8 @@ def finetune(model, tok, clean: str, opts: RestoreOptions, lr: float, label: str
         # the first search on the task prompts' rows when there are any (the probe found the backdoor's answer on
         # task inputs, RESULTS.md), else on the clean rows
         first = len(clean_rows) if extra_rows else 0
-        loss_fn, shift, facts = _adversarial_loss(model, tok, rows[first:], examples[first:], opts, label)
+        last = len(rows) - len(augmented)  # the search sees the rows themselves, not their augmented copies
+        loss_fn, shift, facts = _adversarial_loss(model, tok, rows[first:last], examples[first:last], opts, label)
     plan = simple_epochs(examples, opts.batch_size, opts.seed)
     try:
         with progress() as bar:
