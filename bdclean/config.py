@@ -165,9 +165,9 @@ class RestoreOptions(TrainOptionsModel):
     augment: float | None = Field(None, ge=0, le=8, allow_inf_nan=False,
                                   description="trigger-invariance copies per restore sample: each copy has a random "
                                               "key (word, prefix phrase or scattered words) inserted and keeps the "
-                                              "answer; 0 = off; default 2 for adapters (kept more of a skill and "
-                                              "left no more backdoor on every cell measured), 0 for full "
-                                              "checkpoints (train/augment.py)")
+                                              "answer; 0 = off; default 2 for adapters (as much skill or more, a "
+                                              "lower perplexity and at most 2 points more backdoor on every cell "
+                                              "measured; RESULTS.md), 0 for full checkpoints (train/augment.py)")
     self_distill: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                 description="weight w of self-distillation: the restore's loss becomes (1 − w)·CE + "
                                             "w·KL to the suspicious model's next-token distribution on the same rows "
