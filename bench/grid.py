@@ -243,7 +243,8 @@ def target_check(cell: dict) -> str:
     # the trivial defense every method must beat (adapter zeroed, then the same restore): `ours+X` against `reset+X`
     # where the cell has it, else against plain reset
     for name in [m for m in by if m == "ours" or m.startswith("ours+")]:
-        rname = "reset" + name[len("ours"):] if "reset" + name[len("ours"):] in by else "reset"
+        rname = "reset" + name.removeprefix("ours")
+        rname = rname if rname in by else "reset"
         reset, r = by.get(rname), by[name]
         if reset is None:
             continue
@@ -280,7 +281,8 @@ def skill_tables(folder: Path) -> list[str]:
              "paper's setting); *prompts*: they also see the suspicious adapter's own answers to unlabeled task "
              "prompts (`--prompts`). Skill retention = (skill − reset) / (suspicious − reset), against reset of the "
              "same regime with the same restore modifiers where the cell has that row (`ours+aug2` against "
-             "`reset+aug2`: the same restore with nothing of the adapter kept), else plain reset; kept = share of the adapter's weight update left after suppression (before restore). "
+             "`reset+aug2`: the same restore with nothing of the adapter kept), else plain reset; kept = share of "
+             "the adapter's weight update left after suppression (before restore). "
              "For the label flip, clean ASR is the share of clean positive reviews answered `Negative`.", "",
              SKILL_TARGETS, ""]
     for c in cells:

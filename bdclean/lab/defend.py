@@ -294,7 +294,7 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
     (lab/defend_full.py; ``base`` = the model it was fine-tuned from, for reset); returns OUT (an adapter, or a full
     model for quantize and for every full-checkpoint method)."""
     from bdclean.pipeline.run import load_suspicious, trusted_tokenizer
-    from bdclean.train.finetune import DEFAULT_AUGMENT, DEFAULT_LR
+    from bdclean.train.finetune import with_defaults
 
     check_method(method)
     opts = opts or DefendOptions()
@@ -308,10 +308,10 @@ def run(method: str, adapter: Path, out: Path, base: str | None = None, clean: s
         defend_full.check_method(method, base)
     choice = trusted_tokenizer(sus, tokenizer, accept_tokenizer)  # adapters: refuses --tokenizer, returns None
     # per-kind defaults resolved before the fingerprint (an adapter's config is what it was before they existed)
-    opts = opts.model_copy(update={"lr": opts.lr or DEFAULT_LR[sus.kind],
-                                   "tau": opts.tau or (DEFAULT_TAU["full"] if full else BASELINE_PRUNE_TAU),
-                                   "augment": opts.augment if opts.augment is not None
-                                   else DEFAULT_AUGMENT[sus.kind] if method in RESTORE_LIKE else 0.0})
+    if opts.augment is None and method not in RESTORE_LIKE:  # the published baselines as published
+        opts = opts.model_copy(update={"augment": 0.0})
+    opts = with_defaults(opts, sus.kind).model_copy(
+        update={"tau": opts.tau or (DEFAULT_TAU["full"] if full else BASELINE_PRUNE_TAU)})
     uses_data = "samples" in USES[method]
     if full:
         config = {"method": method, "mode": "full", "model": str(adapter),
